@@ -1,0 +1,297 @@
+"""The node's cache of loaded models: byte capacity, LRU eviction, single-flight loads.
+
+Hot path: `ready` is a plain dict from (model name, requested version) to a loaded entry, and
+`release` is an OrderedDict.move_to_end, so a cache hit costs two dict operations. Everything
+else (loads, eviction, failures) happens on the miss path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from meshnode.errors import LoadFailed, MeshServeError, ModelNotFound, ModelUnavailable, ResourceExhausted
+from meshnode.metrics import NodeMetrics
+from meshnode.runtimes.base import LoadedModel, ModelSource, Runtime
+from placement.eviction import Resident, plan_eviction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class CachedModel:
+    key: str  # "name@version"
+    name: str
+    version: str
+    size_bytes: int  # predicted while loading, measured once loaded
+    last_used: float  # wall clock: cache age is shared with other nodes
+    model: LoadedModel | None = None
+    loaded: asyncio.Future[None] | None = None
+    inflight: int = 0
+    discarded: bool = False
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    capacity_bytes: int
+    used_bytes: int
+    models_loaded: int
+    loads_in_progress: int
+    lru_time_s: float | None  # last use of the least recently used loaded model
+
+
+class ModelCache:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        capacity_bytes: int,
+        metrics: NodeMetrics,
+        load_timeout_s: float,
+        failure_backoff_s: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ready: dict[tuple[str, str], CachedModel] = {}
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self._runtime = runtime
+        self._metrics = metrics
+        self._load_timeout_s = load_timeout_s
+        self._failure_backoff_s = failure_backoff_s
+        self._now = wall_clock
+        self._lru: OrderedDict[str, CachedModel] = OrderedDict()  # oldest first
+        self._by_name: dict[str, set[str]] = {}
+        self._failures: dict[str, tuple[float, MeshServeError]] = {}  # key -> (retry after, error)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- hot path -------------------------------------------------------------------------
+    def release(self, entry: CachedModel) -> None:
+        entry.inflight -= 1
+        entry.last_used = self._now()
+        if not entry.discarded:
+            self._lru.move_to_end(entry.key)
+
+    # -- miss path ------------------------------------------------------------------------
+    async def acquire(self, source: ModelSource, requested_version: str, predicted_bytes: int) -> CachedModel:
+        """The loaded entry for `source`, loading it once however many callers wait.
+
+        The caller must `release` the entry. Raises the load's error to every waiter.
+        """
+        key = f"{source.name}@{source.version}"
+        entry = self._lru.get(key)
+        if entry is None:
+            self._check_failure(key)
+            entry = self._start_load(key, source, predicted_bytes)
+        if entry.model is None:
+            assert entry.loaded is not None
+            started = time.perf_counter()
+            await asyncio.shield(entry.loaded)
+            self._metrics.cache_misses += 1
+            self._metrics.observe_cache_miss_ms((time.perf_counter() - started) * 1000.0)
+        else:
+            self._metrics.cache_hits += 1
+        if entry.discarded:
+            raise ModelNotFound.unknown(source.name)
+        entry.inflight += 1
+        alias = (source.name, requested_version)
+        if alias not in self.ready:
+            self.ready[alias] = entry
+            entry.aliases.append(alias)
+        return entry
+
+    def _check_failure(self, key: str) -> None:
+        failure = self._failures.get(key)
+        if failure is None:
+            return
+        retry_after, error = failure
+        remaining = retry_after - self._now()
+        if remaining <= 0:
+            del self._failures[key]
+            return
+        raise ModelUnavailable(f"{error} (not retried on this node for another {remaining:.0f}s)")
+
+    def has_failure(self, name: str, version: str) -> bool:
+        failure = self._failures.get(f"{name}@{version}")
+        return failure is not None and failure[0] > self._now()
+
+    def failure_message(self, name: str) -> str | None:
+        """The most recent unexpired load failure of any version of `name` on this node."""
+        now = self._now()
+        found = [(t, e) for k, (t, e) in self._failures.items() if t > now and k.rsplit("@", 1)[0] == name]
+        return str(max(found, key=lambda f: f[0])[1]) if found else None
+
+    def clear_failures(self, name: str) -> None:
+        for key in [k for k in self._failures if k.rsplit("@", 1)[0] == name]:
+            del self._failures[key]
+
+    def _start_load(self, key: str, source: ModelSource, predicted_bytes: int) -> CachedModel:
+        if predicted_bytes > self.capacity_bytes:
+            raise ResourceExhausted(
+                f"model '{source.name}' version {source.version} needs about {predicted_bytes} bytes, "
+                f"more than this node's whole capacity of {self.capacity_bytes} bytes"
+            )
+        self._make_room(predicted_bytes, source.name)
+        entry = CachedModel(key, source.name, source.version, predicted_bytes, self._now())
+        entry.loaded = asyncio.get_running_loop().create_future()
+        # Waiters may all have gone (deadline); the outcome is still consumed, never "unretrieved".
+        entry.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._lru[key] = entry
+        self._by_name.setdefault(source.name, set()).add(key)
+        self.used_bytes += predicted_bytes
+        self._spawn(self._load(entry, source))
+        return entry
+
+    def _make_room(self, needed: int, for_model: str, keep: CachedModel | None = None) -> None:
+        residents = (
+            Resident(k, e.size_bytes, e.inflight > 0 or e.model is None or e is keep)
+            for k, e in self._lru.items()
+        )
+        plan = plan_eviction(residents, needed_bytes=needed, free_bytes=self.capacity_bytes - self.used_bytes)
+        if plan is None:
+            raise ResourceExhausted(
+                f"no room for model '{for_model}' ({needed} bytes): {self.used_bytes} of "
+                f"{self.capacity_bytes} bytes are held by models in use or loading"
+            )
+        for victim in plan.victims:
+            self._evict(self._lru[victim])
+
+    async def _load(self, entry: CachedModel, source: ModelSource) -> None:
+        assert entry.loaded is not None
+        started = time.perf_counter()
+        load = asyncio.ensure_future(self._runtime.load(source))
+        try:
+            model = await asyncio.wait_for(asyncio.shield(load), self._load_timeout_s)
+        except TimeoutError:
+            load.add_done_callback(self._unload_when_done)
+            self._fail(entry, LoadFailed(
+                f"loading model '{entry.name}' version {entry.version} timed out after "
+                f"{self._load_timeout_s:.0f}s"))
+            return
+        except MeshServeError as error:
+            self._fail(entry, error)
+            return
+        except Exception as error:  # a runtime bug must fail this model, not the node
+            log.exception("load of %s failed", entry.key)
+            self._fail(entry, LoadFailed(f"failed to load model '{entry.name}' version {entry.version}: {error}"))
+            return
+        self._metrics.loads += 1
+        self._metrics.observe_load_ms((time.perf_counter() - started) * 1000.0)
+        if entry.discarded:
+            self._spawn(self._unload(model))
+            entry.loaded.set_result(None)
+            return
+        self.used_bytes += model.size_bytes - entry.size_bytes
+        entry.size_bytes = model.size_bytes
+        entry.model = model
+        if model.size_bytes > self.capacity_bytes:
+            self._remove(entry)
+            self._spawn(self._unload(model))
+            self._fail(entry, ResourceExhausted(
+                f"model '{entry.name}' version {entry.version} measured {model.size_bytes} bytes once "
+                f"loaded, more than this node's whole capacity of {self.capacity_bytes} bytes"))
+            return
+        if self.used_bytes > self.capacity_bytes:
+            try:  # the measured size exceeded the prediction: evict others to get back in bounds
+                self._make_room(0, entry.name, keep=entry)
+            except ResourceExhausted:
+                log.warning("over capacity by %d bytes after loading %s", self.used_bytes - self.capacity_bytes,
+                            entry.key)
+        entry.loaded.set_result(None)
+
+    def _fail(self, entry: CachedModel, error: MeshServeError) -> None:
+        self._metrics.load_failures += 1
+        self._remove(entry)
+        self._failures[entry.key] = (self._now() + self._failure_backoff_s, error)
+        assert entry.loaded is not None
+        if not entry.loaded.done():
+            entry.loaded.set_exception(error)
+
+    # -- eviction and unload ----------------------------------------------------------------
+    def _remove(self, entry: CachedModel) -> None:
+        if self._lru.pop(entry.key, None) is None:
+            return
+        self.used_bytes -= entry.size_bytes
+        keys = self._by_name.get(entry.name)
+        if keys is not None:
+            keys.discard(entry.key)
+            if not keys:
+                del self._by_name[entry.name]
+        for alias in entry.aliases:
+            if self.ready.get(alias) is entry:
+                del self.ready[alias]
+        entry.aliases.clear()
+        entry.discarded = True
+
+    def _evict(self, entry: CachedModel) -> None:
+        self._metrics.evictions += 1
+        self._metrics.observe_eviction_age_ms(max(0.0, self._now() - entry.last_used) * 1000.0)
+        log.info("evicting %s (%d bytes, idle %.1fs)", entry.key, entry.size_bytes, self._now() - entry.last_used)
+        self._remove(entry)
+        if entry.model is not None:
+            self._spawn(self._unload(entry.model))
+
+    async def unload_model(self, name: str, drain_timeout_s: float = 30.0) -> int:
+        """Stop serving every version of `name` here, wait for its requests, then unload."""
+        entries = [self._lru[k] for k in self._by_name.get(name, ())]
+        for entry in entries:
+            self._remove(entry)
+        deadline = time.monotonic() + drain_timeout_s
+        for entry in entries:
+            while entry.inflight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            if entry.model is not None:
+                await self._unload(entry.model)
+        return len(entries)
+
+    async def _unload(self, model: LoadedModel) -> None:
+        started = time.perf_counter()
+        try:
+            await self._runtime.unload(model)
+        except Exception:
+            self._metrics.unload_failures += 1
+            log.exception("unload of %s@%s failed", model.name, model.version)
+            return
+        self._metrics.unloads += 1
+        self._metrics.observe_unload_ms((time.perf_counter() - started) * 1000.0)
+
+    def _unload_when_done(self, load: asyncio.Future[LoadedModel]) -> None:
+        if not load.cancelled() and load.exception() is None:
+            self._spawn(self._unload(load.result()))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- views ------------------------------------------------------------------------------
+    def entries(self, name: str) -> Iterator[CachedModel]:
+        for key in sorted(self._by_name.get(name, ())):
+            yield self._lru[key]
+
+    def stats(self) -> CacheStats:
+        loading = sum(1 for e in self._lru.values() if e.model is None) if self._lru else 0
+        oldest = next((e for e in self._lru.values() if e.model is not None), None)
+        return CacheStats(
+            capacity_bytes=self.capacity_bytes,
+            used_bytes=self.used_bytes,
+            models_loaded=len(self._lru) - loading,
+            loads_in_progress=loading,
+            lru_time_s=oldest.last_used if oldest is not None else None,
+        )
+
+    def failures(self) -> int:
+        now = self._now()
+        return sum(1 for retry_after, _ in self._failures.values() if retry_after > now)
+
+    async def close(self) -> None:
+        for entry in list(self._lru.values()):
+            self._remove(entry)
+            if entry.model is not None:
+                await self._unload(entry.model)
+        for task in list(self._tasks):
+            task.cancel()

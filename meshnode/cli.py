@@ -1,0 +1,76 @@
+"""The `meshserve` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from meshnode.settings import NodeSettings
+
+DEFAULT_TARGET = "127.0.0.1:8033"
+
+
+def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    node = sub.add_parser("node", help="run a mesh node (every flag also reads MESHSERVE_<FLAG>)")
+    # Defaults are None so that an unset flag leaves the environment variable or default in force.
+    node.add_argument("--etcd", help="etcd endpoint HOST:PORT (MESHSERVE_ETCD)")
+    node.add_argument("--etcd-prefix", help="key prefix in etcd (default meshserve)")
+    node.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    node.add_argument("--port", type=int, help="gRPC port (default 8033; 0 picks a free one)")
+    node.add_argument("--model-repository", help="Triton-layout model repository directory")
+    node.add_argument("--capacity", help="memory for loaded models: 512MiB, 2GiB, or bytes")
+    node.add_argument("--instance-id", help="this node's id in the mesh (default HOST-PID)")
+    node.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 2112; 0 picks one)")
+    node.add_argument("--load-timeout", dest="load_timeout_s", type=float, help="seconds a load may take")
+    node.add_argument("--load-failure-backoff", dest="load_failure_backoff_s", type=float,
+                      help="seconds before a failed model is tried again on this node")
+
+
+def _models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    models = sub.add_parser("models", help="list, register, unregister, inspect models")
+    msub = models.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "every registered model and its state"),
+                         ("register", "register a model (and load it unless --lazy)"),
+                         ("unregister", "unload a model and forget its registration"),
+                         ("status", "one model's state")):
+        p = msub.add_parser(action, help=text)
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"node HOST:PORT (default {DEFAULT_TARGET})")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if action != "list":
+            p.add_argument("name")
+        if action == "register":
+            p.add_argument("storage_uri", help="model directory or file: a path or file:// URI")
+            p.add_argument("--lazy", action="store_true", help="register only; load on first request")
+            p.add_argument("--size-hint", help="expected size in memory (512MiB, bytes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve", description="A gRPC routing mesh for ML models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _node_parser(sub)
+    _models_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "node":
+        given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+        try:
+            settings = NodeSettings(**given)
+        except ValidationError as error:
+            print(f"meshserve node: invalid settings:\n{error}", file=sys.stderr)
+            return 2
+        from meshnode.server import main_node
+
+        return main_node(settings)
+    from meshnode.models_cli import run_models_command
+
+    return run_models_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

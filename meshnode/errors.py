@@ -1,0 +1,60 @@
+"""One exception root for the node, and the one table that maps it to gRPC status.
+
+Everything below the servicers raises these; only meshnode.servicers turns them into statuses,
+with the codes and messages a Triton client is written against.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MeshServeError(Exception):
+    """Root of every error the node reports to a client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(MeshServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(MeshServeError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    @classmethod
+    def unknown(cls, name: str) -> ModelNotFound:
+        # Triton's exact wording: clients and dashboards match on it.
+        return cls(f"Request for unknown model: '{name}' is not found")
+
+    @classmethod
+    def no_version(cls, name: str, version: str) -> ModelNotFound:
+        return cls(f"Request for unknown model: '{name}' version {version} is not found")
+
+
+class ModelUnavailable(MeshServeError):
+    """The model exists but cannot serve now (load failed recently, unloading, draining)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class LoadFailed(MeshServeError):
+    """A load that was asked for explicitly failed; the message names the model and the cause."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ResourceExhausted(MeshServeError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class AlreadyExists(MeshServeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unsupported(MeshServeError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class DeadlineExceeded(MeshServeError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

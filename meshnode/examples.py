@@ -1,0 +1,206 @@
+"""Example ONNX models in Triton layout (DIR/NAME/VERSION/model.onnx) for tests, the demo and the bench.
+
+Every builder is deterministic for a given seed, so a bench run and a test see the same weights, and
+returns the model directory (DIR/NAME). Graphs use opset 17 and IR 8 so that any onnxruntime of
+the last few years loads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+
+# KServe datatype -> ONNX element type, for every type the ORT CPU Identity kernel accepts.
+ONNX_TYPES: dict[str, int] = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+Dims = tuple[int, ...]
+
+
+def _value_info(name: str, elem_type: int, shape: Dims) -> onnx.ValueInfoProto:
+    # -1 becomes a named symbolic dim, which ORT reports back as a string (the runtime maps it to -1).
+    dims: list[int | str] = [f"{name}_d{i}" if d < 0 else d for i, d in enumerate(shape)]
+    return helper.make_tensor_value_info(name, elem_type, dims)
+
+
+def _save(
+    directory: Path | str,
+    name: str,
+    version: int,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: Sequence[onnx.TensorProto] = (),
+) -> Path:
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="meshserve.examples"
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    model_dir = Path(directory) / name
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(version_dir / "model.onnx"))
+    return model_dir
+
+
+def _mlp_hidden(in_features: int, out_features: int, approx_bytes: int) -> int:
+    # FP32 parameters: in*h + h + h*out + out; solve for h so the file lands near approx_bytes.
+    return max(1, (approx_bytes // 4 - out_features) // (in_features + 1 + out_features))
+
+
+def write_mlp(
+    directory: Path | str,
+    name: str,
+    version: int = 1,
+    *,
+    in_features: int = 16,
+    out_features: int = 4,
+    approx_bytes: int = 1_000_000,
+    seed: int = 0,
+) -> Path:
+    """INPUT0 FP32 [-1, in] -> Relu(x @ W1 + b1) @ W2 + b2 -> OUTPUT0 FP32 [-1, out]."""
+    hidden = _mlp_hidden(in_features, out_features, approx_bytes)
+    rng = np.random.default_rng(seed)
+    # Scaled so activations stay O(1) whatever the width: answers compare with a relative tolerance.
+    w1 = (rng.standard_normal((in_features, hidden)) / np.sqrt(in_features)).astype(np.float32)
+    b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, out_features)) / np.sqrt(hidden)).astype(np.float32)
+    b2 = (rng.standard_normal(out_features) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["INPUT0", "W1"], ["h0"]),
+        helper.make_node("Add", ["h0", "B1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "W2"], ["h3"]),
+        helper.make_node("Add", ["h3", "B2"], ["OUTPUT0"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(array, label)
+        for label, array in (("W1", w1), ("B1", b1), ("W2", w2), ("B2", b2))
+    ]
+    return _save(
+        directory,
+        name,
+        version,
+        nodes,
+        [_value_info("INPUT0", TensorProto.FLOAT, (-1, in_features))],
+        [_value_info("OUTPUT0", TensorProto.FLOAT, (-1, out_features))],
+        initializers,
+    )
+
+
+def mlp_reference(model_dir: Path | str, x: np.ndarray, version: int = 1) -> np.ndarray:
+    """The MLP's answer computed with numpy from the weights stored in the model file."""
+    graph = onnx.load(str(Path(model_dir) / str(version) / "model.onnx")).graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    hidden = np.maximum(x.astype(np.float32) @ weights["W1"] + weights["B1"], 0.0)
+    output: np.ndarray = hidden @ weights["W2"] + weights["B2"]
+    return output
+
+
+def write_identity(
+    directory: Path | str,
+    name: str,
+    datatype: str,
+    version: int = 1,
+    *,
+    shape: Dims = (-1, 16),
+) -> Path:
+    """INPUT0 -> OUTPUT0 unchanged, of any KServe datatype ORT supports (BYTES as string tensors)."""
+    try:
+        elem_type = ONNX_TYPES[datatype]
+    except KeyError:
+        raise ValueError(f"no ONNX type for datatype {datatype!r}; known: {sorted(ONNX_TYPES)}") from None
+    return _save(
+        directory,
+        name,
+        version,
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        [_value_info("INPUT0", elem_type, shape)],
+        [_value_info("OUTPUT0", elem_type, shape)],
+    )
+
+
+def write_add_sub(directory: Path | str, name: str, version: int = 1, *, width: int = 16) -> Path:
+    """Triton's "simple": INPUT0, INPUT1 FP32 [-1, width] -> OUTPUT0 = sum, OUTPUT1 = difference."""
+    inputs = [_value_info(n, TensorProto.FLOAT, (-1, width)) for n in ("INPUT0", "INPUT1")]
+    outputs = [_value_info(n, TensorProto.FLOAT, (-1, width)) for n in ("OUTPUT0", "OUTPUT1")]
+    nodes = [
+        helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+        helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+    ]
+    return _save(directory, name, version, nodes, inputs, outputs)
+
+
+def write_matmul_chain(
+    directory: Path | str, name: str, version: int = 1, *, width: int = 256, depth: int = 16, seed: int = 0
+) -> Path:
+    """A deliberately slow model: INPUT0 FP32 [-1, width] -> OUTPUT0 FP32 [-1, width].
+
+    The input's Gram matrix (width x width, whatever the batch) is pushed through `depth` square
+    MatMuls, so even batch 1 costs depth * 2 * width**3 FLOPs; the graph depends on the input
+    throughout, so ORT cannot constant-fold the work away. width=256, depth=16 is ~5 ms on one core here.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Transpose", ["INPUT0"], ["xt"]),
+        helper.make_node("MatMul", ["xt", "INPUT0"], ["g0"]),
+    ]
+    initializers = []
+    for i in range(depth):
+        # Orthogonal-ish scaling keeps values finite however deep the chain.
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [f"g{i}", f"W{i}"], [f"g{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", ["INPUT0", f"g{depth}"], ["OUTPUT0"]))
+    return _save(
+        directory,
+        name,
+        version,
+        nodes,
+        [_value_info("INPUT0", TensorProto.FLOAT, (-1, width))],
+        [_value_info("OUTPUT0", TensorProto.FLOAT, (-1, width))],
+        initializers,
+    )
+
+
+def write_repository(directory: Path | str, names_and_kinds: Iterable[tuple[str, str]]) -> Path:
+    """Write several models; kind is "mlp", "add_sub", "matmul_chain" or "identity:<DATATYPE>".
+
+    Returns the repository root (DIR), since there is more than one model directory.
+    """
+    root = Path(directory)
+    for name, kind in names_and_kinds:
+        if kind == "mlp":
+            write_mlp(root, name)
+        elif kind == "add_sub":
+            write_add_sub(root, name)
+        elif kind == "matmul_chain":
+            write_matmul_chain(root, name)
+        elif kind.startswith("identity:"):
+            write_identity(root, name, kind.removeprefix("identity:"))
+        else:
+            raise ValueError(f"unknown example kind {kind!r} for model {name!r}")
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,147 @@
+"""Registering, loading, unloading and listing models: Triton's repository extension.
+
+Registrations live in etcd and survive restarts; the startup scan registers what it finds in
+the model repository lazily (nothing loads until asked), and never re-enables a model that a
+RepositoryModelUnload disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from meshnode.cache import ModelCache
+from meshnode.dataplane import DataPlane
+from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelNotFound
+from meshnode.registry import ModelRecord, Registry
+from meshnode.repository import ModelRepository, check_model_name, resolve_storage_uri
+
+log = logging.getLogger(__name__)
+
+# Repository parameters beyond Triton's `config` and `file:*`; Triton ignores unknown ones too.
+PARAM_LAZY = "meshserve.lazy"  # register without loading now
+PARAM_UNREGISTER = "meshserve.unregister"  # with unload: forget the model entirely
+PARAM_SIZE_HINT = "meshserve.size_hint"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str  # Triton's: READY, LOADING, UNAVAILABLE, or "" for registered and not loaded
+    reason: str
+
+
+class ModelControl:
+    def __init__(
+        self, *, registry: Registry, repository: ModelRepository, cache: ModelCache, dataplane: DataPlane,
+        instance_id: str,
+    ) -> None:
+        self._registry = registry
+        self._repository = repository
+        self._cache = cache
+        self._dataplane = dataplane
+        self._instance_id = instance_id
+
+    async def register_repository(self) -> int:
+        """Register every model directory of the repository not registered yet; returns how many."""
+        added = 0
+        for name, directory in self._repository.scan().items():
+            now = time.time()
+            record = ModelRecord(name=name, storage=str(directory), enabled=True, size_hint=None,
+                                 registered_at=now, updated_at=now, failure=None)
+            if await self._registry.register_if_absent(record):
+                added += 1
+        return added
+
+    async def load(self, name: str, params: dict[str, object]) -> None:
+        check_model_name(name)
+        files = {k[len("file:"):]: v for k, v in params.items() if k.startswith("file:")}
+        config = _parse_config(params.get("config"))
+        size_hint = params.get(PARAM_SIZE_HINT, config.get("size_hint"))
+        existing = self._registry.get(name)
+        if files:
+            if not all(isinstance(v, bytes) for v in files.values()):
+                raise InvalidInput("file: parameters must carry bytes")
+            storage = self._repository.store_files(name, files)  # type: ignore[arg-type]
+        elif isinstance(config.get("storage_uri"), str):
+            storage = resolve_storage_uri(config["storage_uri"])
+        elif existing is not None:
+            storage = Path(existing.storage)
+        elif (found := self._repository.scan().get(name)) is not None:
+            storage = found
+        else:
+            raise ModelNotFound(
+                f"failed to load '{name}': not in the model repository and no storage_uri or files given")
+        now = time.time()
+        record = ModelRecord(
+            name=name, storage=str(storage), enabled=True,
+            size_hint=int(size_hint) if isinstance(size_hint, int | str) and str(size_hint).isdigit() else None,
+            registered_at=existing.registered_at if existing else now, updated_at=now, failure=None,
+        )
+        # Triton's load is a reload: new files or a new location replace what is loaded here.
+        if existing is not None and (files or existing.storage != record.storage):
+            await self._cache.unload_model(name)
+        self._cache.clear_failures(name)
+        await self._registry.put(record)
+        if params.get(PARAM_LAZY) is True:
+            return
+        try:
+            entry = await self._dataplane.acquire(name, "")
+        except MeshServeError as error:
+            await self._record_failure(name, str(error))
+            raise LoadFailed(f"load failed for model '{name}': {error}") from error
+        self._cache.release(entry)
+
+    async def unload(self, name: str, params: dict[str, object]) -> None:
+        if self._registry.get(name) is None:
+            raise ModelNotFound(f"failed to unload '{name}': model is not registered")
+        if params.get(PARAM_UNREGISTER) is True:
+            await self._registry.unregister(name)
+        else:
+            await self._registry.update(name, lambda r: replace(r, enabled=False, updated_at=time.time()))
+        await self._cache.unload_model(name)
+
+    def index(self, ready_only: bool) -> list[IndexEntry]:
+        entries: list[IndexEntry] = []
+        for record in sorted(self._registry.records(), key=lambda r: r.name):
+            found = [IndexEntry(record.name, e.version, "READY" if e.model else "LOADING", "")
+                     for e in self._cache.entries(record.name)]
+            if not found:
+                found = [self._idle_entry(record)]
+            entries.extend(e for e in found if not ready_only or e.state == "READY")
+        return entries
+
+    def _idle_entry(self, record: ModelRecord) -> IndexEntry:
+        if not record.enabled:
+            return IndexEntry(record.name, "", "UNAVAILABLE", "unloaded")
+        local_failure = self._cache.failure_message(record.name)
+        if local_failure is not None:
+            return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed: {local_failure}")
+        if record.failure:
+            return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed: {record.failure.get('message', '')}")
+        return IndexEntry(record.name, "", "", "registered; loads on first request")
+
+    async def _record_failure(self, name: str, message: str) -> None:
+        failure = {"at": time.time(), "node": self._instance_id, "message": message}
+        try:
+            await self._registry.update(name, lambda r: replace(r, failure=failure))
+        except MeshServeError:  # losing the note must not hide the load error itself
+            log.warning("could not record the load failure of %s", name, exc_info=True)
+
+
+def _parse_config(raw: object) -> dict[str, object]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, str):
+        raise InvalidInput("the 'config' parameter must be a JSON string")
+    try:
+        config = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as error:
+        raise InvalidInput(f"the 'config' parameter is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise InvalidInput("the 'config' parameter must be a JSON object")
+    return config

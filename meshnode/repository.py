@@ -1,0 +1,110 @@
+"""The model repository on disk: Triton layout NAME/VERSION/model.onnx, plus single model files.
+
+Reads directories only when a model is registered or first loaded, never per request.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from meshnode.errors import InvalidInput, ModelNotFound
+from meshnode.runtimes.base import ModelSource
+
+MODEL_FILENAMES = ("model.onnx",)
+
+
+def resolve_storage_uri(uri: str) -> Path:
+    """A plain path or file:// URI naming a model directory or a model file."""
+    if "://" in uri:
+        parsed = urlparse(uri)
+        if parsed.scheme != "file":
+            raise InvalidInput(f"unsupported storage_uri scheme '{parsed.scheme}': use a path or file://")
+        path = Path(unquote(parsed.path))
+    else:
+        path = Path(uri).expanduser()
+    path = path.resolve()
+    if not path.exists():
+        raise InvalidInput(f"storage_uri '{uri}' does not exist")
+    return path
+
+
+def _version_dirs(model_dir: Path) -> dict[str, Path]:
+    try:
+        children = list(model_dir.iterdir())
+    except OSError:
+        return {}
+    return {c.name: c for c in children if c.is_dir() and c.name.isdigit()}
+
+
+def list_versions(storage: Path) -> list[str]:
+    """Numeric versions in ascending order; a single model file is version 1."""
+    if storage.is_file():
+        return ["1"]
+    return sorted(_version_dirs(storage), key=int)
+
+
+def model_source(name: str, storage: Path, version: str) -> ModelSource:
+    """The files of one version; version '' means the latest. Raises ModelNotFound."""
+    if storage.is_file():
+        if version not in ("", "1"):
+            raise ModelNotFound.no_version(name, version)
+        return ModelSource(name, "1", storage.parent, storage)
+    versions = list_versions(storage)
+    if not versions:
+        raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
+    chosen = version or versions[-1]
+    if chosen not in versions:
+        raise ModelNotFound.no_version(name, version)
+    directory = storage / chosen
+    for filename in MODEL_FILENAMES:
+        if (directory / filename).exists():
+            return ModelSource(name, chosen, directory, directory / filename)
+    # Missing file: the load reports it with the model's name, not this lookup.
+    return ModelSource(name, chosen, directory, directory / MODEL_FILENAMES[0])
+
+
+class ModelRepository:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def scan(self) -> dict[str, Path]:
+        """Model directories at the top of the repository: a directory with a numeric version dir."""
+        if not self.root.is_dir():
+            return {}
+        found: dict[str, Path] = {}
+        for child in sorted(self.root.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and _version_dirs(child):
+                found[child.name] = child
+        return found
+
+    def store_files(self, name: str, files: dict[str, bytes]) -> Path:
+        """Write uploaded files ('1/model.onnx' -> bytes) under ROOT/NAME, atomically each."""
+        check_model_name(name)
+        model_dir = self.root / name
+        for relative, content in files.items():
+            target = model_dir / _safe_relative(relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(content)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return model_dir
+
+
+def _safe_relative(relative: str) -> PurePosixPath:
+    path = PurePosixPath(relative)
+    if path.is_absolute() or not path.parts or any(p in ("..", "") for p in path.parts):
+        raise InvalidInput(f"invalid file path '{relative}' in load parameters")
+    return path
+
+
+def check_model_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\x00" in name or len(name) > 253:
+        raise InvalidInput(f"invalid model name '{name}'")

@@ -1,0 +1,65 @@
+"""The runtime contract: what the node needs from ONNX Runtime, Triton, or any third runtime.
+
+A runtime turns a model directory into a LoadedModel; a LoadedModel answers inference requests
+in protocol form, so a pass-through runtime (Triton) never decodes tensors and an in-process one
+(ONNX Runtime) decodes only what it must. Adding a runtime means adding one module with a class
+that satisfies Runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from meshpb import pb
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output as the protocol describes it; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str  # KServe name: FP32, INT64, BYTES, ...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model version's files are: the version directory and the model file in it."""
+
+    name: str
+    version: str
+    directory: Path
+    model_file: Path
+
+
+class LoadedModel(Protocol):
+    name: str
+    version: str
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    size_bytes: int
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Answer one request; raise meshnode.errors.InvalidInput for bad tensors."""
+        ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    def predict_size(self, source: ModelSource) -> int:
+        """Fast size estimate in bytes before loading (no model parsing)."""
+        ...
+
+    async def load(self, source: ModelSource) -> LoadedModel:
+        """Load without blocking the event loop; size_bytes is measured, not declared."""
+        ...
+
+    async def unload(self, model: LoadedModel) -> None:
+        """Release the model; idempotent."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,54 @@
+"""Node settings: command-line flags over MESHSERVE_* environment variables over defaults."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB', '2GiB', '1.5G', '1048576' -> bytes. Binary units (KiB) are powers of 1024."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1000000)")
+    number, unit = match.groups()
+    unit = (unit or "").lower()
+    if "i" in unit:
+        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
+    else:
+        factor = _UNITS[unit.rstrip("b") if unit != "b" else "b"]
+    return int(float(number) * factor)
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="forbid")
+
+    etcd: str = Field(description="etcd endpoint HOST:PORT")
+    etcd_prefix: str = "meshserve"
+    host: str = "127.0.0.1"
+    port: int = 8033
+    model_repository: Path
+    capacity: ByteSize = Field(gt=0)
+    instance_id: str | None = None
+    metrics_port: int | None = 2112
+    runtime: str = "onnxruntime"
+    # A failed model is not loaded again on this node before this many seconds, unless a
+    # RepositoryModelLoad asks for it explicitly: a broken file must not cause a load storm.
+    load_failure_backoff_s: float = 30.0
+    load_timeout_s: float = 120.0
+    load_workers: int = 2
+    infer_workers: int = 2
+    inline_threshold_ms: float = 0.5
+    intra_op_threads: int = 1

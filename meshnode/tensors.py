@@ -1,0 +1,346 @@
+"""KServe v2 tensors <-> numpy: the per-request codec of the in-process runtimes.
+
+This is the hot path of every inference, so the common case (raw numeric contents, which is what
+tritonclient sends) is a handful of dict lookups and one zero-copy np.frombuffer per input.
+Anything a client can get wrong raises InvalidInput (or Unsupported) naming the input and the
+model in Triton's wording, because clients and dashboards match on those messages.
+
+A model can call index_specs() once at load and pass the result instead of its spec tuple, which
+saves rebuilding the name lookup on every request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
+
+import numpy as np
+
+from meshnode.errors import InvalidInput, Unsupported
+from meshnode.runtimes.base import TensorSpec
+from meshpb import pb
+
+# Explicit little-endian: the protocol's byte order, whatever the host's.
+DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+# Keyed by (kind, itemsize) so that byte order does not matter; S/U/T/O all travel as BYTES.
+_KIND_TO_DATATYPE: dict[tuple[str, int], str] = {
+    (dt.kind, dt.itemsize): name for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"
+}
+_STRING_KINDS = frozenset("OSUT")
+# Exact-dtype fast path for encode_response; anything else (big-endian, str arrays) goes by kind.
+_NUMPY_TO_DATATYPE: dict[np.dtype, str] = {dt: name for name, dt in DATATYPE_TO_NUMPY.items()}
+
+# ORT names most element types after numpy's dtype names; float, double and string are the exceptions.
+_ONNX_TO_DATATYPE: dict[str, str] = {
+    f"tensor({dt.name})": name for name, dt in DATATYPE_TO_NUMPY.items() if dt.kind in "biu" or name == "FP16"
+} | {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(string)": "BYTES"}
+
+# The one InferTensorContents field each datatype may use; FP16 has none (raw only).
+_CONTENTS_FIELD: dict[str, str] = (
+    dict.fromkeys(("INT8", "INT16", "INT32"), "int_contents")
+    | dict.fromkeys(("UINT8", "UINT16", "UINT32"), "uint_contents")
+    | {dt: f"{dt.lower()}_contents" for dt in ("BOOL", "INT64", "UINT64", "FP32", "FP64", "BYTES")}
+)
+
+# Far beyond any gRPC message, and small enough that numpy never overflows computing a size.
+MAX_ELEMENTS = 2**31
+
+_LEN = struct.Struct("<I")
+_BOOL_BYTES = b"\x00\x01"
+_ECHO = 16  # most dims or names an error message repeats back
+_FIXED_WIDTH = {name: dt for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
+
+SpecIndex = dict[str, TensorSpec]
+
+
+def index_specs(specs: Iterable[TensorSpec]) -> SpecIndex:
+    """Name -> spec in model order; compute once per model and pass to decode_inputs/requested_outputs."""
+    return {spec.name: spec for spec in specs}
+
+
+def datatype_of_numpy(dtype: np.dtype) -> str:
+    if dtype.kind in _STRING_KINDS:
+        return "BYTES"
+    try:
+        return _KIND_TO_DATATYPE[(dtype.kind, dtype.itemsize)]
+    except KeyError:
+        raise Unsupported(f"numpy dtype '{dtype}' has no KServe datatype") from None
+
+
+def datatype_of_onnx(onnx_type: str) -> str:
+    try:
+        return _ONNX_TO_DATATYPE[onnx_type]
+    except KeyError:
+        raise Unsupported(f"ONNX type '{onnx_type}' is not supported") from None
+
+
+def _dims(shape: Sequence[int]) -> str:
+    # Error messages echo client data, so a million-dim shape must not become a megabyte message.
+    text = ",".join(str(d) for d in shape[:_ECHO])
+    return f"[{text}{',...' if len(shape) > _ECHO else ''}]"
+
+
+def _names(names: Iterable[str]) -> list[str]:
+    return list(itertools.islice(names, _ECHO))
+
+
+def _bad_shape(name: str, model: str, want: Sequence[int], got: Sequence[int]) -> NoReturn:
+    if any(d < 0 for d in got):
+        raise InvalidInput(
+            f"invalid shape for input '{name}' for model '{model}': negative dimension in {_dims(got)}"
+        )
+    raise InvalidInput(
+        f"unexpected shape for input '{name}' for model '{model}'. Expected {_dims(want)}, got {_dims(got)}"
+    )
+
+
+def _check_names(request: pb.ModelInferRequest, by_name: SpecIndex, model: str) -> NoReturn:
+    """Error path only: find the most specific reason the input set does not match the model."""
+    seen: dict[str, None] = {}
+    for tensor in request.inputs:
+        if tensor.name not in by_name:
+            raise InvalidInput(f"unexpected inference input '{tensor.name}' for model '{model}'")
+        if tensor.name in seen:
+            raise InvalidInput(f"input '{tensor.name}' appears more than once in request for model '{model}'")
+        seen[tensor.name] = None
+    missing = [n for n in by_name if n not in seen]
+    raise InvalidInput(
+        f"expected {len(by_name)} inputs but got {len(seen)} inputs for model '{model}'. "
+        f"Got input(s) {_names(seen)}, but missing required input(s) {_names(missing)}. "
+        "Please provide all required input(s)."
+    )
+
+
+def _decode_bytes(raw: bytes, count: int, name: str, model: str) -> list[str]:
+    # Each element needs at least its 4-byte length, so a short buffer is rejected before looping.
+    if count * 4 > len(raw):
+        raise InvalidInput(
+            f"input byte size mismatch for input '{name}' for model '{model}'. "
+            f"Expected at least {count * 4} bytes for {count} BYTES elements, got {len(raw)}"
+        )
+    view = memoryview(raw)
+    end = len(raw)
+    offset = 0
+    items: list[str] = []
+    try:
+        for _ in range(count):
+            if offset + 4 > end:
+                raise InvalidInput(
+                    f"input '{name}' for model '{model}' has fewer than {count} BYTES elements"
+                )
+            stop = offset + 4 + _LEN.unpack_from(raw, offset)[0]
+            if stop > end:
+                raise InvalidInput(f"BYTES element of input '{name}' for model '{model}' overruns its data")
+            items.append(str(view[offset + 4 : stop], "utf-8"))
+            offset = stop
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"input '{name}' for model '{model}' has a BYTES element that is not UTF-8"
+        ) from None
+    if offset != end:
+        raise InvalidInput(
+            f"input '{name}' for model '{model}' has {end - offset} bytes after its {count} BYTES elements"
+        )
+    return items
+
+
+def _strings(items: list[str], shape: list[int]) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr.reshape(shape)
+
+
+def _raw_bytes(raw: bytes, spec: TensorSpec, shape: list[int], count: int, model: str) -> np.ndarray:
+    if spec.datatype != "BYTES":
+        # Only a model's own spec can carry a datatype we lack (e.g. BF16): requests must match it.
+        raise Unsupported(f"input '{spec.name}' of model '{model}' has unsupported datatype {spec.datatype}")
+    return _strings(_decode_bytes(raw, count, spec.name, model), shape)
+
+
+def _from_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    spec: TensorSpec,
+    shape: list[int],
+    count: int,
+    model: str,
+) -> np.ndarray:
+    name, datatype = spec.name, spec.datatype
+    if datatype not in DATATYPE_TO_NUMPY:
+        raise Unsupported(f"input '{name}' of model '{model}' has unsupported datatype {datatype}")
+    field = _CONTENTS_FIELD.get(datatype)
+    set_fields = tensor.contents.ListFields()
+    if field is None and (set_fields or count):
+        raise InvalidInput(
+            f"input '{name}' for model '{model}': {datatype} data must be sent in raw_input_contents"
+        )
+    if len(set_fields) > 1 or (set_fields and set_fields[0][0].name != field):
+        got = ", ".join(f.name for f, _ in set_fields)
+        raise InvalidInput(
+            f"input '{name}' for model '{model}' is {datatype} but sets {got}, expected {field}"
+        )
+    values = set_fields[0][1] if set_fields else ()
+    if len(values) != count:
+        if not values and "shared_memory_region" in tensor.parameters:
+            raise Unsupported(
+                f"input '{name}' for model '{model}' uses shared memory, which is not supported"
+            )
+        raise InvalidInput(
+            f"unexpected number of values for input '{name}' for model '{model}'. "
+            f"Expected {count}, got {len(values)}"
+        )
+    if datatype == "BYTES":
+        try:
+            return _strings([v.decode("utf-8") for v in values], shape)
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"input '{name}' for model '{model}' has a BYTES element that is not UTF-8"
+            ) from None
+    try:
+        return np.array(values, dtype=DATATYPE_TO_NUMPY[datatype]).reshape(shape)
+    except OverflowError:
+        raise InvalidInput(
+            f"input '{name}' for model '{model}' has values out of range for {datatype}"
+        ) from None
+
+
+def decode_inputs(
+    request: pb.ModelInferRequest, specs: Sequence[TensorSpec] | SpecIndex, model_name: str
+) -> dict[str, np.ndarray]:
+    """Validate the request's inputs against the model's and return them by name as numpy arrays.
+
+    Raw numeric inputs are read-only views of the request's bytes; BYTES become object arrays of str.
+    """
+    by_name = specs if isinstance(specs, dict) else index_specs(specs)
+    # Slicing copies a upb repeated field into a list in C; iterating it element by element is slower.
+    inputs = request.inputs[:]
+    if len(inputs) != len(by_name):
+        _check_names(request, by_name, model_name)
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw_contents)} entries but request for model '{model_name}' "
+            f"has {len(inputs)} inputs {_names(t.name for t in inputs)}"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(inputs):
+        name = tensor.name
+        spec = by_name.get(name)
+        if spec is None or name in arrays:
+            _check_names(request, by_name, model_name)
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"inference input '{name}' data-type is '{tensor.datatype}', "
+                f"but model '{model_name}' expects '{spec.datatype}'"
+            )
+        want = spec.shape
+        shape = tensor.shape[:]
+        if len(shape) != len(want):
+            _bad_shape(name, model_name, want, shape)
+        for w, g in zip(want, shape):  # noqa: B905 - lengths are equal here, and strict= is slower
+            if g < 0 or (w != g and w != -1):
+                _bad_shape(name, model_name, want, shape)
+        count = math.prod(shape)
+        if count > MAX_ELEMENTS or (count == 0 and math.prod(d for d in shape if d) > MAX_ELEMENTS):
+            raise InvalidInput(f"input '{name}' for model '{model_name}' has over {MAX_ELEMENTS} elements")
+        if not raw_contents:
+            arrays[name] = _from_contents(tensor, spec, shape, count, model_name)
+            continue
+        if tensor.HasField("contents"):
+            raise InvalidInput(
+                f"contents field must not be specified when using raw_input_contents for input '{name}' "
+                f"for model '{model_name}'"
+            )
+        raw = raw_contents[i]
+        dtype = _FIXED_WIDTH.get(spec.datatype)
+        if dtype is None:
+            arrays[name] = _raw_bytes(raw, spec, shape, count, model_name)
+        elif count * dtype.itemsize != len(raw):
+            raise InvalidInput(
+                f"input byte size mismatch for input '{name}' for model '{model_name}'. "
+                f"Expected {count * dtype.itemsize}, got {len(raw)}"
+            )
+        # numpy would take any byte as a bool, and ORT would then see values that are neither 0 nor 1.
+        elif dtype.kind == "b" and raw.translate(None, _BOOL_BYTES):
+            raise InvalidInput(f"input '{name}' for model '{model_name}' has BOOL bytes other than 0 and 1")
+        else:
+            arrays[name] = np.frombuffer(raw, dtype).reshape(shape)
+    return arrays
+
+
+def requested_outputs(
+    request: pb.ModelInferRequest, specs: Sequence[TensorSpec] | SpecIndex, model_name: str
+) -> list[str]:
+    """Output names to compute, in request order (duplicates dropped, as Triton does); all if none asked."""
+    if not request.outputs:
+        return list(specs) if isinstance(specs, dict) else [s.name for s in specs]
+    by_name = specs if isinstance(specs, dict) else index_specs(specs)
+    names: list[str] = []
+    for output in request.outputs:
+        name = output.name
+        if name not in by_name:
+            raise InvalidInput(f"unexpected inference output '{name}' for model '{model_name}'")
+        # Silently returning unclassified tensors to a client that asked for top-k would mislead it.
+        if output.parameters and "classification" in output.parameters:
+            raise Unsupported(f"classification of output '{name}' for model '{model_name}' is not supported")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _encode_bytes(arr: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for item in arr.reshape(-1).tolist():
+        # tritonclient's rule: bytes travel as they are, anything else as its UTF-8 str().
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def encode_response(
+    request: pb.ModelInferRequest,
+    model_name: str,
+    model_version: str,
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+) -> pb.ModelInferResponse:
+    """Build the response the way Triton does: every output in raw_output_contents, little-endian."""
+    # Setting fields one by one measured faster under upb than keyword construction of nested messages.
+    response = pb.ModelInferResponse()
+    response.model_name = model_name
+    response.model_version = model_version
+    response.id = request.id
+    add_output = response.outputs.add
+    raw = response.raw_output_contents
+    for name, arr in zip(names, arrays, strict=True):
+        dtype = arr.dtype
+        datatype = _NUMPY_TO_DATATYPE.get(dtype) or datatype_of_numpy(dtype)
+        output = add_output()
+        output.name = name
+        output.datatype = datatype
+        output.shape.extend(arr.shape)
+        if datatype == "BYTES":
+            raw.append(_encode_bytes(arr))
+        elif dtype.byteorder == ">":
+            raw.append(arr.astype(dtype.newbyteorder("<")).tobytes())
+        else:
+            raw.append(arr.tobytes())
+    return response

@@ -1,0 +1,78 @@
+"""The one place that creates gRPC servers and channels.
+
+TLS/mTLS, interceptors (tracing) and message-size limits plug in here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+
+from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE
+
+# Tensors are large and Triton sets no practical limit; 2 GiB is protobuf's own ceiling.
+MAX_MESSAGE_BYTES = 2**31 - 1
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def create_server(interceptors: list[Any] | None = None) -> grpc.aio.Server:
+    return grpc.aio.server(options=_OPTIONS, interceptors=interceptors or None)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind insecurely (TLS will be chosen here); returns the bound port, useful with port 0."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    return bound
+
+
+def add_inference_service(server: grpc.aio.Server, handlers: Mapping[str, Callable[..., Any]]) -> None:
+    """Serve `handlers` (method name -> coroutine or async generator) on Triton's service path."""
+    method_handlers = {}
+    for method, (request_cls, response_cls, client_streams, server_streams) in INFERENCE_METHODS.items():
+        handler = handlers.get(method)
+        if handler is None:
+            continue
+        if client_streams and server_streams:
+            make = grpc.stream_stream_rpc_method_handler
+        elif server_streams:
+            make = grpc.unary_stream_rpc_method_handler
+        elif client_streams:
+            make = grpc.stream_unary_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        method_handlers[method] = make(
+            handler,
+            request_deserializer=request_cls.FromString,
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_registered_method_handlers(INFERENCE_SERVICE, method_handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, method_handlers),))
+
+
+def create_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=_OPTIONS)
+
+
+class InferenceStub:
+    """Client of Triton's service path with meshserve's messages (CLI, peers, tests)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        for method, (request_cls, response_cls, client_streams, server_streams) in INFERENCE_METHODS.items():
+            path = f"/{INFERENCE_SERVICE}/{method}"
+            if client_streams and server_streams:
+                make = channel.stream_stream
+            else:
+                make = channel.unary_unary
+            setattr(self, method, make(
+                path,
+                request_serializer=request_cls.SerializeToString,
+                response_deserializer=response_cls.FromString,
+            ))

@@ -1,0 +1,50 @@
+"""Node fixtures: a real etcd (tests/conftest.py), example models on disk, node processes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from meshnode.etcd_process import EtcdProcess
+from meshnode.examples import write_add_sub, write_identity, write_mlp
+from meshnode.node_process import NodeProcess
+
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+             "FP16", "FP32", "FP64", "BYTES")
+
+
+@pytest.fixture(scope="module")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    write_mlp(root, "mlp", approx_bytes=200_000)
+    write_mlp(root, "mlp", version=2, approx_bytes=200_000, seed=1)
+    write_add_sub(root, "simple")
+    for datatype in DATATYPES:
+        write_identity(root, f"id_{datatype.lower()}", datatype)
+    broken = root / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"this is not an onnx model")
+    return root
+
+
+def start_node(etcd: EtcdProcess, repo: Path, capacity: str = "256MiB", prefix: str | None = None,
+               extra_args: list[str] | None = None) -> NodeProcess:
+    return NodeProcess.start(etcd=etcd.endpoint, model_repository=repo, capacity=capacity,
+                             etcd_prefix=prefix or f"t-{uuid.uuid4().hex[:8]}", extra_args=extra_args)
+
+
+@pytest.fixture(scope="module")
+def node(etcd: EtcdProcess, model_repo: Path) -> Iterator[NodeProcess]:
+    process = start_node(etcd, model_repo)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(node: NodeProcess) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(node.target) as c:
+        yield c

@@ -1,0 +1,143 @@
+"""Registration in etcd: lazy at start, by load with storage_uri or uploaded files, across restarts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from meshnode.etcd_process import EtcdProcess
+from meshnode.examples import mlp_reference, write_add_sub, write_mlp
+from tests.integration.conftest import start_node
+
+
+def ones_input() -> grpcclient.InferInput:
+    inp = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 16), np.float32))
+    return inp
+
+
+def index_of(client: grpcclient.InferenceServerClient) -> dict[str, tuple[str, str]]:
+    return {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
+
+
+def test_models_are_registered_lazily_and_unload_makes_them_not_found_until_loaded(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    write_mlp(repo, "a", approx_bytes=100_000)
+    write_mlp(repo, "b", approx_bytes=100_000, seed=3)
+    node = start_node(etcd, repo)
+    try:
+        with grpcclient.InferenceServerClient(node.target) as client:
+            index = index_of(client)
+            assert index["a"][0] == "" and "first request" in index["a"][1]  # nothing loaded yet
+            assert client.is_model_ready("a")  # servable: it loads on demand
+            client.infer("a", [ones_input()])
+            assert index_of(client)["a"][0] == "READY"
+            client.unload_model("a")
+            assert index_of(client)["a"] == ("UNAVAILABLE", "unloaded")
+            assert not client.is_model_ready("a")
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("a", [ones_input()])
+            assert err.value.status() == "StatusCode.NOT_FOUND"
+            client.load_model("a")
+            assert index_of(client)["a"][0] == "READY"
+            client.infer("a", [ones_input()])
+    finally:
+        node.stop()
+
+
+def test_load_registers_from_storage_uri_and_uploaded_files_and_it_survives_restart(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    model_dir = write_mlp(elsewhere, "outside", approx_bytes=100_000)
+    single_file = write_add_sub(elsewhere, "single") / "1" / "model.onnx"
+    upload_src = write_mlp(tmp_path / "upload-src", "u", approx_bytes=50_000, seed=9)
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    node = start_node(etcd, repo, prefix=prefix)
+    try:
+        with grpcclient.InferenceServerClient(node.target) as client:
+            client.load_model("outside", config=json.dumps({"storage_uri": str(model_dir)}))
+            client.load_model("single", config=json.dumps({"storage_uri": single_file.as_uri()}))
+            client.load_model("uploaded", files={"file:1/model.onnx": (upload_src / "1" / "model.onnx").read_bytes()})
+            x = np.ones((1, 16), np.float32)
+            out = client.infer("outside", [ones_input()]).as_numpy("OUTPUT0")
+            np.testing.assert_allclose(out, mlp_reference(model_dir, x), rtol=1e-4)
+            np.testing.assert_allclose(client.infer("uploaded", [ones_input()]).as_numpy("OUTPUT0"),
+                                       mlp_reference(upload_src, x), rtol=1e-4)
+            assert (repo / "uploaded" / "1" / "model.onnx").exists()
+            client.unload_model("outside")
+            with pytest.raises(InferenceServerException) as err:
+                client.load_model("ghost")
+            assert "ghost" in err.value.message()
+    finally:
+        node.stop()
+    node = start_node(etcd, repo, prefix=prefix)  # same etcd prefix: a restart
+    try:
+        with grpcclient.InferenceServerClient(node.target) as client:
+            index = index_of(client)
+            assert set(index) >= {"outside", "single", "uploaded"}
+            assert index["outside"] == ("UNAVAILABLE", "unloaded")  # an unload outlives the restart
+            inputs = [grpcclient.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+            for inp in inputs:
+                inp.set_data_from_numpy(np.ones((1, 16), np.float32))
+            assert client.infer("single", inputs).as_numpy("OUTPUT0")[0, 0] == 2.0
+            assert client.infer("uploaded", [ones_input()]).as_numpy("OUTPUT0").shape == (1, 4)
+    finally:
+        node.stop()
+
+
+def test_load_rejects_bad_parameters_clearly(etcd: EtcdProcess, tmp_path: Path) -> None:
+    node = start_node(etcd, tmp_path)
+    try:
+        with grpcclient.InferenceServerClient(node.target) as client:
+            for kwargs, fragment in (
+                ({"config": "{not json"}, "JSON"),
+                ({"config": json.dumps({"storage_uri": str(tmp_path / "missing")})}, "does not exist"),
+                ({"files": {"file:../escape/model.onnx": b"x"}}, "invalid file path"),
+            ):
+                with pytest.raises(InferenceServerException) as err:
+                    client.load_model("x", **kwargs)  # type: ignore[arg-type]
+                assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+                assert fragment in err.value.message()
+            assert client.is_server_live()
+    finally:
+        node.stop()
+
+
+def test_models_cli_lists_registers_reports_and_unregisters(etcd: EtcdProcess, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_mlp(repo, "listed", approx_bytes=50_000)
+    extra = write_mlp(tmp_path / "extra", "added", approx_bytes=50_000)
+    node = start_node(etcd, repo)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "meshnode", "models", *args, "--target", node.target],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        listed = cli("list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [m["name"] for m in json.loads(listed.stdout)] == ["listed"]
+        registered = cli("register", "added", str(extra), "--lazy")
+        assert registered.returncode == 0, registered.stderr
+        status = json.loads(cli("status", "added", "--json").stdout)
+        assert status["ready"] is True and status["copies"][0]["state"] == ""
+        table = cli("list")
+        assert "NAME" in table.stdout and "added" in table.stdout
+        assert cli("unregister", "added").returncode == 0
+        missing = cli("status", "added")
+        assert missing.returncode == 1 and "not registered" in missing.stderr
+    finally:
+        node.stop()
