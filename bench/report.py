@@ -71,7 +71,7 @@ def format_report(result: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         f"meshserve node vs floor: {config['model_mb']:.2f} MB MLP, {config['rounds']} interleaved rounds, "
-        f"c=1 {config['requests']} requests, c=16 {config['seconds']:.0f} s each, "
+        f"c=1 {config['requests']} requests, c=16 {config['seconds']:g} s each, "
         f"{'pinned: servers on CPU 0, load generator on CPU 1' if config['pin'] else 'shared CPUs'}",
         f"medians (min-max over rounds); 1-min load average {config['loadavg_1m_before']:.1f} before, "
         f"{config['loadavg_1m_after']:.1f} after",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from meshnode.errors import LoadFailed, MeshServeError, ModelNotFound, ModelUnavailable, ResourceExhausted
 from meshnode.metrics import NodeMetrics
+from meshnode.registry import Failure
 from meshnode.runtimes.base import LoadedModel, ModelSource, Runtime
 from placement.eviction import Resident, plan_eviction
 
@@ -29,10 +30,12 @@ class CachedModel:
     version: str
     size_bytes: int  # predicted while loading, measured once loaded
     last_used: float  # wall clock: cache age is shared with other nodes
+    loaded_at: float  # wall clock of the load's start, then of its completion
     model: LoadedModel | None = None
     loaded: asyncio.Future[None] | None = None
     inflight: int = 0
     discarded: bool = False
+    drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes
     aliases: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -68,6 +71,8 @@ class ModelCache:
         self._by_name: dict[str, set[str]] = {}
         self._failures: dict[str, tuple[float, MeshServeError]] = {}  # key -> (retry after, error)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Told the model name whenever a copy here starts loading, loads, fails or goes.
+        self.on_change: Callable[[str], None] = lambda name: None
 
     # -- hot path -------------------------------------------------------------------------
     def release(self, entry: CachedModel) -> None:
@@ -75,6 +80,8 @@ class ModelCache:
         entry.last_used = self._now()
         if not entry.discarded:
             self._lru.move_to_end(entry.key)
+        elif entry.inflight == 0 and entry.drained is not None:
+            entry.drained.set()
 
     # -- miss path ------------------------------------------------------------------------
     async def acquire(self, source: ModelSource, requested_version: str, predicted_bytes: int) -> CachedModel:
@@ -125,6 +132,15 @@ class ModelCache:
         found = [(t, e) for k, (t, e) in self._failures.items() if t > now and k.rsplit("@", 1)[0] == name]
         return str(max(found, key=lambda f: f[0])[1]) if found else None
 
+    def failure_record(self, name: str) -> Failure | None:
+        """The newest unexpired load failure of `name` here, as the shared model record keeps it."""
+        now = self._now()
+        found = [(t, e) for k, (t, e) in self._failures.items() if t > now and k.rsplit("@", 1)[0] == name]
+        if not found:
+            return None
+        retry_after, error = max(found, key=lambda f: f[0])
+        return Failure(at=retry_after - self._failure_backoff_s, message=str(error))
+
     def clear_failures(self, name: str) -> None:
         for key in [k for k in self._failures if k.rsplit("@", 1)[0] == name]:
             del self._failures[key]
@@ -136,7 +152,8 @@ class ModelCache:
                 f"more than this node's whole capacity of {self.capacity_bytes} bytes"
             )
         self._make_room(predicted_bytes, source.name)
-        entry = CachedModel(key, source.name, source.version, predicted_bytes, self._now())
+        now = self._now()
+        entry = CachedModel(key, source.name, source.version, predicted_bytes, now, now)
         entry.loaded = asyncio.get_running_loop().create_future()
         # Waiters may all have gone (deadline); the outcome is still consumed, never "unretrieved".
         entry.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -144,6 +161,7 @@ class ModelCache:
         self._by_name.setdefault(source.name, set()).add(key)
         self.used_bytes += predicted_bytes
         self._spawn(self._load(entry, source))
+        self.on_change(source.name)
         return entry
 
     def _make_room(self, needed: int, for_model: str, keep: CachedModel | None = None) -> None:
@@ -201,7 +219,9 @@ class ModelCache:
             except ResourceExhausted:
                 log.warning("over capacity by %d bytes after loading %s", self.used_bytes - self.capacity_bytes,
                             entry.key)
+        entry.loaded_at = self._now()
         entry.loaded.set_result(None)
+        self.on_change(entry.name)
 
     def _fail(self, entry: CachedModel, error: MeshServeError) -> None:
         self._metrics.load_failures += 1
@@ -226,6 +246,7 @@ class ModelCache:
                 del self.ready[alias]
         entry.aliases.clear()
         entry.discarded = True
+        self.on_change(entry.name)
 
     def _evict(self, entry: CachedModel) -> None:
         self._metrics.evictions += 1
@@ -240,10 +261,13 @@ class ModelCache:
         entries = [self._lru[k] for k in self._by_name.get(name, ())]
         for entry in entries:
             self._remove(entry)
-        deadline = time.monotonic() + drain_timeout_s
         for entry in entries:
-            while entry.inflight > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
+            if entry.inflight > 0:
+                entry.drained = asyncio.Event()
+                try:
+                    await asyncio.wait_for(entry.drained.wait(), drain_timeout_s)
+                except TimeoutError:
+                    log.warning("unloading %s with %d requests still in flight", entry.key, entry.inflight)
             if entry.model is not None:
                 await self._unload(entry.model)
         return len(entries)
@@ -269,6 +293,15 @@ class ModelCache:
         task.add_done_callback(self._tasks.discard)
 
     # -- views ------------------------------------------------------------------------------
+    def has_entry(self, name: str, version: str) -> bool:
+        """A copy of the model here, loaded or loading ('' = any version)."""
+        if version:
+            return f"{name}@{version}" in self._lru
+        return name in self._by_name
+
+    def loaded_entries(self) -> Iterator[CachedModel]:
+        return (e for e in list(self._lru.values()) if e.model is not None)
+
     def entries(self, name: str) -> Iterator[CachedModel]:
         for key in sorted(self._by_name.get(name, ())):
             yield self._lru[key]

@@ -1,13 +1,16 @@
 """The node's transport-neutral core: inference, readiness, metadata.
 
 Servicers only convert and call in here. The hit path of `infer` is a dict lookup, the model's
-own infer, and two counter updates; registry and disk are consulted only on a miss.
+own infer, and a few counter updates; a miss goes to the router, which serves it here, at a
+peer's copy, or wherever placement loads it. Hop metadata is only read on a miss.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from meshnode.cache import CachedModel, ModelCache
 from meshnode.errors import ModelNotFound
@@ -16,6 +19,11 @@ from meshnode.registry import Registry
 from meshnode.repository import list_versions, model_source
 from meshnode.runtimes.base import Runtime
 from meshpb import pb
+from router.hop import Hop
+from router.router import Router
+
+Metadata = Callable[[], Iterable[tuple[str, Any]] | None]
+TimeRemaining = Callable[[], float | None]
 
 SERVER_NAME = "meshserve"
 SERVER_EXTENSIONS = ("model_repository", "model_repository(unload_dependents)", "parameters")
@@ -31,27 +39,52 @@ class DataPlane:
         self._metrics = metrics
         self._version = version
         self.ready = False
+        self.router: Router | None = None  # set by the composition root once the mesh is up
+        self.inflight = 0
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def infer(
+        self, request: pb.ModelInferRequest, metadata: Metadata | None = None,
+        time_remaining: TimeRemaining | None = None,
+    ) -> pb.ModelInferResponse:
+        """A client's or a peer's request: a local hit, else routed through the mesh."""
         started = time.perf_counter()
         metrics = self._metrics
+        metrics.api_requests += 1
+        self.inflight += 1
         entry = self._cache.ready.get((request.model_name, request.model_version))
         try:
-            if entry is None:
-                entry = await self.acquire(request.model_name, request.model_version)
-            else:
+            if entry is not None:
                 entry.inflight += 1
                 metrics.cache_hits += 1
-            try:
-                return await entry.model.infer(request)  # type: ignore[union-attr]
-            finally:
-                self._cache.release(entry)
+                return await self._run(entry, request, started)
+            if self.router is None:
+                return await self.infer_local(request)
+            hop = Hop.from_metadata(metadata() if metadata is not None else None)
+            return await self.router.route(request, hop, time_remaining() if time_remaining is not None else None)
+        finally:
+            self.inflight -= 1
+            metrics.observe_api_ms((time.perf_counter() - started) * 1000.0)
+
+    async def infer_local(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Serve here, loading the model into this node's cache if needed."""
+        started = time.perf_counter()
+        entry = await self.acquire(request.model_name, request.model_version)
+        return await self._run(entry, request, started)
+
+    async def _run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float) -> pb.ModelInferResponse:
+        metrics = self._metrics
+        try:
+            return await entry.model.infer(request)  # type: ignore[union-attr]
         except BaseException:
             metrics.invoke_failures += 1
             raise
         finally:
+            self._cache.release(entry)
             metrics.invoke_count += 1
             metrics.observe_invoke_ms((time.perf_counter() - started) * 1000.0)
+
+    def has_copy(self, name: str, version: str) -> bool:
+        return self._cache.has_entry(name, version)
 
     async def acquire(self, name: str, version: str) -> CachedModel:
         """A loaded entry for the model (loading it here if needed); the caller releases it."""
@@ -92,6 +125,20 @@ class DataPlane:
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=SERVER_EXTENSIONS)
+
+
+class LocalCopies:
+    """This node as the router sees it (router.ports.LocalNode)."""
+
+    def __init__(self, dataplane: DataPlane, instance_id: str) -> None:
+        self._dataplane = dataplane
+        self.instance_id = instance_id
+
+    def has_copy(self, name: str, version: str) -> bool:
+        return self._dataplane.has_copy(name, version)
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        return await self._dataplane.infer_local(request)
 
 
 def _tensor_metadata(spec: object) -> pb.ModelMetadataResponse.TensorMetadata:

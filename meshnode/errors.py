@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import grpc
 
+from router.errors import MeshError
 
-class MeshServeError(Exception):
-    """Root of every error the node reports to a client."""
+
+class MeshServeError(MeshError):
+    """Root of the node's own errors (the router's MeshError is the root of all)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
@@ -36,16 +38,21 @@ class ModelUnavailable(MeshServeError):
     """The model exists but cannot serve now (load failed recently, unloading, draining)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    retry_elsewhere = True
 
 
 class LoadFailed(MeshServeError):
-    """A load that was asked for explicitly failed; the message names the model and the cause."""
+    """A load failed; the message names the model and the cause. Another node may succeed."""
 
     code = grpc.StatusCode.INTERNAL
+    retry_elsewhere = True
 
 
 class ResourceExhausted(MeshServeError):
+    """No room on this node; another node may have it."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_elsewhere = True
 
 
 class AlreadyExists(MeshServeError):

@@ -182,9 +182,7 @@ class EtcdProcess:
         while True:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                raise EtcdProcessError(
-                    f"etcd exited with code {self._proc.returncode} at startup:\n{self._log_tail()}"
-                )
+                raise EtcdProcessError(f"etcd exited with code {self._proc.returncode} at startup:\n{self._log_tail()}")
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as resp:
                     if json.loads(resp.read()).get("health") == "true":
@@ -192,9 +190,7 @@ class EtcdProcess:
             except (OSError, ValueError):
                 pass  # not listening yet, or no leader yet
             if time.monotonic() > deadline:
-                raise EtcdProcessError(
-                    f"etcd at {self.endpoint} not ready after {timeout:.0f} s:\n{self._log_tail()}"
-                )
+                raise EtcdProcessError(f"etcd at {self.endpoint} not ready after {timeout:.0f} s:\n{self._log_tail()}")
             time.sleep(0.02)
 
     def _terminate(self, timeout: float) -> None:

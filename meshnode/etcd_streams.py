@@ -47,6 +47,9 @@ async def watch_prefix(store: EtcdStore, key_prefix: str, start_revision: int) -
         try:
             call = rpc.WatchStub(await store.channel()).Watch()
             create.start_revision = next_revision
+            # Taken before the request goes out: etcd had applied every revision seen so far
+            # before it creates the watch, so its current revision cannot be lower.
+            seen = max(next_revision - 1, store.highest_revision)
             await call.write(rpc.WatchRequest(create_request=create))
             while True:
                 resp = await call.read()
@@ -60,10 +63,12 @@ async def watch_prefix(store: EtcdStore, key_prefix: str, start_revision: int) -
                 if resp.canceled:
                     raise WatchResync(f"watch on {key_prefix} canceled by etcd: {resp.cancel_reason}")
                 if resp.created:
-                    if resp.header.revision < next_revision - 1:
+                    if resp.header.revision < seen:
+                        # Forget the lost history, or every later watch would fail the same way.
+                        store.highest_revision = resp.header.revision
                         raise WatchResync(
-                            f"etcd is at revision {resp.header.revision}, behind the "
-                            f"{next_revision - 1} already seen: its data was reset"
+                            f"etcd is at revision {resp.header.revision}, behind the {seen} "
+                            "already seen: it lost its data"
                         )
                     if down_since is not None:
                         log.info(
@@ -148,6 +153,4 @@ class KeepAlive:
             try:
                 await self._store.revoke_lease(self.lease)
             except EtcdUnavailable as e:
-                log.warning(
-                    "etcd lease %x not revoked, its keys go in %d s: %s", self.lease.id, self.lease.ttl, e
-                )
+                log.warning("etcd lease %x not revoked, its keys go in %d s: %s", self.lease.id, self.lease.ttl, e)

@@ -65,9 +65,7 @@ def encode(value: object) -> bytes:
 class EtcdStore:
     """Keys relative to `prefix + "/"`; build with `await EtcdStore.connect(...)`."""
 
-    def __init__(
-        self, endpoint: str, prefix: str, op_timeout: float = 2.0, retry_window: float = 5.0
-    ) -> None:
+    def __init__(self, endpoint: str, prefix: str, op_timeout: float = 2.0, retry_window: float = 5.0) -> None:
         host, _, port = endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"etcd endpoint must be HOST:PORT, got {endpoint!r}")
@@ -76,17 +74,16 @@ class EtcdStore:
         self.op_timeout = op_timeout
         self.retry_window = retry_window
         self._root = (self.prefix + "/").encode()
+        # The highest revision any answer has shown. A watch that later finds etcd below it knows
+        # etcd lost its data, even for changes the watch itself never delivered.
+        self.highest_revision = 0
         # Updates of one key from this process queue here instead of racing each other in etcd:
         # compare-and-set retries are then only spent on other processes' writes.
         self._update_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._client = aetcd.Client(
-            host=host, port=int(port), timeout=op_timeout, options=dict(_CHANNEL_OPTIONS)
-        )
+        self._client = aetcd.Client(host=host, port=int(port), timeout=op_timeout, options=dict(_CHANNEL_OPTIONS))
 
     @classmethod
-    async def connect(
-        cls, endpoint: str, prefix: str, op_timeout: float = 2.0, retry_window: float = 5.0
-    ) -> EtcdStore:
+    async def connect(cls, endpoint: str, prefix: str, op_timeout: float = 2.0, retry_window: float = 5.0) -> EtcdStore:
         """Open the channel and prove etcd answers (EtcdUnavailable if not within retry_window)."""
         store = cls(endpoint, prefix, op_timeout, retry_window)
         try:
@@ -133,7 +130,10 @@ class EtcdStore:
     async def get(self, key: str) -> tuple[bytes, int] | None:
         """(value, mod_revision) or None if absent."""
         got = await self.retrying(f"get {key}", lambda: self._client.get(self.full_key(key)))
-        return None if got is None else (got.value, got.mod_revision)
+        if got is None:
+            return None
+        self._seen(got.header.revision)
+        return got.value, got.mod_revision
 
     async def list_prefix(self, key_prefix: str) -> list[Entry]:
         return (await self.snapshot_prefix(key_prefix))[0]
@@ -161,7 +161,7 @@ class EtcdStore:
                 revision = resp.header.revision
             entries.extend(Entry(self.relative_key(kv.key), kv.value, kv.mod_revision) for kv in resp.kvs)
             if not resp.more:
-                return entries, revision
+                return entries, self._seen(revision)
             start = resp.kvs[-1].key + b"\0"
 
     async def _range(self, request: rpc.RangeRequest) -> rpc.RangeResponse:
@@ -176,7 +176,7 @@ class EtcdStore:
         k, v = self.full_key(key), encode(value)
         lease_id = lease.id if lease is not None else None
         done = await self.retrying(f"put {key}", lambda: self._client.put(k, v, lease=lease_id))
-        return int(done.header.revision)
+        return self._seen(done.header.revision)
 
     async def delete(self, key: str) -> int | None:
         """Revision of the deletion, or None if the key was absent.
@@ -185,7 +185,7 @@ class EtcdStore:
         """
         k = self.full_key(key)
         done = await self.retrying(f"delete {key}", lambda: self._client.delete(k))
-        return None if done is None else int(done.header.revision)
+        return None if done is None else self._seen(done.header.revision)
 
     async def create(self, key: str, value: object, lease: Lease | None = None) -> int | None:
         """Write only if absent: the revision, or None if the key exists."""
@@ -258,6 +258,10 @@ class EtcdStore:
             # already ahead of anyone starting afresh; sleeping here starved a loser for good.
         raise EtcdConflict(f"update of {key} lost the compare-and-set race {attempts} times")
 
+    def _seen(self, revision: int) -> int:
+        self.highest_revision = max(self.highest_revision, revision)
+        return int(revision)
+
     async def _txn(
         self, key: str, compare: object, value: bytes | None, lease: Lease | None
     ) -> tuple[bool, tuple[bytes, int] | None, int]:
@@ -279,7 +283,7 @@ class EtcdStore:
         if ok:
             done = responses[0]
             inner = done.response_delete_range if value is None else done.response_put  # type: ignore[attr-defined]
-            return True, None, int(inner.header.revision)
+            return True, None, self._seen(inner.header.revision)
         found = responses[0]
         current = (found[0][1].value, found[0][1].mod_revision) if found else None  # type: ignore[index]
         if tries > 1 and value is not None and current is not None and current[0] == value:

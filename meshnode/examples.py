@@ -53,9 +53,7 @@ def _save(
     initializers: Sequence[onnx.TensorProto] = (),
 ) -> Path:
     graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="meshserve.examples"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="meshserve.examples")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     model_dir = Path(directory) / name
@@ -96,8 +94,7 @@ def write_mlp(
         helper.make_node("Add", ["h3", "B2"], ["OUTPUT0"]),
     ]
     initializers = [
-        numpy_helper.from_array(array, label)
-        for label, array in (("W1", w1), ("B1", b1), ("W2", w2), ("B2", b2))
+        numpy_helper.from_array(array, label) for label, array in (("W1", w1), ("B1", b1), ("W2", w2), ("B2", b2))
     ]
     return _save(
         directory,
@@ -169,7 +166,7 @@ def write_matmul_chain(
     ]
     initializers = []
     for i in range(depth):
-        # Orthogonal-ish scaling keeps values finite however deep the chain.
+        # 1/sqrt(width) keeps each product near its input's scale, so values stay finite at any depth.
         w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
         initializers.append(numpy_helper.from_array(w, f"W{i}"))
         nodes.append(helper.make_node("MatMul", [f"g{i}", f"W{i}"], [f"g{i + 1}"]))

@@ -16,6 +16,7 @@ from pathlib import Path
 from meshnode.cache import ModelCache
 from meshnode.dataplane import DataPlane
 from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelNotFound
+from meshnode.mesh import MeshState
 from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import ModelRepository, check_model_name, resolve_storage_uri
 
@@ -38,21 +39,20 @@ class IndexEntry:
 class ModelControl:
     def __init__(
         self, *, registry: Registry, repository: ModelRepository, cache: ModelCache, dataplane: DataPlane,
-        instance_id: str,
+        mesh: MeshState,
     ) -> None:
         self._registry = registry
         self._repository = repository
         self._cache = cache
         self._dataplane = dataplane
-        self._instance_id = instance_id
+        self._mesh = mesh
 
     async def register_repository(self) -> int:
         """Register every model directory of the repository not registered yet; returns how many."""
         added = 0
         for name, directory in self._repository.scan().items():
             now = time.time()
-            record = ModelRecord(name=name, storage=str(directory), enabled=True, size_hint=None,
-                                 registered_at=now, updated_at=now, failure=None)
+            record = ModelRecord(name=name, storage=str(directory), registered_at=now, updated_at=now)
             if await self._registry.register_if_absent(record):
                 added += 1
         return added
@@ -76,23 +76,26 @@ class ModelControl:
         else:
             raise ModelNotFound(
                 f"failed to load '{name}': not in the model repository and no storage_uri or files given")
-        now = time.time()
-        record = ModelRecord(
-            name=name, storage=str(storage), enabled=True,
-            size_hint=int(size_hint) if isinstance(size_hint, int | str) and str(size_hint).isdigit() else None,
-            registered_at=existing.registered_at if existing else now, updated_at=now, failure=None,
-        )
+        hint = int(size_hint) if isinstance(size_hint, int | str) and str(size_hint).isdigit() else None
+        replaced = existing is not None and (bool(files) or existing.storage != str(storage))
+
+        def register(old: ModelRecord | None) -> ModelRecord:
+            if old is None:
+                return ModelRecord(name=name, storage=str(storage), size_hint=hint)
+            # A reload forgets failures; new files also make every copy in the mesh stale.
+            return replace(old, storage=str(storage), enabled=True, size_hint=hint, failures={},
+                           copies={} if replaced else old.copies, size_bytes=None if replaced else old.size_bytes)
+
         # Triton's load is a reload: new files or a new location replace what is loaded here.
-        if existing is not None and (files or existing.storage != record.storage):
+        if replaced:
             await self._cache.unload_model(name)
         self._cache.clear_failures(name)
-        await self._registry.put(record)
+        await self._registry.update(name, register)
         if params.get(PARAM_LAZY) is True:
             return
         try:
             entry = await self._dataplane.acquire(name, "")
         except MeshServeError as error:
-            await self._record_failure(name, str(error))
             raise LoadFailed(f"load failed for model '{name}': {error}") from error
         self._cache.release(entry)
 
@@ -106,13 +109,23 @@ class ModelControl:
         await self._cache.unload_model(name)
 
     def index(self, ready_only: bool) -> list[IndexEntry]:
+        """Every registered model with its state in the mesh: where its copies are, or why none."""
         entries: list[IndexEntry] = []
+        live = self._mesh.nodes()
         for record in sorted(self._registry.records(), key=lambda r: r.name):
-            found = [IndexEntry(record.name, e.version, "READY" if e.model else "LOADING", "")
-                     for e in self._cache.entries(record.name)]
-            if not found:
-                found = [self._idle_entry(record)]
-            entries.extend(e for e in found if not ready_only or e.state == "READY")
+            local = list(self._cache.entries(record.name))
+            copies = {n: c["state"] for n, c in record.copies.items() if n in live}
+            for e in local:
+                copies[self._mesh.instance_id] = "loaded" if e.model else "loading"
+            if record.enabled and copies:
+                state = "READY" if "loaded" in copies.values() else "LOADING"
+                version = next((e.version for e in local), "")
+                where = ", ".join(f"{n} ({s})" for n, s in sorted(copies.items()))
+                entry = IndexEntry(record.name, version, state, f"copies: {where}")
+            else:
+                entry = self._idle_entry(record)
+            if not ready_only or entry.state == "READY":
+                entries.append(entry)
         return entries
 
     def _idle_entry(self, record: ModelRecord) -> IndexEntry:
@@ -121,16 +134,10 @@ class ModelControl:
         local_failure = self._cache.failure_message(record.name)
         if local_failure is not None:
             return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed: {local_failure}")
-        if record.failure:
-            return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed: {record.failure.get('message', '')}")
+        if record.failures:
+            node, failure = max(record.failures.items(), key=lambda f: f[1]["at"])
+            return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed on {node}: {failure['message']}")
         return IndexEntry(record.name, "", "", "registered; loads on first request")
-
-    async def _record_failure(self, name: str, message: str) -> None:
-        failure = {"at": time.time(), "node": self._instance_id, "message": message}
-        try:
-            await self._registry.update(name, lambda r: replace(r, failure=failure))
-        except MeshServeError:  # losing the note must not hide the load error itself
-            log.warning("could not record the load failure of %s", name, exc_info=True)
 
 
 def _parse_config(raw: object) -> dict[str, object]:

@@ -8,19 +8,25 @@ import os
 import signal
 import socket
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 from meshnode import transport
 from meshnode.cache import ModelCache
-from meshnode.dataplane import DataPlane
+from meshnode.dataplane import DataPlane, LocalCopies
 from meshnode.etcdstore import EtcdStore
+from meshnode.instances import InstancePublisher
+from meshnode.mesh import MeshState
 from meshnode.metrics import MetricsServer, NodeMetrics, NodeState, serve_metrics
 from meshnode.model_control import ModelControl
+from meshnode.peers import GrpcPeers
 from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import ModelRepository
 from meshnode.runtimes.onnx import OnnxRuntime
 from meshnode.servicers import InferenceServicer
 from meshnode.settings import NodeSettings
+from placement.types import NodeView
+from router.router import Router
 
 log = logging.getLogger("meshserve.node")
 READY_LINE = "meshserve node ready"
@@ -52,6 +58,9 @@ class Node:
         self._server = transport.create_server()
         self._metrics_server: MetricsServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.peers = GrpcPeers()
+        self._rate = RequestRate()
+        self._draining = False
 
     async def start(self) -> None:
         s = self.settings
@@ -62,19 +71,42 @@ class Node:
         repository = ModelRepository(s.model_repository)
         self.dataplane = DataPlane(registry=self.registry, cache=self.cache, runtime=self.runtime,
                                    metrics=self.metrics, version=software_version())
+        self.mesh = MeshState(self._store, self.registry, self.cache, self.runtime, self.instance_id)
         self.control = ModelControl(registry=self.registry, repository=repository, cache=self.cache,
-                                    dataplane=self.dataplane, instance_id=self.instance_id)
+                                    dataplane=self.dataplane, mesh=self.mesh)
         added = await self.control.register_repository()
         log.info("registered %d new models from %s", added, s.model_repository)
         transport.add_inference_service(self._server, InferenceServicer(self.dataplane, self.control).handlers())
         self.port = transport.bind(self._server, s.host, s.port)
         await self._server.start()
+        # Join the mesh only once this node can answer: peers route to it as soon as it is listed.
+        self.publisher = InstancePublisher(self._store, self._node_view)
+        await self.publisher.start()
+        await self.mesh.start()
+        self.mesh.on_node_gone.append(lambda peer: self._spawn(self.peers.forget(peer)))
+        self.cache.on_change = self.mesh.copy_changed
+        self.dataplane.router = Router(LocalCopies(self.dataplane, self.instance_id), self.mesh, self.peers)
         if s.metrics_port is not None:
             self.metrics.set_state_source(self._state)
             server = await serve_metrics(self.metrics, s.host, s.metrics_port)
             self._metrics_server = server
             self.metrics_port = server.port
         self.dataplane.ready = True
+
+    def _node_view(self) -> NodeView:
+        stats = self.cache.stats()
+        return NodeView(
+            instance_id=self.instance_id, endpoint=f"{self.settings.advertise_host or self.settings.host}:{self.port}",
+            capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, model_count=stats.models_loaded,
+            lru_time_s=stats.lru_time_s, request_rate=self._rate.update(self.metrics.api_requests),
+            inflight=self.dataplane.inflight, loads_in_progress=stats.loads_in_progress,
+            shutting_down=self._draining, version=software_version(),
+        )
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _state(self) -> NodeState:
         stats = self.cache.stats()
@@ -86,14 +118,17 @@ class Node:
 
     def _on_registry_change(self, name: str, record: ModelRecord | None) -> None:
         # Another node (or the CLI) unregistered or disabled the model: stop serving it here too.
-        if (record is None or not record.enabled) and any(True for _ in self.cache.entries(name)):
-            task = asyncio.ensure_future(self.cache.unload_model(name))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if (record is None or not record.enabled) and self.cache.has_entry(name, ""):
+            self._spawn(self.cache.unload_model(name))
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self.dataplane.ready = False
+        self._draining = True
+        if hasattr(self, "publisher"):
+            await self.publisher.stop()  # revokes the lease: peers stop routing here at once
+            await self.mesh.stop()
         await self._server.stop(grace_s)
+        await self.peers.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
         await self.cache.close()
@@ -102,6 +137,24 @@ class Node:
             await self.registry.stop()
         if self._store is not None:
             await self._store.close()
+
+
+class RequestRate:
+    """Requests per second, smoothed over about ten seconds, from a growing counter."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._at = time.monotonic()
+        self.rate = 0.0
+
+    def update(self, count: int) -> float:
+        now = time.monotonic()
+        elapsed = now - self._at
+        if elapsed >= 0.2:
+            alpha = min(1.0, elapsed / 10.0)
+            self.rate += alpha * ((count - self._count) / elapsed - self.rate)
+            self._count, self._at = count, now
+        return round(self.rate, 1)
 
 
 async def run_node(settings: NodeSettings) -> None:

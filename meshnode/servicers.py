@@ -10,16 +10,16 @@ from typing import Any, TypeVar
 import grpc
 
 from meshnode.dataplane import DataPlane
-from meshnode.errors import MeshServeError
 from meshnode.model_control import ModelControl
 from meshpb import pb
+from router.errors import MeshError
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
 def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, MeshServeError):
+    if isinstance(error, MeshError):
         return error.code, str(error)
     log.exception("unexpected error", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
@@ -78,7 +78,7 @@ class InferenceServicer:
 
     @_maps_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._dataplane.infer(request)
+        return await self._dataplane.infer(request, context.invocation_metadata, context.time_remaining)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -86,7 +86,8 @@ class InferenceServicer:
         # Triton's stream semantics: an error answers that request and the stream goes on.
         async for request in requests:
             try:
-                response = await self._dataplane.infer(request)
+                response = await self._dataplane.infer(request, context.invocation_metadata,
+                                                        context.time_remaining)
             except Exception as error:
                 yield pb.ModelStreamInferResponse(error_message=_status_of(error)[1])
             else:

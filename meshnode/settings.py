@@ -10,7 +10,7 @@ from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_EXPONENT = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def parse_size(text: str | int) -> int:
@@ -22,11 +22,8 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1000000)")
     number, unit = match.groups()
     unit = (unit or "").lower()
-    if "i" in unit:
-        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
-    else:
-        factor = _UNITS[unit.rstrip("b") if unit != "b" else "b"]
-    return int(float(number) * factor)
+    base = 1024 if "i" in unit else 1000  # KiB/MiB/GiB are binary, kB/MB/GB decimal
+    return int(float(number) * base ** _EXPONENT[unit[:1]])
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
@@ -38,6 +35,7 @@ class NodeSettings(BaseSettings):
     etcd: str = Field(description="etcd endpoint HOST:PORT")
     etcd_prefix: str = "meshserve"
     host: str = "127.0.0.1"
+    advertise_host: str | None = None  # address peers use to reach this node; default: host
     port: int = 8033
     model_repository: Path
     capacity: ByteSize = Field(gt=0)

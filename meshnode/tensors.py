@@ -1,12 +1,9 @@
 """KServe v2 tensors <-> numpy: the per-request codec of the in-process runtimes.
 
-This is the hot path of every inference, so the common case (raw numeric contents, which is what
-tritonclient sends) is a handful of dict lookups and one zero-copy np.frombuffer per input.
-Anything a client can get wrong raises InvalidInput (or Unsupported) naming the input and the
-model in Triton's wording, because clients and dashboards match on those messages.
-
-A model can call index_specs() once at load and pass the result instead of its spec tuple, which
-saves rebuilding the name lookup on every request.
+This is the hot path of every inference, so the common case (raw numeric contents, which is what tritonclient
+sends) is a few lookups and one zero-copy np.frombuffer per input. Anything a client can get wrong raises
+InvalidInput (or Unsupported) naming the input and the model in Triton's wording, which clients match on.
+A model should call index_specs() once at load and pass its result instead of the spec tuple.
 """
 
 from __future__ import annotations
@@ -40,12 +37,6 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(object),
 }
 
-# Keyed by (kind, itemsize) so that byte order does not matter; S/U/T/O all travel as BYTES.
-_KIND_TO_DATATYPE: dict[tuple[str, int], str] = {
-    (dt.kind, dt.itemsize): name for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"
-}
-_STRING_KINDS = frozenset("OSUT")
-# Exact-dtype fast path for encode_response; anything else (big-endian, str arrays) goes by kind.
 _NUMPY_TO_DATATYPE: dict[np.dtype, str] = {dt: name for name, dt in DATATYPE_TO_NUMPY.items()}
 
 # ORT names most element types after numpy's dtype names; float, double and string are the exceptions.
@@ -66,9 +57,10 @@ MAX_ELEMENTS = 2**31
 _LEN = struct.Struct("<I")
 _BOOL_BYTES = b"\x00\x01"
 _ECHO = 16  # most dims or names an error message repeats back
-_FIXED_WIDTH = {name: dt for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
+_FIXED_WIDTH: dict[str, np.dtype] = {name: dt for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
 
 SpecIndex = dict[str, TensorSpec]
+_Input = pb.ModelInferRequest.InferInputTensor
 
 
 def index_specs(specs: Iterable[TensorSpec]) -> SpecIndex:
@@ -77,12 +69,13 @@ def index_specs(specs: Iterable[TensorSpec]) -> SpecIndex:
 
 
 def datatype_of_numpy(dtype: np.dtype) -> str:
-    if dtype.kind in _STRING_KINDS:
+    # Fixed-size str/bytes arrays (U, S), numpy 2 StringDType (T) and object arrays all travel as BYTES.
+    if dtype.kind in "OSUT":
         return "BYTES"
-    try:
-        return _KIND_TO_DATATYPE[(dtype.kind, dtype.itemsize)]
-    except KeyError:
-        raise Unsupported(f"numpy dtype '{dtype}' has no KServe datatype") from None
+    datatype = _NUMPY_TO_DATATYPE.get(dtype.newbyteorder("<"))
+    if datatype is None:
+        raise Unsupported(f"numpy dtype '{dtype}' has no KServe datatype")
+    return datatype
 
 
 def datatype_of_onnx(onnx_type: str) -> str:
@@ -99,14 +92,17 @@ def _dims(shape: Sequence[int]) -> str:
 
 
 def _names(names: Iterable[str]) -> list[str]:
-    return list(itertools.islice(names, _ECHO))
+    return [_clip(n) for n in itertools.islice(names, _ECHO)]
+
+
+def _clip(text: str) -> str:
+    # Client-chosen strings go back in status messages, which clients cap at a few KB of metadata.
+    return text if len(text) <= 64 else text[:64] + "..."
 
 
 def _bad_shape(name: str, model: str, want: Sequence[int], got: Sequence[int]) -> NoReturn:
     if any(d < 0 for d in got):
-        raise InvalidInput(
-            f"invalid shape for input '{name}' for model '{model}': negative dimension in {_dims(got)}"
-        )
+        raise InvalidInput(f"invalid shape for input '{name}' for model '{model}': negative dimension in {_dims(got)}")
     raise InvalidInput(
         f"unexpected shape for input '{name}' for model '{model}'. Expected {_dims(want)}, got {_dims(got)}"
     )
@@ -117,7 +113,7 @@ def _check_names(request: pb.ModelInferRequest, by_name: SpecIndex, model: str) 
     seen: dict[str, None] = {}
     for tensor in request.inputs:
         if tensor.name not in by_name:
-            raise InvalidInput(f"unexpected inference input '{tensor.name}' for model '{model}'")
+            raise InvalidInput(f"unexpected inference input '{_clip(tensor.name)}' for model '{model}'")
         if tensor.name in seen:
             raise InvalidInput(f"input '{tensor.name}' appears more than once in request for model '{model}'")
         seen[tensor.name] = None
@@ -129,7 +125,7 @@ def _check_names(request: pb.ModelInferRequest, by_name: SpecIndex, model: str) 
     )
 
 
-def _decode_bytes(raw: bytes, count: int, name: str, model: str) -> list[str]:
+def _split_bytes(raw: bytes, count: int, name: str, model: str) -> list[memoryview]:
     # Each element needs at least its 4-byte length, so a short buffer is rejected before looping.
     if count * 4 > len(raw):
         raise InvalidInput(
@@ -139,22 +135,15 @@ def _decode_bytes(raw: bytes, count: int, name: str, model: str) -> list[str]:
     view = memoryview(raw)
     end = len(raw)
     offset = 0
-    items: list[str] = []
-    try:
-        for _ in range(count):
-            if offset + 4 > end:
-                raise InvalidInput(
-                    f"input '{name}' for model '{model}' has fewer than {count} BYTES elements"
-                )
-            stop = offset + 4 + _LEN.unpack_from(raw, offset)[0]
-            if stop > end:
-                raise InvalidInput(f"BYTES element of input '{name}' for model '{model}' overruns its data")
-            items.append(str(view[offset + 4 : stop], "utf-8"))
-            offset = stop
-    except UnicodeDecodeError:
-        raise InvalidInput(
-            f"input '{name}' for model '{model}' has a BYTES element that is not UTF-8"
-        ) from None
+    items: list[memoryview] = []
+    for _ in range(count):
+        if offset + 4 > end:
+            raise InvalidInput(f"input '{name}' for model '{model}' has fewer than {count} BYTES elements")
+        stop = offset + 4 + _LEN.unpack_from(raw, offset)[0]
+        if stop > end:
+            raise InvalidInput(f"BYTES element of input '{name}' for model '{model}' overruns its data")
+        items.append(view[offset + 4 : stop])
+        offset = stop
     if offset != end:
         raise InvalidInput(
             f"input '{name}' for model '{model}' has {end - offset} bytes after its {count} BYTES elements"
@@ -162,63 +151,45 @@ def _decode_bytes(raw: bytes, count: int, name: str, model: str) -> list[str]:
     return items
 
 
-def _strings(items: list[str], shape: list[int]) -> np.ndarray:
+def _strings(items: Sequence[bytes | memoryview], shape: list[int], name: str, model: str) -> np.ndarray:
+    """ORT takes string tensors as object arrays of str, so BYTES elements must be UTF-8."""
     arr = np.empty(len(items), dtype=object)
-    arr[:] = items
+    try:
+        arr[:] = [str(item, "utf-8") for item in items]
+    except UnicodeDecodeError:
+        raise InvalidInput(f"input '{name}' for model '{model}' has a BYTES element that is not UTF-8") from None
     return arr.reshape(shape)
 
 
-def _raw_bytes(raw: bytes, spec: TensorSpec, shape: list[int], count: int, model: str) -> np.ndarray:
-    if spec.datatype != "BYTES":
-        # Only a model's own spec can carry a datatype we lack (e.g. BF16): requests must match it.
-        raise Unsupported(f"input '{spec.name}' of model '{model}' has unsupported datatype {spec.datatype}")
-    return _strings(_decode_bytes(raw, count, spec.name, model), shape)
+def _unsupported(spec: TensorSpec, model: str) -> NoReturn:
+    # Only a model's own spec can carry a datatype we lack (e.g. BF16), since requests must match it.
+    raise Unsupported(f"input '{spec.name}' of model '{model}' has unsupported datatype {spec.datatype}")
 
 
-def _from_contents(
-    tensor: pb.ModelInferRequest.InferInputTensor,
-    spec: TensorSpec,
-    shape: list[int],
-    count: int,
-    model: str,
-) -> np.ndarray:
+def _from_contents(tensor: _Input, spec: TensorSpec, shape: list[int], count: int, model: str) -> np.ndarray:
     name, datatype = spec.name, spec.datatype
     if datatype not in DATATYPE_TO_NUMPY:
-        raise Unsupported(f"input '{name}' of model '{model}' has unsupported datatype {datatype}")
+        _unsupported(spec, model)
     field = _CONTENTS_FIELD.get(datatype)
     set_fields = tensor.contents.ListFields()
     if field is None and (set_fields or count):
-        raise InvalidInput(
-            f"input '{name}' for model '{model}': {datatype} data must be sent in raw_input_contents"
-        )
+        raise InvalidInput(f"input '{name}' for model '{model}': {datatype} data must be sent in raw_input_contents")
     if len(set_fields) > 1 or (set_fields and set_fields[0][0].name != field):
         got = ", ".join(f.name for f, _ in set_fields)
-        raise InvalidInput(
-            f"input '{name}' for model '{model}' is {datatype} but sets {got}, expected {field}"
-        )
+        raise InvalidInput(f"input '{name}' for model '{model}' is {datatype} but sets {got}, expected {field}")
     values = set_fields[0][1] if set_fields else ()
     if len(values) != count:
         if not values and "shared_memory_region" in tensor.parameters:
-            raise Unsupported(
-                f"input '{name}' for model '{model}' uses shared memory, which is not supported"
-            )
+            raise Unsupported(f"input '{name}' for model '{model}' uses shared memory, which is not supported")
         raise InvalidInput(
-            f"unexpected number of values for input '{name}' for model '{model}'. "
-            f"Expected {count}, got {len(values)}"
+            f"unexpected number of values for input '{name}' for model '{model}'. Expected {count}, got {len(values)}"
         )
     if datatype == "BYTES":
-        try:
-            return _strings([v.decode("utf-8") for v in values], shape)
-        except UnicodeDecodeError:
-            raise InvalidInput(
-                f"input '{name}' for model '{model}' has a BYTES element that is not UTF-8"
-            ) from None
+        return _strings(values, shape, name, model)
     try:
         return np.array(values, dtype=DATATYPE_TO_NUMPY[datatype]).reshape(shape)
     except OverflowError:
-        raise InvalidInput(
-            f"input '{name}' for model '{model}' has values out of range for {datatype}"
-        ) from None
+        raise InvalidInput(f"input '{name}' for model '{model}' has values out of range for {datatype}") from None
 
 
 def decode_inputs(
@@ -234,11 +205,12 @@ def decode_inputs(
     if len(inputs) != len(by_name):
         _check_names(request, by_name, model_name)
     raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(inputs):
+    if len(raw_contents) and len(raw_contents) != len(inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw_contents)} entries but request for model '{model_name}' "
             f"has {len(inputs)} inputs {_names(t.name for t in inputs)}"
         )
+    use_raw = len(raw_contents) > 0
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(inputs):
         name = tensor.name
@@ -247,7 +219,7 @@ def decode_inputs(
             _check_names(request, by_name, model_name)
         if tensor.datatype != spec.datatype:
             raise InvalidInput(
-                f"inference input '{name}' data-type is '{tensor.datatype}', "
+                f"inference input '{name}' data-type is '{_clip(tensor.datatype)}', "
                 f"but model '{model_name}' expects '{spec.datatype}'"
             )
         want = spec.shape
@@ -260,7 +232,7 @@ def decode_inputs(
         count = math.prod(shape)
         if count > MAX_ELEMENTS or (count == 0 and math.prod(d for d in shape if d) > MAX_ELEMENTS):
             raise InvalidInput(f"input '{name}' for model '{model_name}' has over {MAX_ELEMENTS} elements")
-        if not raw_contents:
+        if not use_raw:
             arrays[name] = _from_contents(tensor, spec, shape, count, model_name)
             continue
         if tensor.HasField("contents"):
@@ -271,7 +243,9 @@ def decode_inputs(
         raw = raw_contents[i]
         dtype = _FIXED_WIDTH.get(spec.datatype)
         if dtype is None:
-            arrays[name] = _raw_bytes(raw, spec, shape, count, model_name)
+            if spec.datatype != "BYTES":
+                _unsupported(spec, model_name)
+            arrays[name] = _strings(_split_bytes(raw, count, name, model_name), shape, name, model_name)
         elif count * dtype.itemsize != len(raw):
             raise InvalidInput(
                 f"input byte size mismatch for input '{name}' for model '{model_name}'. "
@@ -296,7 +270,7 @@ def requested_outputs(
     for output in request.outputs:
         name = output.name
         if name not in by_name:
-            raise InvalidInput(f"unexpected inference output '{name}' for model '{model_name}'")
+            raise InvalidInput(f"unexpected inference output '{_clip(name)}' for model '{model_name}'")
         # Silently returning unclassified tensors to a client that asked for top-k would mislead it.
         if output.parameters and "classification" in output.parameters:
             raise Unsupported(f"classification of output '{name}' for model '{model_name}' is not supported")
@@ -323,7 +297,7 @@ def encode_response(
     arrays: Sequence[np.ndarray],
 ) -> pb.ModelInferResponse:
     """Build the response the way Triton does: every output in raw_output_contents, little-endian."""
-    # Setting fields one by one measured faster under upb than keyword construction of nested messages.
+    # Measured under upb: setting fields one by one beats keyword construction, nested or via add(**kw).
     response = pb.ModelInferResponse()
     response.model_name = model_name
     response.model_version = model_version

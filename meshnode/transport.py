@@ -67,10 +67,7 @@ class InferenceStub:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         for method, (request_cls, response_cls, client_streams, server_streams) in INFERENCE_METHODS.items():
             path = f"/{INFERENCE_SERVICE}/{method}"
-            if client_streams and server_streams:
-                make = channel.stream_stream
-            else:
-                make = channel.unary_unary
+            make = channel.stream_stream if client_streams and server_streams else channel.unary_unary
             setattr(self, method, make(
                 path,
                 request_serializer=request_cls.SerializeToString,

@@ -56,7 +56,7 @@ def _traffic(client: grpcclient.InferenceServerClient, repo: Path) -> list[str]:
         answer = result.as_numpy("OUTPUT0")  # type: ignore[attr-defined]
         ok = np.allclose(answer, mlp_reference(repo / f"tenant-{i}", x), rtol=1e-4)
         warm = [_timed(client.infer, f"tenant-{i}", [inp])[1] for _ in range(200)]
-        lines.append(f"  tenant-{i}: OUTPUT0={np.round(answer[0], 3).tolist()} {'correct' if ok else 'WRONG'}; "
+        lines.append(f"  tenant-{i}: OUTPUT0={np.array2string(answer[0], precision=3)} {'correct' if ok else 'WRONG'}; "
                      f"first request {cold_ms:.1f} ms (load), then p50 {statistics.median(warm):.2f} ms "
                      f"p99 {np.percentile(warm, 99):.2f} ms")
     a = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
@@ -91,6 +91,7 @@ def run(capacity: str) -> None:
                     print(f"  {m.name:<10} version={m.version or '-':<2} state={m.state or '(not loaded)':<13} "
                           f"{m.reason}")
             m = _metrics(node)
+            loads = m["modelmesh_loadmodel_milliseconds_count"]
             print("\nCache:")
             print(f"  requests {m['modelmesh_invoke_model_milliseconds_count']:.0f}, hits "
                   f"{m['modelmesh_cache_hit_total']:.0f}, misses {m['modelmesh_cache_miss_total']:.0f}, "
@@ -98,7 +99,7 @@ def run(capacity: str) -> None:
             print(f"  used {m['modelmesh_instance_used_bytes'] / 2**20:.1f} MiB of "
                   f"{m['modelmesh_instance_capacity_bytes'] / 2**20:.1f} MiB, "
                   f"{m['modelmesh_instance_models_total']:.0f} models loaded; mean load "
-                  f"{m['modelmesh_loadmodel_milliseconds_sum'] / max(1, m['modelmesh_loadmodel_milliseconds_count']):.1f} ms")
+                  f"{m['modelmesh_loadmodel_milliseconds_sum'] / max(1, loads):.1f} ms")
         finally:
             if node is not None:
                 node.stop()

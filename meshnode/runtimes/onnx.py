@@ -1,9 +1,13 @@
-"""ONNX Runtime in process: thousands of sessions sharing one thread pool, sized by measurement.
+"""ONNX Runtime in process: thousands of sessions without a thread each, sized by measurement.
 
 Measured on the 2-core dev machines with ORT 1.31:
+- A session with one intra-op thread runs on its caller and starts no thread; 1,000 of them add 0
+  threads and ~0.1 MB each, exactly as with ORT's global pool, and run as fast. The global pool is
+  therefore used only for intra_op_threads > 1, because it is a one-way switch for the process: after
+  it, ORT refuses every session with per-session threads (the default), e.g. in other libraries/tests.
 - InferenceSession creation releases the GIL both while parsing the model and while initializing
-  the session, so creating it in a worker thread keeps the event loop serving (max stall 7-17 ms
-  while a 50 MB model loads for 170-400 ms).
+  the session, so creating it in a worker thread keeps the event loop serving: max stall 1-20 ms
+  while a 50 MB model loads for 160-500 ms (73 ms once, on a machine at load average 7).
 - Tiny models (~15 us) are fastest run inline on the event loop: a thread-pool hop costs ~90 us,
   several times the run. Slow ones must leave the loop. Each model decides from its own run time.
 - Run time is thread CPU time, not wall time. Wall time also counts preemption and, off the loop,
@@ -65,17 +69,18 @@ _pool_lock = threading.Lock()
 _pool_threads: int | None = None
 
 
-def _use_global_thread_pool(intra_op_threads: int) -> int:
-    """ORT's global pools can be created once per process; later runtimes share the first size.
+def _global_pool_threads(intra_op_threads: int) -> int | None:
+    """The process's ORT global intra-op pool size, creating the pool if more than one thread is asked.
 
-    Returns the pool's intra-op size. Side effect for the whole process: from now on ORT refuses to
-    create sessions with per-session threads (the default SessionOptions).
+    None: there is no global pool, so sessions use one intra-op thread of their own (their caller).
+    The pool can be created once per process; later runtimes share the first one's size.
     """
     global _pool_threads
     with _pool_lock:
         if _pool_threads is None:
-            ort.set_global_thread_pool_sizes(intra_op_threads, 1)
-            _pool_threads = intra_op_threads
+            if intra_op_threads > 1:
+                ort.set_global_thread_pool_sizes(intra_op_threads, 1)
+                _pool_threads = intra_op_threads
         elif _pool_threads != intra_op_threads:
             log.warning(
                 "ORT global thread pool already has %d intra-op threads; %d requested is ignored",
@@ -168,9 +173,7 @@ class OnnxModel:
             if self.run_ewma_s > self._threshold_s:
                 self.inline = False
         else:
-            arrays = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._timed_run, names, feeds
-            )
+            arrays = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, names, feeds)
         return encode_response(request, self.name, self.version, names, arrays)
 
     def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -219,10 +222,10 @@ class OnnxRuntime:
         infer_workers: int = 2,
         inline_threshold_ms: float = 0.5,
     ) -> None:
-        pool_threads = _use_global_thread_pool(intra_op_threads)
+        self._global_pool_threads = _global_pool_threads(intra_op_threads)
         # With one intra-op thread the calling thread does all of a run's work, so its CPU time is the
         # run's cost; with more, pool threads do part of it and only wall time shows the loop's wait.
-        self._clock = time.thread_time if pool_threads == 1 else time.perf_counter
+        self._clock = time.thread_time if self._global_pool_threads in (None, 1) else time.perf_counter
         self._inline_threshold_s = inline_threshold_ms / 1000.0
         # Extra load workers buy little: session creation is serialized by _measure_lock so that each
         # RSS delta belongs to one session; they only let the next load check its files meanwhile.
@@ -259,9 +262,7 @@ class OnnxRuntime:
             self._trim()
             before = _rss_bytes()
             try:
-                session = ort.InferenceSession(
-                    str(source.model_file), options, providers=["CPUExecutionProvider"]
-                )
+                session = ort.InferenceSession(str(source.model_file), options, providers=["CPUExecutionProvider"])
             except Exception as error:
                 self._trim()  # give back what the failed parse allocated
                 raise LoadFailed(f"failed to load {where}: {_first_line(error)}") from None
@@ -279,11 +280,14 @@ class OnnxRuntime:
         except MeshServeError as error:  # an input or output type the protocol cannot carry
             raise LoadFailed(f"failed to load {where}: {error}") from None
 
-    @staticmethod
-    def _session_options() -> ort.SessionOptions:
+    def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.use_per_session_threads = False
         options.log_severity_level = ORT_LOG_ERRORS_ONLY
+        if self._global_pool_threads is None:
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+        else:
+            options.use_per_session_threads = False
         return options
 
     async def unload(self, model: LoadedModel) -> None:

@@ -221,14 +221,22 @@ async def test_operations_across_an_etcd_restart(private_etcd: EtcdProcess, etcd
 async def test_watch_reports_etcd_data_loss(private_etcd: EtcdProcess, etcd_prefix: str) -> None:
     s = await EtcdStore.connect(private_etcd.endpoint, etcd_prefix)
     try:
-        for i in range(5):
-            await s.put(f"d/{i}", b"x")
+        _, revision = await s.snapshot_prefix("d/")
         events: list[WatchEvent] = []
-        watch = asyncio.create_task(collect(s, "d/", 1, events))
-        await eventually(lambda: len(events) == 5)
+        watch = asyncio.create_task(collect(s, "d/", revision + 1, events))
+        # Writes the watch never sees (another prefix): only the store's revisions reveal the loss.
+        for i in range(5):
+            await s.put(f"elsewhere/{i}", b"x")
         await asyncio.to_thread(private_etcd.stop)  # data removed
         await asyncio.to_thread(private_etcd.start_again)
         with pytest.raises(WatchResync):
             await asyncio.wait_for(watch, 10)
+        assert events == []
+        # Once reported, the new history is accepted: a fresh watch works.
+        _, revision = await s.snapshot_prefix("d/")
+        watch = asyncio.create_task(collect(s, "d/", revision + 1, events))
+        await s.put("d/new", b"1")
+        await eventually(lambda: len(events) == 1)
+        watch.cancel()
     finally:
         await s.close()

@@ -58,12 +58,10 @@ def absent(r: ModelRecord | None) -> bool:
 
 
 def test_record_json_keeps_unknown_fields() -> None:
-    raw = json.dumps(
-        {"name": "m", "storage": "/x", "enabled": False, "copies": {"n1": 1.5}, "pinned": True}
-    ).encode()
+    raw = json.dumps({"name": "m", "storage": "/x", "enabled": False, "pinned": True, "min_copies": 2}).encode()
     r = ModelRecord.from_json(raw)
-    assert (r.name, r.storage, r.enabled, r.size_hint, r.failure) == ("m", "/x", False, None, None)
-    assert r.extra == {"copies": {"n1": 1.5}, "pinned": True}
+    assert (r.name, r.storage, r.enabled, r.size_hint, r.copies, r.failures) == ("m", "/x", False, None, {}, {})
+    assert r.extra == {"pinned": True, "min_copies": 2}
     assert ModelRecord.from_json(r.to_json()) == r
     with pytest.raises(ValueError):
         ModelRecord.from_json(b'{"storage": "/x"}')
@@ -78,8 +76,8 @@ async def test_own_writes_show_at_once_and_others_converge(pair: tuple[Registry,
     seen = await b.wait_for("m1", present, timeout=5)
     assert seen == a.get("m1")
 
-    failure = {"at": 1.0, "node": "n1", "message": "bad onnx"}
-    updated = await b.update("m1", changed(enabled=False, failure=failure))
+    failures = {"n1": {"at": 1.0, "message": "bad onnx"}}
+    updated = await b.update("m1", changed(enabled=False, failures=failures))
     assert updated is not None and not updated.enabled and updated.updated_at >= updated.registered_at
     assert b.get("m1") == updated
     await a.wait_for("m1", lambda r: r is not None and not r.enabled, timeout=5)
@@ -112,9 +110,9 @@ async def test_concurrent_updates_from_two_nodes_lose_nothing(pair: tuple[Regist
     def add_copy(node: str) -> Callable[[ModelRecord | None], ModelRecord | None]:
         def fn(r: ModelRecord | None) -> ModelRecord | None:
             assert r is not None
-            copies = dict(r.extra.get("copies", {}))
-            copies[node] = 1.0
-            return dataclasses.replace(r, extra={**r.extra, "copies": copies})
+            copies = dict(r.copies)
+            copies[node] = {"state": "loaded", "since": 1.0}
+            return dataclasses.replace(r, copies=copies)
 
         return fn
 
@@ -122,8 +120,8 @@ async def test_concurrent_updates_from_two_nodes_lose_nothing(pair: tuple[Regist
         *(reg.update("shared", add_copy(f"{tag}{i}")) for tag, reg in (("a", a), ("b", b)) for i in range(25))
     )
     remote = await a.get_remote("shared")
-    assert remote is not None and len(remote.extra["copies"]) == 50
-    await b.wait_for("shared", lambda r: r is not None and len(r.extra.get("copies", {})) == 50, timeout=5)
+    assert remote is not None and len(remote.copies) == 50
+    await b.wait_for("shared", lambda r: r is not None and len(r.copies) == 50, timeout=5)
 
 
 async def test_put_keeps_fields_of_newer_versions(pair: tuple[Registry, Registry]) -> None:
@@ -141,11 +139,11 @@ async def test_older_watch_event_does_not_undo_a_newer_write(pair: tuple[Registr
     assert stored is not None
     await a.put(record("m", size_hint=2))
     stale = WatchEvent("put", "models/m", stored[0], stored[1])
-    a._on_event(stale)  # as if the watch delivered the older write late
+    a._watched._on_event(stale)  # as if the watch delivered the older write late
     newer = a.get("m")
     assert newer is not None and newer.size_hint == 2
     await a.unregister("m")
-    a._on_event(stale)
+    a._watched._on_event(stale)
     assert a.get("m") is None
 
 
@@ -187,9 +185,7 @@ async def test_view_converges_across_etcd_restart(private_etcd: EtcdProcess, etc
         await s2.close()
 
 
-async def test_registry_persists_across_store_and_etcd_restart(
-    private_etcd: EtcdProcess, etcd_prefix: str
-) -> None:
+async def test_registry_persists_across_store_and_etcd_restart(private_etcd: EtcdProcess, etcd_prefix: str) -> None:
     store, registry = await open_registry(private_etcd.endpoint, etcd_prefix)
     await registry.register_if_absent(record("kept", size_hint=42))
     await registry.stop()

@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,8 +47,7 @@ def make_request(
         model_name=model,
         id="req-1",
         inputs=[
-            pb.ModelInferRequest.InferInputTensor(name=n, datatype=dt, shape=a.shape)
-            for n, (dt, a) in inputs.items()
+            pb.ModelInferRequest.InferInputTensor(name=n, datatype=dt, shape=a.shape) for n, (dt, a) in inputs.items()
         ],
         outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
         raw_input_contents=[_raw(a) for _, a in inputs.values()],
@@ -68,15 +69,11 @@ def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
                 offset += 4 + length
             result[tensor.name] = np.array(items, dtype=object).reshape(tuple(tensor.shape))
         else:
-            result[tensor.name] = np.frombuffer(raw, DATATYPE_TO_NUMPY[tensor.datatype]).reshape(
-                tuple(tensor.shape)
-            )
+            result[tensor.name] = np.frombuffer(raw, DATATYPE_TO_NUMPY[tensor.datatype]).reshape(tuple(tensor.shape))
     return result
 
 
-async def infer(
-    model: OnnxModel, inputs: dict[str, tuple[str, np.ndarray]], *outputs: str
-) -> dict[str, np.ndarray]:
+async def infer(model: OnnxModel, inputs: dict[str, tuple[str, np.ndarray]], *outputs: str) -> dict[str, np.ndarray]:
     return outputs_of(await model.infer(make_request(model.name, inputs, outputs)))
 
 
@@ -114,9 +111,7 @@ async def test_mlp_load_infer_unload(runtime: OnnxRuntime, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("datatype", sorted(examples.ONNX_TYPES))
-async def test_identity_round_trips_every_datatype(
-    runtime: OnnxRuntime, tmp_path: Path, datatype: str
-) -> None:
+async def test_identity_round_trips_every_datatype(runtime: OnnxRuntime, tmp_path: Path, datatype: str) -> None:
     model = await runtime.load(source(examples.write_identity(tmp_path, f"id_{datatype}", datatype)))
     assert model.inputs[0].datatype == datatype and model.outputs[0].datatype == datatype
     rng = np.random.default_rng(2)
@@ -142,12 +137,21 @@ async def test_add_sub_both_outputs_and_a_chosen_one(runtime: OnnxRuntime, tmp_p
     assert list(await infer(model, inputs, "OUTPUT1")) == ["OUTPUT1"]
 
 
+def test_write_repository_lays_out_triton_directories(tmp_path: Path) -> None:
+    root = examples.write_repository(tmp_path / "repo", [("a", "mlp"), ("simple", "add_sub"), ("s", "identity:BYTES")])
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.onnx")) == [
+        "a/1/model.onnx",
+        "s/1/model.onnx",
+        "simple/1/model.onnx",
+    ]
+    with pytest.raises(ValueError, match="unknown example kind"):
+        examples.write_repository(tmp_path / "repo", [("x", "resnet")])
+
+
 async def test_matmul_chain_answer(runtime: OnnxRuntime, tmp_path: Path) -> None:
     model_dir = examples.write_matmul_chain(tmp_path, "chain", width=32, depth=3)
     model = await runtime.load(source(model_dir))
-    weights = [
-        numpy_helper.to_array(t) for t in onnx.load(str(model_dir / "1" / "model.onnx")).graph.initializer
-    ]
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(model_dir / "1" / "model.onnx")).graph.initializer]
     x = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)
     gram = x.T @ x
     for w in weights:
@@ -162,9 +166,7 @@ async def test_size_is_measured_and_at_least_the_file(runtime: OnnxRuntime, tmp_
     assert file_size(model_dir) <= runtime.predict_size(source(model_dir)) < 3 * file_size(model_dir)
 
 
-async def test_files_counted_are_the_version_directory_or_the_single_file(
-    runtime: OnnxRuntime, tmp_path: Path
-) -> None:
+async def test_files_counted_are_the_version_directory_or_the_single_file(runtime: OnnxRuntime, tmp_path: Path) -> None:
     model_dir = examples.write_mlp(tmp_path, "mlp", approx_bytes=100_000)
     (model_dir / "1" / "weights.bin").write_bytes(bytes(1_000_000))  # as external data would be
     assert runtime.predict_size(source(model_dir)) > 1_000_000
@@ -262,17 +264,44 @@ async def test_sessions_share_one_thread_pool(runtime: OnnxRuntime, tmp_path: Pa
     models = [await runtime.load(dataclasses.replace(source(model_dir), name=f"m{i}")) for i in range(200)]
     added = threads() - before
     # ORT's default options would start one intra-op thread per session (+200, see
-    # shared/reference/dependencies.md). No control run here: once the global pool exists, ORT refuses
-    # sessions with per-session threads for the rest of the process.
+    # shared/reference/dependencies.md).
     print(f"threads: {before} before, +{added} after 200 sessions")
     assert added <= 4
     for model in models:
         await runtime.unload(model)
 
 
-async def test_tiny_model_goes_inline_and_slow_one_stays_off_the_loop(
-    runtime: OnnxRuntime, tmp_path: Path
-) -> None:
+@pytest.mark.skipif(not HAS_PROC, reason="threads are counted in /proc")
+def test_more_intra_op_threads_share_the_global_pool(tmp_path: Path) -> None:
+    # In a child process: ORT's global pool is a one-way switch that would refuse later
+    # per-session-thread sessions in this test process.
+    version_dir = examples.write_mlp(tmp_path, "small", approx_bytes=8_000) / "1"
+    script = f"""
+import asyncio, os
+from pathlib import Path
+import numpy as np
+from meshnode.runtimes.base import ModelSource
+from meshnode.runtimes.onnx import OnnxRuntime
+
+async def main():
+    rt = OnnxRuntime(intra_op_threads=2)
+    d = Path({str(version_dir)!r})
+    await rt.unload(await rt.load(ModelSource("warm", "1", d, d / "model.onnx")))
+    before = len(os.listdir("/proc/self/task"))
+    models = [await rt.load(ModelSource(f"m{{i}}", "1", d, d / "model.onnx")) for i in range(100)]
+    models[0]._run(["OUTPUT0"], {{"INPUT0": np.ones((1, 16), np.float32)}})
+    print(len(os.listdir("/proc/self/task")) - before)
+    await rt.close()
+
+asyncio.run(main())
+"""
+    repo_root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) <= 2
+
+
+async def test_tiny_model_goes_inline_and_slow_one_stays_off_the_loop(runtime: OnnxRuntime, tmp_path: Path) -> None:
     tiny = await runtime.load(source(examples.write_mlp(tmp_path, "tiny", approx_bytes=8_000)))
     slow = await runtime.load(source(examples.write_matmul_chain(tmp_path, "slow")))
     assert not tiny.inline and not slow.inline  # unknown latency: off the loop
@@ -285,9 +314,7 @@ async def test_tiny_model_goes_inline_and_slow_one_stays_off_the_loop(
     assert not slow.inline
 
 
-async def test_model_that_turns_slow_leaves_the_loop_and_comes_back(
-    runtime: OnnxRuntime, tmp_path: Path
-) -> None:
+async def test_model_that_turns_slow_leaves_the_loop_and_comes_back(runtime: OnnxRuntime, tmp_path: Path) -> None:
     model = await runtime.load(source(examples.write_mlp(tmp_path, "mlp")))
     small = fp32(np.ones((1, 16)))
     for _ in range(PROBE_RUNS):

@@ -1,0 +1,62 @@
+"""The mesh's exception root and the statuses it maps to.
+
+meshnode's errors derive from MeshError too, so one handler at the gRPC edge maps them all.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MeshError(Exception):
+    """Root of every error a client may see; `code` is its gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # Whether another node might succeed where this one failed (a load failure, a node going away).
+    retry_elsewhere: bool = False
+
+
+class PeerError(MeshError):
+    """A forwarded request failed at or on the way to a peer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, retry_elsewhere: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_elsewhere = retry_elsewhere
+
+
+NOT_HERE_PREFIX = "not here: "
+
+
+class NotHere(MeshError):
+    """A peer was asked for a copy it does not hold (any more): try the next copy.
+
+    Its message starts with NOT_HERE_PREFIX so the sender can tell it from a node going away.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    retry_elsewhere = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(NOT_HERE_PREFIX + message)
+
+
+class NoPlacement(MeshError):
+    """No node in the mesh can take the model now."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class GaveUp(MeshError):
+    """Bounded retries are spent; the message names the model and the last cause."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+# Statuses from a peer that say "this node, not this request": another node may well succeed.
+RETRY_ELSEWHERE_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+})

@@ -1,0 +1,52 @@
+"""What a forwarded request carries in gRPC metadata: its hop count, the nodes tried, its mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+HOPS_KEY = "meshserve-hops"
+TRIED_KEY = "meshserve-tried"
+MODE_KEY = "meshserve-mode"
+# Trace context travels unchanged from the client through every hop.
+PROPAGATED_KEYS = ("traceparent", "tracestate")
+MAX_HOPS = 2
+
+
+class Mode(Enum):
+    ANY = "any"  # a client request: route it anywhere
+    COPY = "copy"  # sent to a node believed to hold a copy: serve it or answer NotHere
+    LOAD = "load"  # sent to the node placement chose: load the model there and serve it
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    hops: int = 0
+    tried: tuple[str, ...] = ()
+    mode: Mode = Mode.ANY
+    propagated: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_metadata(cls, metadata: Iterable[tuple[str, str | bytes]] | None) -> Hop:
+        hops, mode = 0, Mode.ANY
+        tried: tuple[str, ...] = ()
+        propagated: list[tuple[str, str]] = []
+        for key, value in metadata or ():
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if key == HOPS_KEY and text.isdigit():
+                hops = int(text)
+            elif key == TRIED_KEY:
+                tried = tuple(t for t in text.split(",") if t)
+            elif key == MODE_KEY:
+                mode = next((m for m in Mode if m.value == text), Mode.ANY)
+            elif key in PROPAGATED_KEYS:
+                propagated.append((key, text))
+        return cls(hops, tried, mode, tuple(propagated))
+
+    def forward(self, mode: Mode, tried: Iterable[str]) -> Hop:
+        return Hop(self.hops + 1, tuple(tried), mode, self.propagated)
+
+    def to_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((HOPS_KEY, str(self.hops)), (TRIED_KEY, ",".join(self.tried)), (MODE_KEY, self.mode.value),
+                *self.propagated)

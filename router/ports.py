@@ -1,0 +1,63 @@
+"""What the router needs from the node it runs in, from the mesh's state, and from its peers.
+
+The node implements these over its cache, its etcd view and gRPC channels; unit tests use fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from placement.types import ModelView, NodeView
+from router.hop import Hop
+
+
+class InferRequest(Protocol):
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
+
+
+class LocalNode(Protocol):
+    @property
+    def instance_id(self) -> str: ...
+
+    def has_copy(self, name: str, version: str) -> bool:
+        """A copy here, loaded or loading: a request would be served without a new load."""
+        ...
+
+    async def infer(self, request: Any) -> Any:
+        """Serve here, loading the model if needed; raises MeshError subclasses."""
+        ...
+
+
+class MeshView(Protocol):
+    def model(self, name: str) -> ModelView | None:
+        """The model's shared record, or None if it is not registered."""
+        ...
+
+    def nodes(self) -> Mapping[str, NodeView]:
+        """Live nodes (a node whose lease expired is already gone), this one included."""
+        ...
+
+    async def claim_load(self, name: str, target: str, exclude: frozenset[str]) -> str:
+        """Record that `target` loads the model, unless a copy outside `exclude` exists already.
+
+        Returns the node that holds the claim: `target`, or the node that claimed first.
+        """
+        ...
+
+
+class Peers(Protocol):
+    def outstanding(self) -> Mapping[str, int]:
+        """Requests this node has in flight to each peer now."""
+        ...
+
+    def suspects(self) -> frozenset[str]:
+        """Peers that failed to answer very recently: not chosen until they prove alive."""
+        ...
+
+    async def infer(self, node: NodeView, request: Any, hop: Hop, budget_s: float | None) -> Any:
+        """Forward; raises router.errors.PeerError."""
+        ...

@@ -1,0 +1,112 @@
+"""Route one inference request: serve here, forward to a copy, or have the mesh load it.
+
+A loaded copy here is served without entering this module (the node checks its cache first).
+Otherwise: the least busy live copy; with none, placement picks where to load and the model
+record settles concurrent claims, so one load serves every node's waiting requests. Failures
+move on to the next copy or node within the deadline, a bounded number of times, and the last
+error names the model and its cause.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from placement.policy import PlacementConfig, choose_copy, choose_load_target, load_exclusions, should_give_up
+from router.errors import GaveUp, MeshError, NoPlacement, NotHere
+from router.hop import MAX_HOPS, Hop, Mode
+from router.ports import LocalNode, MeshView, Peers
+
+MAX_ATTEMPTS = 6
+
+
+class Router:
+    def __init__(
+        self, local: LocalNode, mesh: MeshView, peers: Peers, *, rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time, placement: PlacementConfig | None = None,
+        max_attempts: int = MAX_ATTEMPTS,
+    ) -> None:
+        self._local = local
+        self._mesh = mesh
+        self._peers = peers
+        self._rng = rng or random.Random()
+        self._now = clock
+        self._placement = placement or PlacementConfig()
+        self._max_attempts = max_attempts
+
+    async def route(self, request: Any, hop: Hop, budget_s: float | None) -> Any:
+        """Serve `request` somewhere in the mesh within `budget_s` seconds (None: no deadline)."""
+        name = request.model_name
+        if hop.mode is not Mode.ANY or hop.hops >= MAX_HOPS:
+            return await self._serve_as_chosen(request, hop)
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        me = self._local.instance_id
+        tried: set[str] = set(hop.tried)
+        last_error: MeshError | None = None
+        for _ in range(self._max_attempts):
+            model = self._mesh.model(name)
+            if model is None:
+                return await self._local.infer(request)  # unknown here too: the node says NOT_FOUND
+            nodes = self._mesh.nodes()
+            unavailable = tried | self._peers.suspects()
+            target = choose_copy(model.copies, nodes=nodes, local_outstanding=self._peers.outstanding(),
+                                 exclude=unavailable, rng=self._rng)
+            mode = Mode.COPY
+            if target is None:
+                now = self._now()
+                reason = should_give_up(model, tried, now, self._placement)
+                if reason is not None:
+                    raise GaveUp(reason if last_error is None else f"{reason}; last error: {last_error}")
+                excluded = frozenset(unavailable | load_exclusions(model, now, self._placement))
+                target = choose_load_target(nodes.values(), size_bytes=model.size_bytes, now=now, rng=self._rng,
+                                            exclude=excluded, config=self._placement)
+                if target is None:
+                    largest = max((n.capacity_bytes for n in nodes.values()), default=0)
+                    raise _no_placement(name, model.size_bytes, largest, last_error)
+                holder = await self._mesh.claim_load(name, target, excluded)
+                mode = Mode.LOAD if holder == target else Mode.COPY
+                target = holder
+            try:
+                if target == me:
+                    return await self._local.infer(request)
+                node = nodes.get(target)
+                if node is None:
+                    raise NotHere(f"node {target} left the mesh")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                return await self._peers.infer(node, request, hop.forward(mode, sorted(tried | {me})), remaining)
+            except MeshError as error:
+                if not error.retry_elsewhere:
+                    raise
+                tried.add(target)
+                last_error = error
+        detail = f"; last error: {last_error}" if last_error else ""
+        if deadline is not None and time.monotonic() >= deadline:
+            detail = f"; its {budget_s}s deadline passed{detail}"
+        raise GaveUp(f"model '{name}' could not be served by nodes {sorted(tried) or '(none)'}{detail}")
+
+    async def _serve_as_chosen(self, request: Any, hop: Hop) -> Any:
+        """A peer sent this here: serve it, never forward it again (hops stay bounded)."""
+        name, version = request.model_name, request.model_version
+        if hop.mode is Mode.COPY and not self._local.has_copy(name, version) and not self._claimed_here(name):
+            raise NotHere(f"model '{name}' is not loaded on node {self._local.instance_id}")
+        return await self._local.infer(request)
+
+    def _claimed_here(self, name: str) -> bool:
+        # A claim for this node can arrive in the view just after the request that it announced.
+        model = self._mesh.model(name)
+        me = self._local.instance_id
+        return model is not None and any(c.instance_id == me for c in model.copies)
+
+
+def _no_placement(name: str, size_bytes: int, largest_capacity: int, last_error: MeshError | None) -> MeshError:
+    if last_error is not None:
+        return GaveUp(f"model '{name}' could not be served: {last_error}")
+    if size_bytes > largest_capacity:
+        return NoPlacement(f"model '{name}' needs about {size_bytes} bytes, more than the whole capacity of "
+                           f"any node in the mesh (largest: {largest_capacity} bytes)")
+    return NoPlacement(f"no node in the mesh has room for model '{name}' ({size_bytes} bytes) now: "
+                       "every node is shutting down, excluded, or holds only models in use")

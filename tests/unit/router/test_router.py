@@ -1,0 +1,466 @@
+"""Router.route against in-memory fakes of the node it runs in, the mesh's shared state and its peers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import pytest
+
+from placement.policy import PlacementConfig
+from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView, NodeView
+from router.errors import GaveUp, MeshError, NoPlacement, NotHere, PeerError
+from router.hop import MAX_HOPS, Hop, Mode
+from router.router import Router
+
+GB = 1 << 30
+ME = "me"
+MODEL = "resnet50"
+NOW = 1_000_000.0
+TRACE = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), ("tracestate", "vendor=x"))
+CLIENT = Hop(propagated=TRACE)  # what a client request carries: no hops, mode ANY, its trace context
+
+
+@dataclass(frozen=True)
+class Req:
+    model_name: str = MODEL
+    model_version: str = ""
+
+
+class ModelNotFound(MeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class LoadFailed(MeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    retry_elsewhere = True
+
+
+def unavailable(node: str, why: str = "connection refused") -> PeerError:
+    return PeerError(grpc.StatusCode.UNAVAILABLE, f"node {node}: {why}", retry_elsewhere=True)
+
+
+# -- fakes ------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeLocal:
+    def __init__(self, instance_id: str = ME) -> None:
+        self.instance_id = instance_id
+        self.copies: set[tuple[str, str]] = set()
+        self.calls: list[Any] = []
+        self.errors: list[MeshError] = []  # raised by the next infer calls, in order
+
+    def has_copy(self, name: str, version: str) -> bool:
+        return (name, version) in self.copies
+
+    async def infer(self, request: Any) -> Any:
+        self.calls.append(request)
+        if self.errors:
+            raise self.errors.pop(0)
+        return ("served", self.instance_id)
+
+
+class FakeMesh:
+    def __init__(self, nodes: Iterable[NodeView], clock: FakeClock) -> None:
+        self.models: dict[str, ModelView] = {}
+        self.live: dict[str, NodeView] = {n.instance_id: n for n in nodes}
+        self.claims: list[tuple[str, str, frozenset[str]]] = []
+        self.claimed_first: str | None = None  # another router's claim lands between our read and our claim
+        self.check_liveness = True  # False: a claim that trusts a stale record
+        self._clock = clock
+
+    def model(self, name: str) -> ModelView | None:
+        return self.models.get(name)
+
+    def nodes(self) -> Mapping[str, NodeView]:
+        return self.live
+
+    async def claim_load(self, name: str, target: str, exclude: frozenset[str]) -> str:
+        """The compare-and-set of meshnode.mesh.MeshState.claim_load, in memory."""
+        self.claims.append((name, target, exclude))
+        model = self.models.get(name)
+        if model is None:
+            return target
+        if self.claimed_first is not None:
+            model = replace(model, copies=(*model.copies, CopyView(self.claimed_first, LOADING, self._clock())))
+            self.models[name], self.claimed_first = model, None
+        for copy in model.copies:
+            if (copy.instance_id in self.live or not self.check_liveness) and copy.instance_id not in exclude:
+                return copy.instance_id
+        copies = tuple(c for c in model.copies if c.instance_id in self.live)
+        self.models[name] = replace(model, copies=(*copies, CopyView(target, LOADING, self._clock())))
+        return target
+
+
+@dataclass(frozen=True)
+class Call:
+    node: str
+    hop: Hop
+    budget_s: float | None
+
+
+class FakePeers:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.script: dict[str, list[Any]] = {}  # per node: outcomes in order (an exception is raised), last repeats
+        self.delay_s = 0.0
+        self.counts: dict[str, int] = {}
+        self.suspected: set[str] = set()
+
+    def outstanding(self) -> Mapping[str, int]:
+        return self.counts
+
+    def suspects(self) -> frozenset[str]:
+        return frozenset(self.suspected)
+
+    async def infer(self, node: NodeView, request: Any, hop: Hop, budget_s: float | None) -> Any:
+        self.calls.append(Call(node.instance_id, hop, budget_s))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        outcomes = self.script.get(node.instance_id, [])
+        outcome = (outcomes.pop(0) if len(outcomes) > 1 else outcomes[0]) if outcomes else ("served", node.instance_id)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def fail(self, nodes: Iterable[str], why: str = "connection refused") -> None:
+        for n in nodes:
+            self.script[n] = [unavailable(n, why)]
+
+    @property
+    def nodes_called(self) -> list[str]:
+        return [c.node for c in self.calls]
+
+
+def node(iid: str, *, free: int = 10 * GB, cap: int = 10 * GB, **kw: Any) -> NodeView:
+    return NodeView(instance_id=iid, endpoint=f"{iid}:8033", capacity_bytes=cap, used_bytes=cap - free, **kw)
+
+
+def small(iid: str) -> NodeView:
+    """A node too small for the (1 GB) model: placement never loads it there."""
+    return node(iid, free=GB // 2, cap=GB // 2)
+
+
+def loaded(iid: str, since: float = NOW - 100) -> CopyView:
+    return CopyView(iid, LOADED, since)
+
+
+class World:
+    def __init__(self, nodes: Iterable[NodeView], *, copies: Iterable[CopyView] = (), size: int = GB,
+                 failures: Iterable[FailureView] = (), registered: bool = True, **router_kw: Any) -> None:
+        self.clock = FakeClock()
+        self.local = FakeLocal()
+        self.mesh = FakeMesh(nodes, self.clock)
+        self.peers = FakePeers()
+        if registered:
+            self.mesh.models[MODEL] = ModelView(MODEL, size, copies=tuple(copies), failures=tuple(failures))
+        self.router = Router(self.local, self.mesh, self.peers, rng=random.Random(1234), clock=self.clock,
+                             **router_kw)
+
+    async def route(self, hop: Hop = CLIENT, budget_s: float | None = 30.0) -> Any:
+        return await self.router.route(Req(), hop, budget_s)
+
+    def copy_states(self) -> dict[str, str]:
+        return {c.instance_id: c.state for c in self.mesh.models[MODEL].copies}
+
+
+# -- a forwarded request is served where it was sent, never forwarded again -------------------------
+
+
+async def test_copy_request_without_a_copy_or_claim_here_is_not_here() -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("n1")])
+    with pytest.raises(NotHere, match=f"'{MODEL}' is not loaded on node {ME}") as caught:
+        await w.route(Hop(1, ("n0",), Mode.COPY, TRACE))
+    assert caught.value.retry_elsewhere and caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert (w.local.calls, w.peers.calls, w.mesh.claims) == ([], [], [])
+
+
+@pytest.mark.parametrize("state", [LOADING, LOADED])
+async def test_copy_request_claimed_here_is_served_even_before_the_load_starts(state: str) -> None:
+    # The sender saw the claim for this node in the mesh before this node's cache started loading.
+    w = World([small(ME), node("n1")], copies=[loaded("n1"), CopyView(ME, state, NOW)])
+    assert await w.route(Hop(1, ("n0",), Mode.COPY)) == ("served", ME)
+    assert (len(w.local.calls), w.peers.calls, w.mesh.claims) == (1, [], [])
+
+
+async def test_copy_request_with_a_local_copy_is_served() -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("n1")])
+    w.local.copies.add((MODEL, ""))
+    assert await w.route(Hop(1, ("n0",), Mode.COPY)) == ("served", ME)
+    assert w.peers.calls == []
+
+
+@pytest.mark.parametrize("hop", [Hop(1, ("n0",), Mode.LOAD), Hop(MAX_HOPS, ("n0", "n1"), Mode.ANY)],
+                         ids=["load", "any-at-max-hops"])
+async def test_load_request_or_too_many_hops_is_served_here(hop: Hop) -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("n1")])
+    assert await w.route(hop) == ("served", ME)
+    assert (len(w.local.calls), w.peers.calls, w.mesh.claims) == (1, [], [])
+
+
+async def test_forwarded_request_failing_here_is_not_forwarded_again() -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("n1")])
+    w.local.errors = [LoadFailed("out of memory")]
+    with pytest.raises(LoadFailed):
+        await w.route(Hop(1, ("n0",), Mode.LOAD))
+    assert (w.peers.calls, w.mesh.claims) == ([], [])
+
+
+# -- client requests (mode ANY) ---------------------------------------------------------------------
+
+
+async def test_model_unknown_to_the_mesh_is_left_to_the_node_to_report() -> None:
+    w = World([node(ME), node("n1")], registered=False)
+    w.local.errors = [ModelNotFound(f"model '{MODEL}' not found")]
+    with pytest.raises(ModelNotFound):
+        await w.route()
+    assert (len(w.local.calls), w.peers.calls, w.mesh.claims) == (1, [], [])
+
+
+async def test_forwarded_to_the_copy_with_fewest_outstanding_carrying_trace_and_tried() -> None:
+    # n1 is the oldest copy and would win on a tie: only the outstanding counts make n2 the choice.
+    w = World([small(ME), node("n1"), node("n2"), node("n3")],
+              copies=[loaded("n1", NOW - 300), loaded("n2", NOW - 200), loaded("n3", NOW - 100)])
+    w.peers.counts = {"n1": 3, "n2": 1, "n3": 2}
+    assert await w.route(Hop(0, ("x",), Mode.ANY, TRACE), budget_s=5.0) == ("served", "n2")
+    [call] = w.peers.calls
+    assert call.node == "n2"
+    assert call.hop == Hop(1, (ME, "x"), Mode.COPY, TRACE)
+    assert call.budget_s is not None and 0 < call.budget_s <= 5.0
+    assert w.mesh.claims == [] and w.local.calls == []
+
+
+async def test_no_budget_is_passed_down_as_none() -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("n1")])
+    await w.route(budget_s=None)
+    assert [c.budget_s for c in w.peers.calls] == [None]
+
+
+async def test_budget_passed_down_shrinks_with_time_spent() -> None:
+    w = World([small(ME), node("n1"), node("n2")], copies=[loaded("n1", NOW - 200), loaded("n2")])
+    w.peers.fail(["n1"])
+    w.peers.delay_s = 0.05
+    assert await w.route(budget_s=5.0) == ("served", "n2")
+    first, second = (c.budget_s for c in w.peers.calls)
+    assert first is not None and second is not None
+    assert 5.0 - 0.01 < first <= 5.0
+    assert second <= first - 0.05
+
+
+@pytest.mark.parametrize("error", [NotHere("model evicted"), unavailable("n1", "not here: x"), unavailable("n1")],
+                         ids=["not-here", "peer-not-here", "peer-unavailable"])
+async def test_failed_copy_moves_on_to_the_next_copy(error: MeshError) -> None:
+    w = World([small(ME), node("n1"), node("n2"), node("n3")],
+              copies=[loaded("n1", NOW - 300), loaded("n2", NOW - 200)])
+    w.peers.script["n1"] = [error]
+    assert await w.route() == ("served", "n2")
+    assert [(c.node, c.hop.mode, c.hop.tried, c.hop.propagated) for c in w.peers.calls] == [
+        ("n1", Mode.COPY, (ME,), TRACE), ("n2", Mode.COPY, (ME, "n1"), TRACE)]
+    assert w.mesh.claims == []
+
+
+async def test_all_copies_failing_loads_elsewhere_excluding_them() -> None:
+    w = World([small(ME), node("n1"), node("n2"), node("n3")],
+              copies=[loaded("n1", NOW - 300), loaded("n2", NOW - 200)])
+    w.peers.fail(["n1", "n2"])
+    assert await w.route() == ("served", "n3")
+    [(name, target, excluded)] = w.mesh.claims
+    assert (name, target) == (MODEL, "n3") and {"n1", "n2"} <= excluded
+    assert [(c.node, c.hop.mode) for c in w.peers.calls] == [("n1", Mode.COPY), ("n2", Mode.COPY), ("n3", Mode.LOAD)]
+    assert w.peers.calls[-1].hop == Hop(1, (ME, "n1", "n2"), Mode.LOAD, TRACE)
+    assert w.copy_states()["n3"] == LOADING
+
+
+async def test_no_copy_loads_where_placement_chose_and_records_the_claim() -> None:
+    w = World([small(ME), node("n1"), small("n2")])
+    assert await w.route() == ("served", "n1")
+    assert w.mesh.claims == [(MODEL, "n1", frozenset())]
+    assert w.peers.calls[0].hop == Hop(1, (ME,), Mode.LOAD, TRACE)
+    assert w.copy_states() == {"n1": LOADING}
+
+
+async def test_claim_race_lost_goes_to_the_first_claimer_as_copy() -> None:
+    w = World([small(ME), node("n1"), small("n2")])
+    w.mesh.claimed_first = "n2"  # another node's miss claimed n2 just before ours
+    assert await w.route() == ("served", "n2")
+    assert [t for _, t, _ in w.mesh.claims] == ["n1"]
+    assert [(c.node, c.hop.mode) for c in w.peers.calls] == [("n2", Mode.COPY)]
+    assert w.copy_states() == {"n2": LOADING}  # one load serves both requests
+
+
+async def test_claim_race_lost_to_this_node_is_served_here() -> None:
+    w = World([small(ME), node("n1")])
+    w.mesh.claimed_first = ME
+    assert await w.route() == ("served", ME)
+    assert (len(w.local.calls), w.peers.calls) == (1, [])
+
+
+async def test_placement_on_this_node_serves_here_and_a_load_failure_moves_on() -> None:
+    # This node has by far the most free space: placement must pick it first.
+    w = World([node(ME), node("n1", free=2 * GB)])
+    w.local.errors = [LoadFailed(f"node {ME}: runtime crashed loading '{MODEL}'")]
+    assert await w.route() == ("served", "n1")
+    assert len(w.local.calls) == 1
+    assert [t for _, t, _ in w.mesh.claims] == [ME, "n1"]
+    assert ME in w.mesh.claims[1][2]
+    assert [(c.node, c.hop.mode, c.hop.tried) for c in w.peers.calls] == [("n1", Mode.LOAD, (ME,))]
+
+
+@pytest.mark.parametrize("where", ["peer", "here"])
+async def test_non_retryable_error_is_raised_at_once(where: str) -> None:
+    error = (PeerError(grpc.StatusCode.INVALID_ARGUMENT, "node n1: bad input shape", retry_elsewhere=False)
+             if where == "peer" else ModelNotFound(f"version 7 of '{MODEL}' not found"))
+    holder = "n1" if where == "peer" else ME
+    w = World([node(ME), node("n1"), node("n2")], copies=[loaded(holder, NOW - 300), loaded("n2")])
+    w.peers.script["n1"] = [error]
+    w.local.errors = [error]
+    with pytest.raises(MeshError) as caught:
+        await w.route()
+    assert caught.value is error
+    assert len(w.peers.calls) + len(w.local.calls) == 1
+    assert w.mesh.claims == []
+
+
+# -- giving up ----------------------------------------------------------------------------------------
+
+
+def many(count: int) -> list[NodeView]:
+    return [small(ME), *(node(f"n{i}") for i in range(count))]
+
+
+async def test_attempts_are_bounded_and_gave_up_names_model_and_last_cause() -> None:
+    w = World(many(8), max_attempts=3, placement=PlacementConfig(max_tried=50))
+    for i in range(8):
+        w.peers.fail([f"n{i}"], f"reset by peer #{i}")
+    with pytest.raises(GaveUp) as caught:
+        await w.route()
+    assert len(w.peers.calls) == 3
+    last = w.peers.calls[-1].node
+    message = str(caught.value)
+    assert MODEL in message and f"node {last}: reset by peer #{last[1:]}" in message
+    assert "iteration" not in message and "exhausted" not in message
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_too_many_nodes_tried_gives_up_naming_the_last_cause() -> None:
+    # Default bounds: placement's max_tried (5) stops the walk before max_attempts (6).
+    w = World(many(8))
+    for i in range(8):
+        w.peers.fail([f"n{i}"], f"reset by peer #{i}")
+    with pytest.raises(GaveUp) as caught:
+        await w.route()
+    assert len(w.peers.calls) == 5
+    last = w.peers.calls[-1].node
+    message = str(caught.value)
+    assert MODEL in message and f"reset by peer #{last[1:]}" in message
+
+
+async def test_model_failing_to_load_on_many_nodes_gives_up_without_trying() -> None:
+    failures = [FailureView(f"n{i}", NOW - 60 + i, f"onnx error #{i}") for i in range(3)]
+    w = World(many(6), failures=failures)
+    with pytest.raises(GaveUp) as caught:
+        await w.route()
+    assert MODEL in str(caught.value) and "onnx error #2" in str(caught.value)
+    assert (w.peers.calls, w.mesh.claims) == ([], [])
+
+
+async def test_failures_expire_on_the_injected_clock() -> None:
+    failures = [FailureView(f"n{i}", NOW - 60, "onnx error") for i in range(2)]  # fewer than max_failures
+    nodes = [small(ME), node("n0"), node("n1"), node("n2", free=GB)]
+    w = World(nodes, failures=failures)
+    assert await w.route() == ("served", "n2")  # the failed nodes are excluded from placement for now
+    assert {"n0", "n1"} <= w.mesh.claims[0][2]
+    w = World(nodes, failures=failures)
+    w.clock.now += PlacementConfig().failure_expiry_s
+    assert await w.route() in {("served", "n0"), ("served", "n1")}  # expired: back, with the most room
+
+
+async def test_every_candidate_failed_gives_up_with_the_last_error_not_no_placement() -> None:
+    w = World([small(ME), node("n1")])
+    w.peers.fail(["n1"], "disk full")
+    with pytest.raises(GaveUp, match=f"'{MODEL}'.*node n1: disk full"):
+        await w.route()
+
+
+async def test_no_node_with_room_is_no_placement_naming_model_and_size() -> None:
+    size = 100 * GB
+    w = World([node(ME), node("n1"), node("n2")], size=size)
+    with pytest.raises(NoPlacement) as caught:
+        await w.route()
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert MODEL in str(caught.value) and str(size) in str(caught.value)
+    assert (w.peers.calls, w.mesh.claims, w.local.calls) == ([], [], [])
+
+
+# -- which nodes are never chosen -----------------------------------------------------------------------
+
+
+async def test_suspect_copy_is_skipped() -> None:
+    w = World([small(ME), node("n1"), node("n2")], copies=[loaded("n1", NOW - 300), loaded("n2")])
+    w.peers.suspected = {"n1"}
+    assert await w.route() == ("served", "n2")
+    assert w.peers.nodes_called == ["n2"]
+
+
+async def test_suspect_node_is_not_loaded_on() -> None:
+    w = World([small(ME), node("n1"), node("n2", free=GB)])  # n1 has the most room, but is suspect
+    w.peers.suspected = {"n1"}
+    assert await w.route() == ("served", "n2")
+    assert w.mesh.claims == [(MODEL, "n2", frozenset({"n1"}))]
+
+
+async def test_copy_on_a_node_gone_from_the_mesh_is_never_chosen() -> None:
+    # "gone"'s lease expired; the janitor has not removed its copy from the model record yet.
+    w = World([small(ME), node("n2")], copies=[loaded("gone", NOW - 900), CopyView("n2", LOADING, NOW)])
+    assert await w.route() == ("served", "n2")
+    assert w.peers.calls[0].hop.mode is Mode.COPY
+
+
+async def test_only_copy_on_a_gone_node_loads_elsewhere() -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("gone")])
+    assert await w.route() == ("served", "n1")
+    assert [(c.node, c.hop.mode) for c in w.peers.calls] == [("n1", Mode.LOAD)]
+
+
+async def test_claim_returning_a_gone_node_is_not_forwarded_to() -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("gone")])
+    w.mesh.check_liveness = False  # the claim trusts the stale record
+    assert await w.route() == ("served", "n1")
+    assert [t for _, t, _ in w.mesh.claims] == ["n1", "n1"]
+    assert "gone" in w.mesh.claims[1][2]
+    assert w.peers.nodes_called == ["n1"]
+
+
+# -- deadline -------------------------------------------------------------------------------------------
+
+
+async def test_no_attempt_after_the_budget_is_spent() -> None:
+    w = World(many(10), copies=[loaded(f"n{i}", NOW - i) for i in range(10)],
+              max_attempts=10, placement=PlacementConfig(max_tried=50))
+    w.peers.fail([f"n{i}" for i in range(10)], "slow and broken")
+    w.peers.delay_s = 0.06
+    with pytest.raises(GaveUp) as caught:
+        await w.route(budget_s=0.1)
+    assert 1 <= len(w.peers.calls) <= 2  # at 0 and ~0.06 s; a third would start after the deadline
+    assert all(c.budget_s is not None and 0 < c.budget_s <= 0.1 for c in w.peers.calls)
+    assert MODEL in str(caught.value) and "deadline" in str(caught.value)
+
+
+async def test_spent_budget_forwards_nothing() -> None:
+    w = World([small(ME), node("n1")], copies=[loaded("n1")])
+    with pytest.raises(GaveUp) as caught:
+        await w.route(budget_s=0.0)
+    assert w.peers.calls == []
+    assert MODEL in str(caught.value) and "deadline" in str(caught.value)
