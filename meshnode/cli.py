@@ -47,11 +47,20 @@ def _models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             p.add_argument("--size-hint", help="expected size in memory (512MiB, bytes)")
 
 
+def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    local = sub.add_parser("local", help="start an etcd and N nodes on loopback for development")
+    local.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    local.add_argument("--model-repository", required=True, help="Triton-layout model repository directory")
+    local.add_argument("--port", type=int, default=8033, help="first node's gRPC port; the others count up")
+    local.add_argument("--capacity", default="1GiB", help="each node's capacity (default 1GiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshserve", description="A gRPC routing mesh for ML models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_parser(sub)
     _models_parser(sub)
+    _local_parser(sub)
     return parser
 
 
@@ -67,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshnode.server import main_node
 
         return main_node(settings)
+    if args.command == "local":
+        from pathlib import Path
+
+        from meshnode.local_mesh import run_local
+
+        return run_local(args.nodes, Path(args.model_repository), args.port, args.capacity)
     from meshnode.models_cli import run_models_command
 
     return run_models_command(args)

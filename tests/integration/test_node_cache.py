@@ -16,7 +16,7 @@ from meshnode.etcd_process import EtcdProcess
 from meshnode.examples import write_mlp
 from meshnode.node_process import NodeProcess
 from tests.integration.conftest import start_node
-from tests.integration.test_node_errors import metric
+from tests.integration.helpers import metric
 
 MODEL_BYTES = 1_000_000
 

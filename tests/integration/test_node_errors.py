@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import grpc
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from tritonclient.utils import InferenceServerException
 from meshnode import transport
 from meshnode.node_process import NodeProcess
 from meshpb import pb
+from tests.integration.helpers import metric
 
 
 def raw_request(model: str, shape: list[int], raw: bytes, datatype: str = "FP32",
@@ -30,13 +28,6 @@ async def call(node: NodeProcess, request: pb.ModelInferRequest) -> grpc.aio.Aio
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await transport.InferenceStub(channel).ModelInfer(request, timeout=30)
     return err.value
-
-
-def metric(node: NodeProcess, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=10).read().decode()
-    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_unknown_model_gets_tritons_not_found(client: grpcclient.InferenceServerClient) -> None:

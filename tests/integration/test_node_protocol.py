@@ -32,9 +32,10 @@ def test_mlp_answers_match_numpy_for_latest_and_pinned_versions(
     client: grpcclient.InferenceServerClient, model_repo: Path
 ) -> None:
     x = np.random.default_rng(0).standard_normal((3, 16), dtype=np.float32)
-    np.testing.assert_allclose(infer_mlp(client, x), mlp_reference(model_repo / "mlp", x, version=2), rtol=1e-4)
+    expected = mlp_reference(model_repo / "mlp", x, version=2)
+    np.testing.assert_allclose(infer_mlp(client, x), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(infer_mlp(client, x, "1"), mlp_reference(model_repo / "mlp", x, version=1),
-                               rtol=1e-4)
+                               rtol=1e-4, atol=1e-5)
     meta = client.get_model_metadata("mlp", as_json=True)
     assert meta["versions"] == ["1", "2"]
     assert meta["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": ["-1", "16"]}]

@@ -73,9 +73,9 @@ def test_load_registers_from_storage_uri_and_uploaded_files_and_it_survives_rest
             client.load_model("uploaded", files={"file:1/model.onnx": (upload_src / "1" / "model.onnx").read_bytes()})
             x = np.ones((1, 16), np.float32)
             out = client.infer("outside", [ones_input()]).as_numpy("OUTPUT0")
-            np.testing.assert_allclose(out, mlp_reference(model_dir, x), rtol=1e-4)
+            np.testing.assert_allclose(out, mlp_reference(model_dir, x), rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(client.infer("uploaded", [ones_input()]).as_numpy("OUTPUT0"),
-                                       mlp_reference(upload_src, x), rtol=1e-4)
+                                       mlp_reference(upload_src, x), rtol=1e-4, atol=1e-5)
             assert (repo / "uploaded" / "1" / "model.onnx").exists()
             client.unload_model("outside")
             with pytest.raises(InferenceServerException) as err:

@@ -1,0 +1,123 @@
+"""Three node processes and one etcd form a mesh: any node serves any model, failures retry elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as aioclient
+
+from meshnode.examples import mlp_reference, write_mlp
+from meshnode.local_mesh import LocalMesh
+from tests.integration.helpers import metric
+
+MODELS = [f"m{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mesh-repo")
+    for i, name in enumerate(MODELS):
+        write_mlp(root, name, approx_bytes=200_000, seed=i)
+    write_mlp(root, "cold", approx_bytes=200_000, seed=99)
+    return root
+
+
+@pytest.fixture
+def mesh(repo: Path, tmp_path: Path) -> Iterator[LocalMesh]:
+    with LocalMesh.start(nodes=3, model_repository=repo, capacity="64MiB", log_dir=tmp_path) as started:
+        yield started
+
+
+def x_input(x: np.ndarray) -> list[aioclient.InferInput]:
+    inp = aioclient.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def total(mesh: LocalMesh, name: str) -> float:
+    return sum(metric(node, name) for node in mesh.nodes if node.process.poll() is None)
+
+
+async def test_every_model_answers_correctly_through_every_node(mesh: LocalMesh, repo: Path) -> None:
+    x = np.random.default_rng(3).standard_normal((2, 16), dtype=np.float32)
+    for target in mesh.targets():
+        async with aioclient.InferenceServerClient(target) as client:
+            for name in MODELS:
+                out = (await client.infer(name, x_input(x))).as_numpy("OUTPUT0")
+                np.testing.assert_allclose(out, mlp_reference(repo / name, x), rtol=1e-4, atol=1e-5)
+    # Each model was loaded once in the mesh and then served from that copy, wherever asked.
+    assert total(mesh, "modelmesh_loadmodel_total") == len(MODELS)
+    async with aioclient.InferenceServerClient(mesh.targets()[0]) as client:
+        index = {m.name: m for m in (await client.get_model_repository_index()).models}
+    assert all(index[name].state == "READY" and "copies: node-" in index[name].reason for name in MODELS)
+
+
+async def test_concurrent_cold_requests_through_all_nodes_cause_one_load(mesh: LocalMesh) -> None:
+    x = np.ones((1, 16), np.float32)
+    clients = [aioclient.InferenceServerClient(t) for t in mesh.targets()]
+    try:
+        results = await asyncio.gather(*(c.infer("cold", x_input(x)) for c in clients for _ in range(8)))
+    finally:
+        for c in clients:
+            await c.close()
+    assert len({r.as_numpy("OUTPUT0").tobytes() for r in results}) == 1
+    assert total(mesh, "modelmesh_loadmodel_total") == 1
+
+
+async def _steady_load(targets: list[str], seconds: float, errors: list[str], answered: list[int]) -> None:
+    x = np.ones((1, 16), np.float32)
+
+    async def worker(i: int) -> None:
+        async with aioclient.InferenceServerClient(targets[i % len(targets)]) as client:
+            deadline = time.monotonic() + seconds
+            n = i
+            while time.monotonic() < deadline:
+                name = MODELS[n % len(MODELS)]
+                n += 1
+                try:
+                    await client.infer(name, x_input(x), client_timeout=20)
+                    answered[0] += 1
+                except Exception as error:  # every failure is a lost request
+                    errors.append(f"{name}: {error}")
+
+    await asyncio.gather(*(worker(i) for i in range(8)))
+
+
+async def test_kill_minus_nine_of_a_node_under_load_loses_no_request(mesh: LocalMesh) -> None:
+    victim, survivors = mesh.nodes[2], mesh.targets()[:2]
+    x = np.ones((1, 16), np.float32)
+    async with aioclient.InferenceServerClient(victim.target) as client:
+        for name in MODELS:  # the victim holds copies the survivors will have to replace
+            await client.infer(name, x_input(x))
+    assert metric(victim, "modelmesh_instance_models_total") >= 1
+    errors: list[str] = []
+    answered = [0]
+    load = asyncio.ensure_future(_steady_load(survivors, 8.0, errors, answered))
+    await asyncio.sleep(2.0)
+    victim.kill()
+    await load
+    assert errors == []
+    assert answered[0] > 100
+
+
+async def test_etcd_restart_loses_no_request_for_loaded_models_and_no_registration(mesh: LocalMesh) -> None:
+    x = np.ones((1, 16), np.float32)
+    for target in mesh.targets():
+        async with aioclient.InferenceServerClient(target) as client:
+            for name in MODELS:
+                await client.infer(name, x_input(x))
+    errors: list[str] = []
+    answered = [0]
+    load = asyncio.ensure_future(_steady_load(mesh.targets(), 8.0, errors, answered))
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(mesh.etcd.restart_after, 3.0)
+    await load
+    assert errors == []
+    async with aioclient.InferenceServerClient(mesh.targets()[1]) as client:
+        names = {m.name for m in (await client.get_model_repository_index()).models}
+    assert names >= set(MODELS)
