@@ -105,7 +105,7 @@ class ModelControl:
         if params.get(PARAM_UNREGISTER) is True:
             await self._registry.unregister(name)
         else:
-            await self._registry.update(name, lambda r: replace(r, enabled=False, updated_at=time.time()))
+            await self._registry.update(name, lambda r: replace(r, enabled=False) if r is not None else None)
         await self._cache.unload_model(name)
 
     def index(self, ready_only: bool) -> list[IndexEntry]:
