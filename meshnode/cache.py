@@ -14,9 +14,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from meshnode.errors import LoadFailed, MeshServeError, ModelNotFound, ModelUnavailable, ResourceExhausted
+from meshnode.errors import LoadFailed, MeshServeError, ModelNotFound, ResourceExhausted
+from meshnode.load_failures import LoadFailures
+from meshnode.load_queue import LoadQueue, priority
 from meshnode.metrics import NodeMetrics
-from meshnode.registry import Failure
 from meshnode.runtimes.base import LoadedModel, ModelSource, Runtime
 from placement.eviction import Resident, plan_eviction
 
@@ -34,9 +35,22 @@ class CachedModel:
     model: LoadedModel | None = None
     loaded: asyncio.Future[None] | None = None
     inflight: int = 0
+    requests: int = 0  # served here since loaded: per-copy load for extra-copy decisions
+    pinned: bool = False
     discarded: bool = False
     drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes
     aliases: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """How one model is loaded and kept, from its registration."""
+
+    predicted_bytes: int
+    timeout_s: float | None = None  # None: the node's default
+    pinned: bool = False  # never evicted
+    churn_guard: bool = False  # refuse to evict recently used models (another node may take it)
+    last_used: float | None = None  # orders background loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +71,8 @@ class ModelCache:
         metrics: NodeMetrics,
         load_timeout_s: float,
         failure_backoff_s: float,
+        load_concurrency: int = 2,
+        churn_guard_s: float = 0.0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.ready: dict[tuple[str, str], CachedModel] = {}
@@ -65,11 +81,12 @@ class ModelCache:
         self._runtime = runtime
         self._metrics = metrics
         self._load_timeout_s = load_timeout_s
-        self._failure_backoff_s = failure_backoff_s
+        self._churn_guard_s = churn_guard_s
+        self.loads = LoadQueue(load_concurrency)
         self._now = wall_clock
         self._lru: OrderedDict[str, CachedModel] = OrderedDict()  # oldest first
         self._by_name: dict[str, set[str]] = {}
-        self._failures: dict[str, tuple[float, MeshServeError]] = {}  # key -> (retry after, error)
+        self.failures = LoadFailures(failure_backoff_s, wall_clock)
         self._tasks: set[asyncio.Task[None]] = set()
         # Told the model name whenever a copy here starts loading, loads, fails or goes.
         self.on_change: Callable[[str], None] = lambda name: None
@@ -77,6 +94,7 @@ class ModelCache:
     # -- hot path -------------------------------------------------------------------------
     def release(self, entry: CachedModel) -> None:
         entry.inflight -= 1
+        entry.requests += 1
         entry.last_used = self._now()
         if not entry.discarded:
             self._lru.move_to_end(entry.key)
@@ -84,7 +102,7 @@ class ModelCache:
             entry.drained.set()
 
     # -- miss path ------------------------------------------------------------------------
-    async def acquire(self, source: ModelSource, requested_version: str, predicted_bytes: int) -> CachedModel:
+    async def acquire(self, source: ModelSource, requested_version: str, options: LoadOptions) -> CachedModel:
         """The loaded entry for `source`, loading it once however many callers wait.
 
         The caller must `release` the entry. Raises the load's error to every waiter.
@@ -92,8 +110,13 @@ class ModelCache:
         key = f"{source.name}@{source.version}"
         entry = self._lru.get(key)
         if entry is None:
-            self._check_failure(key)
-            entry = self._start_load(key, source, predicted_bytes)
+            try:
+                self.failures.check(source.name, source.version)
+                entry = self._start_load(key, source, options, waiting=True)
+            except MeshServeError:
+                # A claim for this node may already be in the model record: let it be corrected.
+                self.on_change(source.name)
+                raise
         if entry.model is None:
             assert entry.loaded is not None
             started = time.perf_counter()
@@ -111,84 +134,75 @@ class ModelCache:
             entry.aliases.append(alias)
         return entry
 
-    def _check_failure(self, key: str) -> None:
-        failure = self._failures.get(key)
-        if failure is None:
-            return
-        retry_after, error = failure
-        remaining = retry_after - self._now()
-        if remaining <= 0:
-            del self._failures[key]
-            return
-        raise ModelUnavailable(f"{error} (not retried on this node for another {remaining:.0f}s)")
+    def load_in_background(self, source: ModelSource, options: LoadOptions, *, evict: bool) -> bool:
+        """Start a load nobody waits for (extra copy, proactive load, drain hand-off).
 
-    def has_failure(self, name: str, version: str) -> bool:
-        failure = self._failures.get(f"{name}@{version}")
-        return failure is not None and failure[0] > self._now()
+        False when a copy is here already, it failed recently, or there is no room (and `evict`
+        is off, or eviction would take what the churn guard protects).
+        """
+        key = f"{source.name}@{source.version}"
+        if key in self._lru or self.failures.active(source.name, source.version):
+            return False
+        if not evict and options.predicted_bytes > self.capacity_bytes - self.used_bytes:
+            return False
+        try:
+            self._start_load(key, source, options, waiting=False)
+        except ResourceExhausted:
+            return False
+        return True
 
-    def failure_message(self, name: str) -> str | None:
-        """The most recent unexpired load failure of any version of `name` on this node."""
-        now = self._now()
-        found = [(t, e) for k, (t, e) in self._failures.items() if t > now and k.rsplit("@", 1)[0] == name]
-        return str(max(found, key=lambda f: f[0])[1]) if found else None
-
-    def failure_record(self, name: str) -> Failure | None:
-        """The newest unexpired load failure of `name` here, as the shared model record keeps it."""
-        now = self._now()
-        found = [(t, e) for k, (t, e) in self._failures.items() if t > now and k.rsplit("@", 1)[0] == name]
-        if not found:
-            return None
-        retry_after, error = max(found, key=lambda f: f[0])
-        return Failure(at=retry_after - self._failure_backoff_s, message=str(error))
-
-    def clear_failures(self, name: str) -> None:
-        for key in [k for k in self._failures if k.rsplit("@", 1)[0] == name]:
-            del self._failures[key]
-
-    def _start_load(self, key: str, source: ModelSource, predicted_bytes: int) -> CachedModel:
+    def _start_load(self, key: str, source: ModelSource, options: LoadOptions, *, waiting: bool) -> CachedModel:
+        predicted_bytes = options.predicted_bytes
         if predicted_bytes > self.capacity_bytes:
             raise ResourceExhausted(
                 f"model '{source.name}' version {source.version} needs about {predicted_bytes} bytes, "
                 f"more than this node's whole capacity of {self.capacity_bytes} bytes"
             )
-        self._make_room(predicted_bytes, source.name)
+        self._make_room(predicted_bytes, source.name, guard=options.churn_guard)
         now = self._now()
-        entry = CachedModel(key, source.name, source.version, predicted_bytes, now, now)
+        entry = CachedModel(key, source.name, source.version, predicted_bytes, now, now, pinned=options.pinned)
         entry.loaded = asyncio.get_running_loop().create_future()
         # Waiters may all have gone (deadline); the outcome is still consumed, never "unretrieved".
         entry.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._lru[key] = entry
         self._by_name.setdefault(source.name, set()).add(key)
         self.used_bytes += predicted_bytes
-        self._spawn(self._load(entry, source))
+        rank = priority(waiting, options.last_used)
+        self._spawn(self.loads.run(rank, lambda: self._load(entry, source, options.timeout_s or self._load_timeout_s)))
         self.on_change(source.name)
         return entry
 
-    def _make_room(self, needed: int, for_model: str, keep: CachedModel | None = None) -> None:
+    def _make_room(self, needed: int, for_model: str, keep: CachedModel | None = None, guard: bool = False) -> None:
         residents = (
-            Resident(k, e.size_bytes, e.inflight > 0 or e.model is None or e is keep)
+            Resident(k, e.size_bytes, e.inflight > 0 or e.model is None or e is keep, last_used=e.last_used,
+                     pinned=e.pinned)
             for k, e in self._lru.items()
         )
-        plan = plan_eviction(residents, needed_bytes=needed, free_bytes=self.capacity_bytes - self.used_bytes)
+        idle = self._churn_guard_s if guard else 0.0
+        plan = plan_eviction(residents, needed_bytes=needed, free_bytes=self.capacity_bytes - self.used_bytes,
+                             now=self._now(), min_victim_idle_s=idle)
         if plan is None:
+            protected = f", pinned, or used in the last {idle:g}s (churn guard)" if idle else " or pinned"
             raise ResourceExhausted(
-                f"no room for model '{for_model}' ({needed} bytes): {self.used_bytes} of "
-                f"{self.capacity_bytes} bytes are held by models in use or loading"
+                f"no room for model '{for_model}' ({needed} bytes) on this node: {self.used_bytes} of "
+                f"{self.capacity_bytes} bytes are held by models in use, loading{protected}"
             )
         for victim in plan.victims:
             self._evict(self._lru[victim])
 
-    async def _load(self, entry: CachedModel, source: ModelSource) -> None:
+    async def _load(self, entry: CachedModel, source: ModelSource, timeout_s: float) -> None:
         assert entry.loaded is not None
+        if entry.discarded:  # unloaded while it queued
+            entry.loaded.set_result(None)
+            return
         started = time.perf_counter()
         load = asyncio.ensure_future(self._runtime.load(source))
         try:
-            model = await asyncio.wait_for(asyncio.shield(load), self._load_timeout_s)
+            model = await asyncio.wait_for(asyncio.shield(load), timeout_s)
         except TimeoutError:
             load.add_done_callback(self._unload_when_done)
             self._fail(entry, LoadFailed(
-                f"loading model '{entry.name}' version {entry.version} timed out after "
-                f"{self._load_timeout_s:.0f}s"))
+                f"loading model '{entry.name}' version {entry.version} timed out after {timeout_s:g}s"))
             return
         except MeshServeError as error:
             self._fail(entry, error)
@@ -226,7 +240,7 @@ class ModelCache:
     def _fail(self, entry: CachedModel, error: MeshServeError) -> None:
         self._metrics.load_failures += 1
         self._remove(entry)
-        self._failures[entry.key] = (self._now() + self._failure_backoff_s, error)
+        self.failures.record(entry.name, entry.version, error)
         assert entry.loaded is not None
         if not entry.loaded.done():
             entry.loaded.set_exception(error)
@@ -307,7 +321,7 @@ class ModelCache:
             yield self._lru[key]
 
     def stats(self) -> CacheStats:
-        loading = sum(1 for e in self._lru.values() if e.model is None) if self._lru else 0
+        loading = sum(1 for e in self._lru.values() if e.model is None)
         oldest = next((e for e in self._lru.values() if e.model is not None), None)
         return CacheStats(
             capacity_bytes=self.capacity_bytes,
@@ -316,10 +330,6 @@ class ModelCache:
             loads_in_progress=loading,
             lru_time_s=oldest.last_used if oldest is not None else None,
         )
-
-    def failures(self) -> int:
-        now = self._now()
-        return sum(1 for retry_after, _ in self._failures.values() if retry_after > now)
 
     async def close(self) -> None:
         for entry in list(self._lru.values()):

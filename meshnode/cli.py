@@ -27,6 +27,10 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     node.add_argument("--load-timeout", dest="load_timeout_s", type=float, help="seconds a load may take")
     node.add_argument("--load-failure-backoff", dest="load_failure_backoff_s", type=float,
                       help="seconds before a failed model is tried again on this node")
+    node.add_argument("--load-concurrency", type=int, help="loads running at once (default 2); others queue")
+    node.add_argument("--churn-guard", dest="churn_guard_s", type=float,
+                      help="seconds a model stays safe from eviction when another node could load instead (30)")
+    node.add_argument("--advertise-host", help="address peers use to reach this node (default: --host)")
 
 
 def _models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from meshnode.cache import CachedModel, ModelCache
+from meshnode.cache import CachedModel, LoadOptions, ModelCache
 from meshnode.errors import ModelNotFound
 from meshnode.metrics import NodeMetrics
-from meshnode.registry import Registry
+from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import list_versions, model_source
-from meshnode.runtimes.base import Runtime
+from meshnode.runtimes.base import ModelSource, Runtime
 from meshpb import pb
 from router.hop import Hop
 from router.router import Router
@@ -65,10 +65,14 @@ class DataPlane:
             self.inflight -= 1
             metrics.observe_api_ms((time.perf_counter() - started) * 1000.0)
 
-    async def infer_local(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Serve here, loading the model into this node's cache if needed."""
+    async def infer_local(self, request: pb.ModelInferRequest, churn_guard: bool = False) -> pb.ModelInferResponse:
+        """Serve here, loading the model into this node's cache if needed.
+
+        With `churn_guard`, a load that would evict recently used models is refused (another node
+        may take it) rather than flushing this node's hot set.
+        """
         started = time.perf_counter()
-        entry = await self.acquire(request.model_name, request.model_version)
+        entry = await self.acquire(request.model_name, request.model_version, churn_guard)
         return await self._run(entry, request, started)
 
     async def _run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float) -> pb.ModelInferResponse:
@@ -86,25 +90,32 @@ class DataPlane:
     def has_copy(self, name: str, version: str) -> bool:
         return self._cache.has_entry(name, version)
 
-    async def acquire(self, name: str, version: str) -> CachedModel:
+    async def acquire(self, name: str, version: str, churn_guard: bool = False) -> CachedModel:
         """A loaded entry for the model (loading it here if needed); the caller releases it."""
         record = self._registry.get(name)
         if record is None or not record.enabled:
             raise ModelNotFound.unknown(name)
         source = model_source(name, Path(record.storage), version)
-        predicted = record.size_hint or self._runtime.predict_size(source)
-        return await self._cache.acquire(source, version, predicted)
+        return await self._cache.acquire(source, version, self.load_options(record, source, churn_guard))
+
+    def load_options(self, record: ModelRecord, source: ModelSource, churn_guard: bool = False) -> LoadOptions:
+        # Size: the registered hint, else what a node measured, else a prediction from the files.
+        predicted = record.size_hint or record.size_bytes or self._runtime.predict_size(source)
+        return LoadOptions(predicted_bytes=predicted, timeout_s=record.load_timeout_s, pinned=record.pinned,
+                           churn_guard=churn_guard, last_used=record.last_used)
 
     def model_ready(self, name: str, version: str) -> bool:
-        """True when a request for the model would be served now: loaded, or loadable on demand."""
+        """True when a request for the model would be served now: a copy in the mesh, or loadable."""
         if (name, version) in self._cache.ready:
             return True
         record = self._registry.get(name)
         if record is None or not record.enabled:
             return False
+        if not version and any(c["state"] == "loaded" for c in record.copies.values()):
+            return True
         versions = list_versions(Path(record.storage))
         wanted = version or (versions[-1] if versions else "")
-        return wanted in versions and not self._cache.has_failure(name, wanted)
+        return wanted in versions and not self._cache.failures.active(name, wanted)
 
     async def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
         entry = await self.acquire(name, version)
@@ -137,8 +148,8 @@ class LocalCopies:
     def has_copy(self, name: str, version: str) -> bool:
         return self._dataplane.has_copy(name, version)
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        return await self._dataplane.infer_local(request)
+    async def infer(self, request: pb.ModelInferRequest, churn_guard: bool = False) -> pb.ModelInferResponse:
+        return await self._dataplane.infer_local(request, churn_guard)
 
 
 def _tensor_metadata(spec: object) -> pb.ModelMetadataResponse.TensorMetadata:

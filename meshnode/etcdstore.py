@@ -77,6 +77,7 @@ class EtcdStore:
         # The highest revision any answer has shown. A watch that later finds etcd below it knows
         # etcd lost its data, even for changes the watch itself never delivered.
         self.highest_revision = 0
+        self.writes = 0  # write requests sent (retries included): the load this node puts on etcd
         # Updates of one key from this process queue here instead of racing each other in etcd:
         # compare-and-set retries are then only spent on other processes' writes.
         self._update_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -175,6 +176,7 @@ class EtcdStore:
     async def put(self, key: str, value: object, lease: Lease | None = None) -> int:
         k, v = self.full_key(key), encode(value)
         lease_id = lease.id if lease is not None else None
+        self.writes += 1
         done = await self.retrying(f"put {key}", lambda: self._client.put(k, v, lease=lease_id))
         return self._seen(done.header.revision)
 
@@ -184,6 +186,7 @@ class EtcdStore:
         After a connection lost mid-call the retry may find the key already gone and say None.
         """
         k = self.full_key(key)
+        self.writes += 1
         done = await self.retrying(f"delete {key}", lambda: self._client.delete(k))
         return None if done is None else self._seen(done.header.revision)
 
@@ -277,6 +280,7 @@ class EtcdStore:
         async def attempt() -> tuple[bool, list[object]]:
             nonlocal tries
             tries += 1
+            self.writes += 1
             return await self._client.transaction(compare=[compare], success=[write], failure=[tx.get(k)])  # type: ignore[no-any-return]
 
         ok, responses = await self.retrying(f"write {key}", attempt)

@@ -79,7 +79,6 @@ class InstancePublisher:
         self._task: asyncio.Task[None] | None = None
         self._published: NodeView | None = None
         self._published_at = 0.0
-        self._wake = asyncio.Event()
         self.writes = 0
 
     async def start(self) -> None:
@@ -88,22 +87,22 @@ class InstancePublisher:
         await self._publish(self._current())
         self._task = asyncio.create_task(self._run(), name="instance-publisher")
 
-    def publish_soon(self) -> None:
-        """Something urgent changed (draining): skip the wait for the next check."""
-        self._wake.set()
+    async def publish_now(self) -> None:
+        """Something urgent changed (draining): publish it before going on."""
+        try:
+            await self._publish(self._current())
+        except EtcdError as error:
+            log.warning("instance record not published: %s", error)
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._check)
-            urgent = self._wake.is_set()
-            self._wake.clear()
+            await asyncio.sleep(self._check)
             view, now = self._current(), self._now()
             last = self._published
             due = last is None or now - self._published_at >= self._max_silence
-            if not due and (now - self._published_at < self._min_interval and not urgent):
+            if not due and now - self._published_at < self._min_interval:
                 continue
-            if due or urgent or (last is not None and significant_change(last, view, now)):
+            if due or (last is not None and significant_change(last, view, now)):
                 try:
                     await self._publish(view)
                 except EtcdError as error:  # etcd down: keep serving, publish when it returns

@@ -33,6 +33,8 @@ from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView, N
 log = logging.getLogger(__name__)
 
 LAST_USED_GRANULARITY_S = 30.0  # last use is shared lazily: at most one write per model per this
+# A claim settles concurrent misses; with etcd slow or down a miss proceeds unrecorded after this.
+CLAIM_WAIT_S = 1.0
 
 
 class MeshState:
@@ -113,9 +115,9 @@ class MeshState:
             return replace(record, copies=copies)
 
         try:
-            await self._registry.update(name, claim)
-        except EtcdError as error:  # no etcd: load where placement said, unrecorded
-            log.warning("load claim for %s not recorded: %s", name, error)
+            await asyncio.wait_for(self._registry.update(name, claim), CLAIM_WAIT_S)
+        except (EtcdError, TimeoutError) as error:  # no etcd: load where placement said, unrecorded
+            log.warning("load claim for %s not recorded: %s", name, error or "etcd too slow")
             return target
         return holder
 
@@ -158,7 +160,7 @@ class MeshState:
         elif copies.get(me, {}).get("state") != mine["state"]:
             copies[me] = mine
         failures = dict(record.failures)
-        failure = self._cache.failure_record(record.name)
+        failure = self._cache.failures.newest(record.name)
         if failure is not None:
             failures[me] = failure
         elif mine is not None and mine["state"] == LOADED:

@@ -55,6 +55,7 @@ _COUNTERS = (
     ("modelmesh_unloadmodel", "unloads", "Count of model unloads"),
     ("modelmesh_unloadmodel_failure", "unload_failures", "Unload model failures"),
     ("modelmesh_evictions", "evictions", "Count of model copy evictions"),
+    ("meshserve_etcd_writes", "etcd_writes", "Write requests this node sent to etcd"),
 )
 
 _READ_TIMEOUT_S = 5.0
@@ -145,6 +146,7 @@ class NodeMetrics:
         self.unloads = 0
         self.unload_failures = 0
         self.evictions = 0
+        self.etcd_writes = 0  # mirrored from the etcd store when scraped
 
         hist = _LocalHistogram
         self._invoke = hist(

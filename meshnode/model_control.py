@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PARAM_LAZY = "meshserve.lazy"  # register without loading now
 PARAM_UNREGISTER = "meshserve.unregister"  # with unload: forget the model entirely
 PARAM_SIZE_HINT = "meshserve.size_hint"
+PARAM_COPY = "meshserve.copy"  # from a peer: load a copy of a registered model here, nothing else
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,9 @@ class ModelControl:
 
     async def load(self, name: str, params: dict[str, object]) -> None:
         check_model_name(name)
+        if params.get(PARAM_COPY) is True:
+            await self.load_copy(name)
+            return
         files = {k[len("file:"):]: v for k, v in params.items() if k.startswith("file:")}
         config = _parse_config(params.get("config"))
         size_hint = params.get(PARAM_SIZE_HINT, config.get("size_hint"))
@@ -89,7 +93,7 @@ class ModelControl:
         # Triton's load is a reload: new files or a new location replace what is loaded here.
         if replaced:
             await self._cache.unload_model(name)
-        self._cache.clear_failures(name)
+        self._cache.failures.clear(name)
         await self._registry.update(name, register)
         if params.get(PARAM_LAZY) is True:
             return
@@ -97,6 +101,14 @@ class ModelControl:
             entry = await self._dataplane.acquire(name, "")
         except MeshServeError as error:
             raise LoadFailed(f"load failed for model '{name}': {error}") from error
+        self._cache.release(entry)
+
+    async def load_copy(self, name: str) -> None:
+        """A copy here of a registered model (drain hand-off, extra copies); its record is unchanged."""
+        try:
+            entry = await self._dataplane.acquire(name, "")
+        except MeshServeError as error:
+            raise LoadFailed(f"no copy of model '{name}' on this node: {error}") from error
         self._cache.release(entry)
 
     async def unload(self, name: str, params: dict[str, object]) -> None:
@@ -114,9 +126,12 @@ class ModelControl:
         live = self._mesh.nodes()
         for record in sorted(self._registry.records(), key=lambda r: r.name):
             local = list(self._cache.entries(record.name))
-            copies = {n: c["state"] for n, c in record.copies.items() if n in live}
+            # Other nodes' copies as their records say; this node's from its own cache, which is
+            # ahead of its record (a claim that failed to load is gone here before it is there).
+            me = self._mesh.instance_id
+            copies = {n: c["state"] for n, c in record.copies.items() if n in live and n != me}
             for e in local:
-                copies[self._mesh.instance_id] = "loaded" if e.model else "loading"
+                copies[me] = "loaded" if e.model else "loading"
             if record.enabled and copies:
                 state = "READY" if "loaded" in copies.values() else "LOADING"
                 version = next((e.version for e in local), "")
@@ -131,9 +146,9 @@ class ModelControl:
     def _idle_entry(self, record: ModelRecord) -> IndexEntry:
         if not record.enabled:
             return IndexEntry(record.name, "", "UNAVAILABLE", "unloaded")
-        local_failure = self._cache.failure_message(record.name)
+        local_failure = self._cache.failures.newest(record.name)
         if local_failure is not None:
-            return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed: {local_failure}")
+            return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed: {local_failure['message']}")
         if record.failures:
             node, failure = max(record.failures.items(), key=lambda f: f[1]["at"])
             return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed on {node}: {failure['message']}")

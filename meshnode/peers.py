@@ -6,6 +6,7 @@ seconds, so concurrent requests stop choosing it before its lease has even expir
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import grpc
 
 from meshnode import transport
+from meshnode.model_control import PARAM_COPY
+from meshpb import pb
 from placement.types import NodeView
 from router.errors import NOT_HERE_PREFIX, RETRY_ELSEWHERE_CODES, PeerError
 from router.hop import Hop
@@ -22,7 +25,7 @@ SUSPECT_S = 3.0
 
 class GrpcPeers:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._stubs: dict[str, tuple[grpc.aio.Channel, transport.InferenceStub]] = {}
+        self._stubs: dict[str, tuple[str, grpc.aio.Channel, transport.InferenceStub]] = {}
         self._outstanding: dict[str, int] = {}
         self._suspect_until: dict[str, float] = {}
         self._now = clock
@@ -40,11 +43,13 @@ class GrpcPeers:
 
     def _stub(self, node: NodeView) -> transport.InferenceStub:
         found = self._stubs.get(node.instance_id)
-        if found is None:
+        if found is None or found[0] != node.endpoint:  # new, or restarted elsewhere under its id
+            if found is not None:
+                asyncio.ensure_future(found[1].close())
             channel = transport.create_channel(node.endpoint)
-            found = (channel, transport.InferenceStub(channel))
+            found = (node.endpoint, channel, transport.InferenceStub(channel))
             self._stubs[node.instance_id] = found
-        return found[1]
+        return found[2]
 
     async def infer(self, node: NodeView, request: Any, hop: Hop, budget_s: float | None) -> Any:
         peer = node.instance_id
@@ -59,13 +64,24 @@ class GrpcPeers:
         finally:
             self._outstanding[peer] -= 1
 
+    async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
+        """Ask `node` to load a copy of registered model `name`; raises PeerError."""
+        request = pb.RepositoryModelLoadRequest(
+            model_name=name, parameters={PARAM_COPY: pb.ModelRepositoryParameter(bool_param=True)})
+        try:
+            await self._stub(node).RepositoryModelLoad(request, timeout=budget_s)
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            raise PeerError(code, f"node {node.instance_id}: {error.details()}",
+                            retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
+
     async def forget(self, instance_id: str) -> None:
         """The peer left the mesh: close its channel."""
         self._suspect_until.pop(instance_id, None)
         self._outstanding.pop(instance_id, None)
         found = self._stubs.pop(instance_id, None)
         if found is not None:
-            await found[0].close()
+            await found[1].close()
 
     async def close(self) -> None:
         for peer in list(self._stubs):

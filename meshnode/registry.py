@@ -47,6 +47,9 @@ class ModelRecord:
     failures: dict[str, Failure] = field(default_factory=dict)  # instance id -> its last load failure
     last_used: float | None = None  # updated lazily, at most every few tens of seconds
     size_bytes: int | None = None  # measured by the last node that loaded it
+    pinned: bool = False  # never evicted once loaded
+    min_copies: int = 1  # the mesh keeps at least this many copies loaded
+    load_timeout_s: float | None = None  # None: each node's default
     # Fields written by newer versions, kept as read so a read-modify-write here does not drop them.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from meshnode import transport
 from meshnode.cache import ModelCache
 from meshnode.dataplane import DataPlane, LocalCopies
+from meshnode.drain import hand_off
 from meshnode.etcdstore import EtcdStore
 from meshnode.instances import InstancePublisher
 from meshnode.mesh import MeshState
@@ -30,6 +31,8 @@ from router.router import Router
 
 log = logging.getLogger("meshserve.node")
 READY_LINE = "meshserve node ready"
+# After the lease is revoked, peers' watches need a moment before the port closes under them.
+LEAVE_PAUSE_S = 0.3
 
 
 def software_version() -> str:
@@ -45,12 +48,13 @@ class Node:
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = NodeMetrics()
         self.runtime = OnnxRuntime(
-            intra_op_threads=settings.intra_op_threads, load_workers=settings.load_workers,
+            intra_op_threads=settings.intra_op_threads, load_workers=settings.load_concurrency,
             infer_workers=settings.infer_workers, inline_threshold_ms=settings.inline_threshold_ms,
         )
         self.cache = ModelCache(
             self.runtime, capacity_bytes=settings.capacity, metrics=self.metrics,
             load_timeout_s=settings.load_timeout_s, failure_backoff_s=settings.load_failure_backoff_s,
+            load_concurrency=settings.load_concurrency, churn_guard_s=settings.churn_guard_s,
         )
         self.port = 0
         self.metrics_port: int | None = None
@@ -109,10 +113,12 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     def _state(self) -> NodeState:
+        if self._store is not None:
+            self.metrics.etcd_writes = self._store.writes
         stats = self.cache.stats()
         return NodeState(
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, models_loaded=stats.models_loaded,
-            models_managed=len(self.registry.names()), models_with_failure=self.cache.failures(),
+            models_managed=len(self.registry.names()), models_with_failure=self.cache.failures.count(),
             lru_time_s=stats.lru_time_s,
         )
 
@@ -121,12 +127,17 @@ class Node:
         if (record is None or not record.enabled) and self.cache.has_entry(name, ""):
             self._spawn(self.cache.unload_model(name))
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Drain (meshnode.drain), then leave: no request fails on the way out."""
         self.dataplane.ready = False
         self._draining = True
         if hasattr(self, "publisher"):
+            await self.publisher.publish_now()  # placement elsewhere stops choosing this node
+            moved, failed = await hand_off(self.cache, self.mesh, self.peers)
+            log.info("drained: %d models handed off, %d could not be", moved, failed)
             await self.publisher.stop()  # revokes the lease: peers stop routing here at once
             await self.mesh.stop()
+            await asyncio.sleep(LEAVE_PAUSE_S)
         await self._server.stop(grace_s)
         await self.peers.close()
         if self._metrics_server is not None:

@@ -46,7 +46,10 @@ class NodeSettings(BaseSettings):
     # RepositoryModelLoad asks for it explicitly: a broken file must not cause a load storm.
     load_failure_backoff_s: float = 30.0
     load_timeout_s: float = 120.0
-    load_workers: int = 2
+    load_concurrency: int = Field(default=2, ge=1)  # loads running at once; the rest queue by priority
+    # A full node refuses to evict models used within this many seconds while another node could
+    # take the load instead, so a burst of cold models cannot flush its hot set.
+    churn_guard_s: float = 30.0
     infer_workers: int = 2
     inline_threshold_ms: float = 0.5
     intra_op_threads: int = 1

@@ -17,7 +17,8 @@ MAX_HOPS = 2
 class Mode(Enum):
     ANY = "any"  # a client request: route it anywhere
     COPY = "copy"  # sent to a node believed to hold a copy: serve it or answer NotHere
-    LOAD = "load"  # sent to the node placement chose: load the model there and serve it
+    LOAD = "load"  # sent to the node placement chose: load it there unless that flushes its hot set
+    LOAD_LAST = "load-last"  # no other node can take it: load it there even evicting recent models
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,11 @@ class LocalNode(Protocol):
         """A copy here, loaded or loading: a request would be served without a new load."""
         ...
 
-    async def infer(self, request: Any) -> Any:
-        """Serve here, loading the model if needed; raises MeshError subclasses."""
+    async def infer(self, request: Any, churn_guard: bool = False) -> Any:
+        """Serve here, loading the model if needed; raises MeshError subclasses.
+
+        With churn_guard, refuse (retry_elsewhere) a load that would evict recently used models.
+        """
         ...
 
 

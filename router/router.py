@@ -53,7 +53,7 @@ class Router:
             unavailable = tried | self._peers.suspects()
             target = choose_copy(model.copies, nodes=nodes, local_outstanding=self._peers.outstanding(),
                                  exclude=unavailable, rng=self._rng)
-            mode = Mode.COPY
+            mode, guard = Mode.COPY, False
             if target is None:
                 now = self._now()
                 reason = should_give_up(model, tried, now, self._placement)
@@ -65,12 +65,15 @@ class Router:
                 if target is None:
                     largest = max((n.capacity_bytes for n in nodes.values()), default=0)
                     raise _no_placement(name, model.size_bytes, largest, last_error)
+                # The churn guard protects a node's hot set only while another node could load instead.
+                guard = choose_load_target(nodes.values(), size_bytes=model.size_bytes, now=now, rng=self._rng,
+                                           exclude=excluded | {target}, config=self._placement) is not None
                 holder = await self._mesh.claim_load(name, target, excluded)
-                mode = Mode.LOAD if holder == target else Mode.COPY
+                mode = (Mode.LOAD if guard else Mode.LOAD_LAST) if holder == target else Mode.COPY
                 target = holder
             try:
                 if target == me:
-                    return await self._local.infer(request)
+                    return await self._local.infer(request, guard and mode is Mode.LOAD)
                 node = nodes.get(target)
                 if node is None:
                     raise NotHere(f"node {target} left the mesh")
@@ -93,7 +96,7 @@ class Router:
         name, version = request.model_name, request.model_version
         if hop.mode is Mode.COPY and not self._local.has_copy(name, version) and not self._claimed_here(name):
             raise NotHere(f"model '{name}' is not loaded on node {self._local.instance_id}")
-        return await self._local.infer(request)
+        return await self._local.infer(request, hop.mode is Mode.LOAD)
 
     def _claimed_here(self, name: str) -> bool:
         # A claim for this node can arrive in the view just after the request that it announced.

@@ -34,6 +34,7 @@ COUNTERS = {
     "modelmesh_unloadmodel": "unloads",
     "modelmesh_unloadmodel_failure": "unload_failures",
     "modelmesh_evictions": "evictions",
+    "meshserve_etcd_writes": "etcd_writes",
 }
 GAUGES = {
     "modelmesh_instance_lru_seconds",

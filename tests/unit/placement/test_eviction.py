@@ -40,3 +40,19 @@ def test_reads_only_what_it_needs() -> None:
     plan = plan_eviction(lazy(), needed_bytes=30, free_bytes=0)  # type: ignore[arg-type]
     assert plan is not None and len(plan.victims) == 3
     assert len(consumed) == 3
+
+
+def test_churn_guard_spares_recently_used_models() -> None:
+    lru = [Resident("old", 10, False, last_used=100.0), Resident("recent", 10, False, last_used=195.0)]
+    plan = plan_eviction(lru, needed_bytes=10, free_bytes=0, now=200.0, min_victim_idle_s=30.0)
+    assert plan is not None and plan.victims == ("old",)
+    assert plan_eviction(lru, needed_bytes=20, free_bytes=0, now=200.0, min_victim_idle_s=30.0) is None
+    unguarded = plan_eviction(lru, needed_bytes=20, free_bytes=0, now=200.0)
+    assert unguarded is not None and unguarded.victims == ("old", "recent")
+
+
+def test_pinned_models_are_never_victims() -> None:
+    lru = [Resident("pinned", 100, False, pinned=True), Resident("free", 10, False)]
+    plan = plan_eviction(lru, needed_bytes=10, free_bytes=0)
+    assert plan is not None and plan.victims == ("free",)
+    assert plan_eviction(lru, needed_bytes=50, free_bytes=0) is None

@@ -25,6 +25,14 @@ def test_to_metadata_is_plain_ascii_pairs() -> None:
     assert metadata == ((HOPS_KEY, "2"), (TRIED_KEY, "a,b"), (MODE_KEY, "copy"), *TRACE)
 
 
+@pytest.mark.parametrize(("wire", "mode"), [("any", Mode.ANY), ("copy", Mode.COPY), ("load", Mode.LOAD),
+                                            ("load-last", Mode.LOAD_LAST)])
+def test_mode_wire_values_are_stable(wire: str, mode: Mode) -> None:
+    # Nodes of different versions share a mesh during a rolling upgrade: the wire values must not drift.
+    assert Hop.from_metadata([(MODE_KEY, wire)]).mode is mode
+    assert (MODE_KEY, wire) in Hop(mode=mode).to_metadata()
+
+
 def test_forward_counts_the_hop_and_keeps_the_trace() -> None:
     hop = Hop(0, ("x",), Mode.ANY, TRACE)
     assert hop.forward(Mode.LOAD, ["me", "n1"]) == Hop(1, ("me", "n1"), Mode.LOAD, TRACE)

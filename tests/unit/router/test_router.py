@@ -60,13 +60,15 @@ class FakeLocal:
         self.instance_id = instance_id
         self.copies: set[tuple[str, str]] = set()
         self.calls: list[Any] = []
+        self.guards: list[bool] = []  # churn_guard of each call
         self.errors: list[MeshError] = []  # raised by the next infer calls, in order
 
     def has_copy(self, name: str, version: str) -> bool:
         return (name, version) in self.copies
 
-    async def infer(self, request: Any) -> Any:
+    async def infer(self, request: Any, churn_guard: bool = False) -> Any:
         self.calls.append(request)
+        self.guards.append(churn_guard)
         if self.errors:
             raise self.errors.pop(0)
         return ("served", self.instance_id)
@@ -192,7 +194,7 @@ async def test_copy_request_claimed_here_is_served_even_before_the_load_starts(s
     # The sender saw the claim for this node in the mesh before this node's cache started loading.
     w = World([small(ME), node("n1")], copies=[loaded("n1"), CopyView(ME, state, NOW)])
     assert await w.route(Hop(1, ("n0",), Mode.COPY)) == ("served", ME)
-    assert (len(w.local.calls), w.peers.calls, w.mesh.claims) == (1, [], [])
+    assert (w.local.guards, w.peers.calls, w.mesh.claims) == ([False], [], [])
 
 
 async def test_copy_request_with_a_local_copy_is_served() -> None:
@@ -202,12 +204,15 @@ async def test_copy_request_with_a_local_copy_is_served() -> None:
     assert w.peers.calls == []
 
 
-@pytest.mark.parametrize("hop", [Hop(1, ("n0",), Mode.LOAD), Hop(MAX_HOPS, ("n0", "n1"), Mode.ANY)],
-                         ids=["load", "any-at-max-hops"])
-async def test_load_request_or_too_many_hops_is_served_here(hop: Hop) -> None:
+@pytest.mark.parametrize(("hop", "churn_guard"), [
+    (Hop(1, ("n0",), Mode.LOAD), True),  # another node could load it: do not flush this node's hot set for it
+    (Hop(1, ("n0",), Mode.LOAD_LAST), False),  # the last node that can take it: load even if that evicts
+    (Hop(MAX_HOPS, ("n0", "n1"), Mode.ANY), False),
+], ids=["load", "load-last", "any-at-max-hops"])
+async def test_load_request_or_too_many_hops_is_served_here(hop: Hop, churn_guard: bool) -> None:
     w = World([small(ME), node("n1")], copies=[loaded("n1")])
     assert await w.route(hop) == ("served", ME)
-    assert (len(w.local.calls), w.peers.calls, w.mesh.claims) == (1, [], [])
+    assert (w.local.guards, w.peers.calls, w.mesh.claims) == ([churn_guard], [], [])
 
 
 async def test_forwarded_request_failing_here_is_not_forwarded_again() -> None:
@@ -272,7 +277,7 @@ async def test_failed_copy_moves_on_to_the_next_copy(error: MeshError) -> None:
 
 
 async def test_all_copies_failing_loads_elsewhere_excluding_them() -> None:
-    w = World([small(ME), node("n1"), node("n2"), node("n3")],
+    w = World([small(ME), node("n1"), node("n2"), node("n3"), node("n4", free=2 * GB)],
               copies=[loaded("n1", NOW - 300), loaded("n2", NOW - 200)])
     w.peers.fail(["n1", "n2"])
     assert await w.route() == ("served", "n3")
@@ -283,12 +288,23 @@ async def test_all_copies_failing_loads_elsewhere_excluding_them() -> None:
     assert w.copy_states()["n3"] == LOADING
 
 
-async def test_no_copy_loads_where_placement_chose_and_records_the_claim() -> None:
-    w = World([small(ME), node("n1"), small("n2")])
+@pytest.mark.parametrize(("other", "mode"), [(node("n2", free=2 * GB), Mode.LOAD), (small("n2"), Mode.LOAD_LAST)],
+                         ids=["another-node-could-load", "only-candidate"])
+async def test_no_copy_loads_where_placement_chose_and_records_the_claim(other: NodeView, mode: Mode) -> None:
+    w = World([small(ME), node("n1"), other])  # n1 has the most room
     assert await w.route() == ("served", "n1")
     assert w.mesh.claims == [(MODEL, "n1", frozenset())]
-    assert w.peers.calls[0].hop == Hop(1, (ME,), Mode.LOAD, TRACE)
+    assert w.peers.calls[0].hop == Hop(1, (ME,), mode, TRACE)
     assert w.copy_states() == {"n1": LOADING}
+
+
+async def test_guarded_load_refused_moves_on_and_the_last_candidate_loads_unguarded() -> None:
+    w = World([small(ME), node("n1"), node("n2", free=2 * GB)])
+    w.peers.script["n1"] = [PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED, "node n1: would evict hot models",
+                                      retry_elsewhere=True)]
+    assert await w.route() == ("served", "n2")
+    assert [(c.node, c.hop.mode) for c in w.peers.calls] == [("n1", Mode.LOAD), ("n2", Mode.LOAD_LAST)]
+    assert [t for _, t, _ in w.mesh.claims] == ["n1", "n2"]
 
 
 async def test_claim_race_lost_goes_to_the_first_claimer_as_copy() -> None:
@@ -301,10 +317,10 @@ async def test_claim_race_lost_goes_to_the_first_claimer_as_copy() -> None:
 
 
 async def test_claim_race_lost_to_this_node_is_served_here() -> None:
-    w = World([small(ME), node("n1")])
+    w = World([small(ME), node("n1"), node("n2", free=2 * GB)])
     w.mesh.claimed_first = ME
     assert await w.route() == ("served", ME)
-    assert (len(w.local.calls), w.peers.calls) == (1, [])
+    assert (w.local.guards, w.peers.calls) == ([False], [])  # the claimer loads it; this is a copy request
 
 
 async def test_placement_on_this_node_serves_here_and_a_load_failure_moves_on() -> None:
@@ -312,10 +328,17 @@ async def test_placement_on_this_node_serves_here_and_a_load_failure_moves_on() 
     w = World([node(ME), node("n1", free=2 * GB)])
     w.local.errors = [LoadFailed(f"node {ME}: runtime crashed loading '{MODEL}'")]
     assert await w.route() == ("served", "n1")
-    assert len(w.local.calls) == 1
+    assert w.local.guards == [True]  # n1 could load it instead
     assert [t for _, t, _ in w.mesh.claims] == [ME, "n1"]
     assert ME in w.mesh.claims[1][2]
-    assert [(c.node, c.hop.mode, c.hop.tried) for c in w.peers.calls] == [("n1", Mode.LOAD, (ME,))]
+    assert [(c.node, c.hop.mode, c.hop.tried) for c in w.peers.calls] == [("n1", Mode.LOAD_LAST, (ME,))]
+
+
+async def test_placement_on_this_node_as_the_only_candidate_loads_unguarded() -> None:
+    w = World([node(ME), small("n1")])
+    assert await w.route() == ("served", ME)
+    assert (w.local.guards, w.peers.calls) == ([False], [])
+    assert w.copy_states() == {ME: LOADING}
 
 
 @pytest.mark.parametrize("where", ["peer", "here"])
@@ -394,13 +417,18 @@ async def test_every_candidate_failed_gives_up_with_the_last_error_not_no_placem
         await w.route()
 
 
-async def test_no_node_with_room_is_no_placement_naming_model_and_size() -> None:
-    size = 100 * GB
-    w = World([node(ME), node("n1"), node("n2")], size=size)
+@pytest.mark.parametrize(("size", "nodes", "why"), [
+    (100 * GB, [node(ME), node("n1"), node("n2")], f"largest: {10 * GB} bytes"),
+    (GB, [small(ME), node("n1", shutting_down=True), node("n2", shutting_down=True)], "shutting down"),
+], ids=["bigger-than-any-node", "no-room-now"])
+async def test_no_node_able_to_take_the_model_is_no_placement_naming_model_and_size(
+        size: int, nodes: list[NodeView], why: str) -> None:
+    w = World(nodes, size=size)
     with pytest.raises(NoPlacement) as caught:
         await w.route()
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert MODEL in str(caught.value) and str(size) in str(caught.value)
+    message = str(caught.value)
+    assert f"'{MODEL}'" in message and f"{size} bytes" in message and why in message
     assert (w.peers.calls, w.mesh.claims, w.local.calls) == ([], [], [])
 
 
@@ -431,7 +459,7 @@ async def test_copy_on_a_node_gone_from_the_mesh_is_never_chosen() -> None:
 async def test_only_copy_on_a_gone_node_loads_elsewhere() -> None:
     w = World([small(ME), node("n1")], copies=[loaded("gone")])
     assert await w.route() == ("served", "n1")
-    assert [(c.node, c.hop.mode) for c in w.peers.calls] == [("n1", Mode.LOAD)]
+    assert [(c.node, c.hop.mode) for c in w.peers.calls] == [("n1", Mode.LOAD_LAST)]
 
 
 async def test_claim_returning_a_gone_node_is_not_forwarded_to() -> None:

@@ -1,0 +1,301 @@
+"""One forwarded mesh hop against one bare gRPC hop in the same run, and etcd writes under full load.
+
+A 2-node LocalMesh on a 1 MB MLP: one request to node-0, and the node placement loads it on is the owner,
+the other the forwarder; bench.proxy goes in front of the owner. Interleaved rounds (bench.loadgen in its own
+process) through A: direct to the owner, B: the forwarder (one mesh hop), C: the proxy (one bare hop) give
+(B - A) / (C - A) at c=1 p50, goal <= 1.10x. Then c=16 through both nodes at once with each node's
+meshserve_etcd_writes_total read around it. All it starts is stopped on exit, error, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import numpy as np
+import tritonclient.grpc as triton
+
+from bench.procs import LoadGenProcess, cpu_seconds
+from bench.proxy import ProxyProcess
+from bench.report import _cell, _spread
+from meshnode.examples import write_mlp
+from meshnode.local_mesh import LocalMesh
+
+MODEL = "mlp"
+IN_FEATURES = 16  # INPUT0 FP32 [-1, 16] -> OUTPUT0 FP32 [-1, 4], about 1 MB of weights
+PATHS = {"A": "direct to owner", "B": "via forwarder (mesh hop)", "C": "via bare proxy (bare hop)"}
+SLACK_S = 60.0  # on top of a phase's own bound before the load generator counts as stuck
+Json = dict[str, Any]
+T = TypeVar("T")
+_log = functools.partial(print, "[mesh_hop]", file=sys.stderr, flush=True)  # progress; stdout is the result
+
+
+class Signals:
+    """SIGTERM and Ctrl-C unwind like exceptions, except while a child is started and registered
+    for stopping: a signal landing between the two would leave that child running, so it waits."""
+
+    def __init__(self) -> None:
+        self._deferring, self._pending = False, 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._pending = signum
+        if not self._deferring:
+            self._raise()
+
+    def _raise(self) -> NoReturn:
+        if self._pending == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + self._pending)
+
+    def start(self, stack: contextlib.ExitStack, start: Callable[[], T], stop: Callable[[T], object]) -> T:
+        self._deferring = True
+        try:
+            child = start()
+            stack.callback(stop, child)
+        finally:
+            self._deferring = False
+        if self._pending:
+            self._raise()
+        return child
+
+
+def scrape(port: int | None) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r"^([a-zA-Z_:][\w:]*) (\S+)$", text, re.MULTILINE)}
+
+
+def copies(mesh: LocalMesh) -> list[float]:
+    return [scrape(n.metrics_port)["modelmesh_instance_models_total"] for n in mesh.nodes]
+
+
+def single_copy(mesh: LocalMesh, timeout_s: float = 20.0) -> int:
+    """Index of the one node holding the model, once its metrics and the mesh's record agree."""
+    deadline, held, reason = time.monotonic() + timeout_s, [], ""
+    while time.monotonic() < deadline:
+        held = copies(mesh)
+        with triton.InferenceServerClient(mesh.nodes[0].target) as client:
+            reason = next((m.reason for m in client.get_model_repository_index().models if m.name == MODEL), "")
+        if sorted(held) == [0.0, 1.0] and reason == f"copies: {mesh.nodes[held.index(1.0)].instance_id} (loaded)":
+            return held.index(1.0)
+        time.sleep(0.1)
+    raise RuntimeError(f"expected one copy of {MODEL}: models per node {held}, index says {reason!r}")
+
+
+def place(mesh: LocalMesh) -> int:
+    """One plain infer to node-0 (no metadata call: that would load a copy on whichever node gets it)."""
+    tensor = triton.InferInput("INPUT0", [1, IN_FEATURES], "FP32")
+    with triton.InferenceServerClient(mesh.nodes[0].target) as client:
+        client.infer(MODEL, [tensor.set_data_from_numpy(np.ones((1, IN_FEATURES), np.float32))])
+    return single_copy(mesh)
+
+
+def repin(mesh: LocalMesh, owner: int) -> None:
+    """Leave the only copy on the owner again: the load generator's warm-up asks for model metadata, and a
+    node without a copy loads one to answer it. Unload drops every copy; a load through the owner loads it there."""
+    with triton.InferenceServerClient(mesh.nodes[owner].target) as client:
+        client.unload_model(MODEL)
+        deadline = time.monotonic() + 20
+        while any(copies(mesh)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client.load_model(MODEL)
+    if (holder := single_copy(mesh)) != owner:
+        raise RuntimeError(f"the model went to {mesh.nodes[holder].instance_id} instead of the owner")
+
+
+def measure(loadgen: LoadGenProcess, pids: list[int], target: str, phase: str, args: argparse.Namespace) -> Json:
+    """One phase on one path, with the CPU per request of the path's server processes; the hop's is last."""
+    cpu0 = [cpu_seconds(p) for p in pids]
+    bound = args.requests * 0.1 if phase == "latency" else args.seconds
+    answer = loadgen.run(bound + SLACK_S, op=phase, target=target, model=MODEL, requests=args.requests,
+                         concurrency=args.concurrency, seconds=args.seconds)
+    used = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
+    answer["server_cpu_us_per_req"] = sum(used) * 1e6 / answer["requests"]
+    answer["hop_cpu_us_per_req"] = used[-1] * 1e6 / answer["requests"] if len(pids) > 1 else None
+    return answer
+
+
+def run_rounds(loadgen: LoadGenProcess, mesh: LocalMesh, paths: dict[str, tuple[list[int], str]],
+               forwarder: int, args: argparse.Namespace) -> list[Json]:
+    rounds, names = [], list(PATHS)
+    for i in range(args.rounds):
+        order = names[i % 3:] + names[:i % 3]  # each path goes first, second and third in turn
+        result: Json = {"order": order}
+        for path in order:
+            pids, target = paths[path]
+            result[path] = {phase: measure(loadgen, pids, target, phase, args) for phase in ("latency", "throughput")}
+            if path == "B" and copies(mesh)[forwarder]:
+                raise RuntimeError("the forwarder loaded a copy: B would no longer be a hop")
+            lat, thr = result[path]["latency"], result[path]["throughput"]
+            _log(f"round {i + 1}/{args.rounds} {path}: c=1 p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms; "
+                 f"c={args.concurrency} {thr['rps']:.0f} req/s, {thr['server_cpu_us_per_req']:.0f} us/req")
+        rounds.append(result)
+    return rounds
+
+
+FIELDS = (  # key, label, phase, field
+    ("p50_ms", "c=1 p50 latency, ms", "latency", "p50_ms"),
+    ("p99_ms", "c=1 p99 latency, ms", "latency", "p99_ms"),
+    ("rps", "c=16 throughput, req/s", "throughput", "rps"),
+    ("c16_p50_ms", "c=16 p50 latency, ms", "throughput", "p50_ms"),
+    ("server_cpu_us", "c=16 CPU of the path's servers, us/req", "throughput", "server_cpu_us_per_req"),
+    ("hop_cpu_us", "c=16 CPU of the hop process, us/req", "throughput", "hop_cpu_us_per_req"),
+)
+
+
+def summarize(rounds: list[Json]) -> Json:
+    summary: Json = {key: {p: _spread([r[p][phase][field] for r in rounds]) for p in PATHS
+                           if rounds[0][p][phase][field] is not None} for key, _, phase, field in FIELDS}
+    p50 = [{p: r[p]["latency"]["p50_ms"] for p in PATHS} for r in rounds]
+    summary["added_p50_ms"] = {p: _spread([r[p] - r["A"] for r in p50]) for p in ("B", "C")}
+    # Paired within a round, as both hops then saw the same machine. A round where the bare hop
+    # measured free (C <= A: noise) has no ratio; inf if every round did.
+    ratio = _spread([(r["B"] - r["A"]) / (r["C"] - r["A"]) for r in p50 if r["C"] > r["A"]] or [float("inf")])
+    summary["hop_ratio"] = {**ratio, "goal": "<= 1.10x", "pass": ratio["median"] <= 1.10}
+    summary["b_over_c"] = {k: summary[k]["B"]["median"] / summary[k]["C"]["median"] for k in ("p50_ms", "rps")}
+    return summary
+
+
+def full_load(mesh: LocalMesh, drivers: list[tuple[LoadGenProcess, str]], seconds: float, concurrency: int) -> Json:
+    """Drive every node at once (or none: an idle baseline) and count each node's etcd writes meanwhile."""
+    before, started, answers = [scrape(n.metrics_port) for n in mesh.nodes], time.monotonic(), [None] * len(drivers)
+
+    def drive(i: int, loadgen: LoadGenProcess, target: str) -> None:
+        try:
+            answers[i] = loadgen.run(seconds + SLACK_S, op="throughput", target=target, model=MODEL,
+                                     concurrency=concurrency // len(drivers), seconds=seconds)
+        except BaseException as error:  # re-raised in the main thread, which owns the cleanup
+            answers[i] = error
+
+    threads = [threading.Thread(target=drive, args=(i, *d), daemon=True) for i, d in enumerate(drivers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()  # interruptible: Ctrl-C still reaches the main thread
+    time.sleep(0 if drivers else seconds)
+    elapsed, after = time.monotonic() - started, [scrape(n.metrics_port) for n in mesh.nodes]
+    if failed := [a for a in answers if isinstance(a, BaseException)]:
+        raise failed[0]
+    rates = {"etcd_writes_per_s": "meshserve_etcd_writes_total", "api_requests_per_s": "modelmesh_api_request_total"}
+    nodes = {n.instance_id: {k: (a[m] - b[m]) / elapsed for k, m in rates.items()}
+             for n, b, a in zip(mesh.nodes, before, after, strict=True)}
+    return {"seconds": elapsed, "concurrency": concurrency if drivers else 0,
+            "client_rps": sum(a["rps"] for a in answers if a), "nodes": nodes}
+
+
+def run(args: argparse.Namespace, signals: Signals) -> Json:
+    config: Json = {k: getattr(args, k) for k in ("rounds", "requests", "seconds", "concurrency", "warmup")}
+    config["loadavg_1m_before"] = os.getloadavg()[0]  # other work on the machine is the main noise
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshserve-mesh-hop-")))
+        model_file = write_mlp(work / "models", MODEL, in_features=IN_FEATURES) / "1" / "model.onnx"
+        config["model_mb"] = model_file.stat().st_size / 1e6
+        (work / "logs").mkdir()  # LocalMesh.start expects it to exist
+        mesh = signals.start(stack, lambda: LocalMesh.start(nodes=2, model_repository=work / "models",
+                                                            capacity="1GiB", log_dir=work / "logs"), LocalMesh.stop)
+        try:
+            owner = place(mesh)
+            own, fwd = mesh.nodes[owner], mesh.nodes[forwarder := 1 - owner]
+            config |= {"owner": own.instance_id, "forwarder": fwd.instance_id}
+            _log(f"placement put {MODEL} on {own.instance_id} (owner); {fwd.instance_id} forwards")
+            proxy = signals.start(stack, lambda: ProxyProcess(own.target), ProxyProcess.stop)
+            loadgen = signals.start(stack, LoadGenProcess, LoadGenProcess.stop)
+            second = signals.start(stack, LoadGenProcess, LoadGenProcess.stop)  # full load drives two nodes
+            opid = own.process.pid
+            paths = {"A": ([opid], own.target), "B": ([opid, fwd.process.pid], fwd.target),
+                     "C": ([opid, proxy.pid], proxy.target)}
+            warm = {p: loadgen.run(SLACK_S * 2, op="warmup", target=t, model=MODEL, requests=args.warmup)
+                    for p, (_, t) in paths.items()}
+            second.run(SLACK_S * 2, op="warmup", target=own.target, model=MODEL, requests=args.warmup)
+            outputs = [np.asarray(warm[p]["outputs"]["OUTPUT0"]) for p in PATHS]
+            if not all(np.allclose(outputs[0], o, rtol=1e-5, atol=1e-6) for o in outputs[1:]):
+                raise RuntimeError(f"the three paths disagree on the same input: {outputs}")
+            repin(mesh, owner)
+            # The forwarder's first forwards open its channel to the owner: not part of any round.
+            loadgen.run(SLACK_S * 2, op="latency", target=fwd.target, model=MODEL, requests=args.warmup)
+            rounds = run_rounds(loadgen, mesh, paths, forwarder, args)
+            idle = full_load(mesh, [], args.idle_seconds, 0) if args.idle_seconds > 0 else None
+            _log(f"full load: c={args.full_concurrency} through both nodes for {args.full_seconds:g} s")
+            loaded = full_load(mesh, [(loadgen, fwd.target), (second, own.target)], args.full_seconds,
+                               args.full_concurrency)
+            if copies(mesh)[forwarder]:
+                raise RuntimeError("the forwarder loaded a copy during the full-load phase")
+        except Exception:
+            for log in sorted((work / "logs").glob("*.log")):
+                _log(f"{log.name} tail:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+            raise
+    config["loadavg_1m_after"] = os.getloadavg()[0]
+    etcd = {"full_load": loaded, "idle": idle}
+    return {"config": config, "summary": summarize(rounds), "rounds": rounds, "etcd": etcd}
+
+
+def format_report(result: Json) -> str:
+    c, s = result["config"], result["summary"]
+    rows = [("metric", *(f"{p}: {label}" for p, label in PATHS.items()))]
+    rows += [(label, *(_cell(s[key][p]) if p in s[key] else "-" for p in PATHS)) for key, label, _, _ in FIELDS]
+    rows.append(("c=1 p50 added over A, ms", "-", _cell(s["added_p50_ms"]["B"]), _cell(s["added_p50_ms"]["C"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    ratio, bc = s["hop_ratio"], s["b_over_c"]
+    lines = [f"one mesh hop vs one bare gRPC hop: {c['model_mb']:.2f} MB MLP on {c['owner']} (owner), {c['forwarder']} "
+             f"forwards; {c['rounds']} interleaved rounds, c=1 {c['requests']} requests, c={c['concurrency']} "
+             f"{c['seconds']:g} s; medians (min-max over rounds); 1-min load average {c['loadavg_1m_before']:.1f} "
+             f"before, {c['loadavg_1m_after']:.1f} after", ""]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += ["", f"hop ratio (B - A) / (C - A), c=1 p50, paired per round: {_cell(ratio)}x  goal {ratio['goal']}  "
+              f"{'PASS' if ratio['pass'] else 'MISS'}",
+              f"B/C: c=1 p50 {bc['p50_ms']:.2f}x, c=16 throughput {bc['rps']:.2f}x", ""]
+    for name, phase in (("full load", result["etcd"]["full_load"]), ("idle", result["etcd"]["idle"])):
+        if phase:
+            nodes = "; ".join(f"{n} {v['etcd_writes_per_s']:.2f} writes/s at {v['api_requests_per_s']:.0f} API req/s"
+                              for n, v in phase["nodes"].items())
+            lines.append(f"etcd writes, {name} (c={phase['concurrency']}, {phase['seconds']:.1f} s, "
+                         f"{phase['client_rps']:.0f} client req/s): {nodes}  goal ~1/s/node or less")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.mesh_hop", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--rounds", type=int, default=6, help="interleaved rounds; a multiple of 3 rotates the order fairly")
+    add("--seconds", type=float, default=3.0, help="c=16 duration per round and path (default 3)")
+    add("--requests", type=int, default=1000, help="c=1 requests per round and path (default 1000)")
+    add("--concurrency", type=int, default=16, help="callers in the throughput phase")
+    add("--warmup", type=int, default=300, help="requests per path before measuring")
+    add("--full-seconds", type=float, default=10.0, help="full-load phase duration (default 10)")
+    add("--full-concurrency", type=int, default=16, help="callers in total, split over both nodes")
+    add("--idle-seconds", type=float, default=5.0, help="idle etcd-write baseline first; 0 skips it")
+    add("--quick", action="store_true", help="tiny counts for a smoke test (noise)")
+    add("--json", action="store_true", help="print JSON instead of the table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.requests, args.warmup = 1, 1.0, 100, 20
+        args.full_seconds, args.idle_seconds = 2.0, 0.0
+    try:
+        result = run(args, Signals())
+    except KeyboardInterrupt:
+        _log("interrupted; everything it started is stopped")
+        return 130
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
