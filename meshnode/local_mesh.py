@@ -7,16 +7,18 @@ import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from meshnode.etcd_process import EtcdProcess
 from meshnode.node_process import NodeProcess
 
 
 class LocalMesh:
-    def __init__(self, etcd: EtcdProcess, nodes: list[NodeProcess], log_dir: Path) -> None:
+    def __init__(self, etcd: EtcdProcess, nodes: list[NodeProcess], log_dir: Path, start_args: dict[str, Any]) -> None:
         self.etcd = etcd
         self.nodes = nodes
         self.log_dir = log_dir
+        self._start_args = start_args
 
     @classmethod
     def start(
@@ -27,21 +29,32 @@ class LocalMesh:
         """Ports count up from first_port (0: any free ones); each node is named node-<i>."""
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="meshserve-local-"))
         etcd = EtcdProcess.start()
+        common = {"etcd": etcd.endpoint, "model_repository": model_repository, "capacity": capacity,
+                  "etcd_prefix": etcd_prefix, "extra_args": extra_args}
         started: list[NodeProcess] = []
         try:
             for i in range(nodes):
                 started.append(NodeProcess.start(
-                    etcd=etcd.endpoint, model_repository=model_repository, capacity=capacity,
-                    etcd_prefix=etcd_prefix, port=first_port + i if first_port else 0,
+                    **common, port=first_port + i if first_port else 0,
                     metrics_port=(first_metrics_port + i if first_metrics_port else first_metrics_port),
-                    instance_id=f"node-{i}", log_file=log_dir / f"node-{i}.log", extra_args=extra_args,
+                    instance_id=f"node-{i}", log_file=log_dir / f"node-{i}.log",
                 ))
         except BaseException:
             for node in started:
                 node.stop()
             etcd.stop()
             raise
-        return cls(etcd, started, log_dir)
+        return cls(etcd, started, log_dir, common)
+
+    def restart(self, i: int) -> NodeProcess:
+        """Stop node i gracefully (it drains) and start it again with the same id and ports."""
+        old = self.nodes[i]
+        old.stop(timeout_s=90.0)
+        self.nodes[i] = NodeProcess.start(
+            **self._start_args, port=old.port, metrics_port=old.metrics_port, instance_id=old.instance_id,
+            log_file=self.log_dir / f"{old.instance_id}.log",
+        )
+        return self.nodes[i]
 
     def targets(self) -> list[str]:
         return [node.target for node in self.nodes]

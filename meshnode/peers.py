@@ -28,6 +28,8 @@ class GrpcPeers:
         self._stubs: dict[str, tuple[str, grpc.aio.Channel, transport.InferenceStub]] = {}
         self._outstanding: dict[str, int] = {}
         self._suspect_until: dict[str, float] = {}
+        self._gone: set[str] = set()  # left the mesh; channel closes when its last call ends
+        self._closing: set[asyncio.Future[None]] = set()
         self._now = clock
 
     def outstanding(self) -> Mapping[str, int]:
@@ -42,10 +44,13 @@ class GrpcPeers:
         return frozenset(self._suspect_until)
 
     def _stub(self, node: NodeView) -> transport.InferenceStub:
+        self._gone.discard(node.instance_id)  # back in the mesh (a restart under the same id)
         found = self._stubs.get(node.instance_id)
         if found is None or found[0] != node.endpoint:  # new, or restarted elsewhere under its id
             if found is not None:
-                asyncio.ensure_future(found[1].close())
+                closing = asyncio.ensure_future(found[1].close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             channel = transport.create_channel(node.endpoint)
             found = (node.endpoint, channel, transport.InferenceStub(channel))
             self._stubs[node.instance_id] = found
@@ -56,13 +61,27 @@ class GrpcPeers:
         self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
         try:
             return await self._stub(node).ModelInfer(request, timeout=budget_s, metadata=hop.to_metadata())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our own caller went away: let the cancellation through
+            # The call was cancelled under us (its channel closed as the peer left): another node may
+            # serve it. Left as CancelledError, grpc.aio would drop our own client's call unanswered.
+            raise PeerError(grpc.StatusCode.UNAVAILABLE, f"node {peer} left while serving the request",
+                            retry_elsewhere=True) from None
         except grpc.aio.AioRpcError as error:
             code, details = error.code(), error.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE and not details.startswith(NOT_HERE_PREFIX):
                 self._suspect_until[peer] = self._now() + SUSPECT_S
             raise PeerError(code, f"node {peer}: {details}", retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
         finally:
-            self._outstanding[peer] -= 1
+            # The peer may have been forgotten (its lease ended) while this request was out.
+            left = self._outstanding.get(peer, 0) - 1
+            if left > 0:
+                self._outstanding[peer] = left
+            else:
+                self._outstanding.pop(peer, None)
+                self._close_if_gone(peer)
 
     async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
         """Ask `node` to load a copy of registered model `name`; raises PeerError."""
@@ -76,13 +95,24 @@ class GrpcPeers:
                             retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
 
     async def forget(self, instance_id: str) -> None:
-        """The peer left the mesh: close its channel."""
+        """The peer left the mesh: close its channel once the calls still out on it have ended."""
         self._suspect_until.pop(instance_id, None)
-        self._outstanding.pop(instance_id, None)
+        self._gone.add(instance_id)
+        self._close_if_gone(instance_id)
+
+    def _close_if_gone(self, instance_id: str) -> None:
+        if instance_id not in self._gone or self._outstanding.get(instance_id):
+            return
+        self._gone.discard(instance_id)
         found = self._stubs.pop(instance_id, None)
         if found is not None:
-            await found[1].close()
+            closing = asyncio.ensure_future(found[1].close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        for peer in list(self._stubs):
-            await self.forget(peer)
+        for _, channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -121,3 +121,77 @@ async def test_etcd_restart_loses_no_request_for_loaded_models_and_no_registrati
     async with aioclient.InferenceServerClient(mesh.targets()[1]) as client:
         names = {m.name for m in (await client.get_model_repository_index()).models}
     assert names >= set(MODELS)
+
+
+def _balancer_connection(target: str) -> aioclient.InferenceServerClient:
+    # A connection of its own: grpc-core otherwise shares subchannels between channels to one address,
+    # and a fresh connection to a restarted node could inherit one to its previous process.
+    return aioclient.InferenceServerClient(target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+
+
+async def _ready_client(target: str) -> aioclient.InferenceServerClient:
+    """A connection that passed a readiness probe, as a balancer requires before routing to a backend."""
+    for _ in range(10):
+        client = _balancer_connection(target)
+        try:
+            if await client.is_server_ready(client_timeout=2):
+                return client
+        except Exception:
+            pass
+        await client.close()
+    raise AssertionError(f"{target} never became ready")
+
+
+async def test_a_rolling_restart_of_every_node_loses_no_request(mesh: LocalMesh) -> None:
+    """Clients reach the nodes that are up, as a load balancer would; every node restarts in turn."""
+    x = np.ones((1, 16), np.float32)
+    for target in mesh.targets():
+        async with aioclient.InferenceServerClient(target) as client:
+            for name in MODELS:
+                await client.infer(name, x_input(x))
+    began = time.monotonic()
+    errors: list[str] = []
+    answered = [0]
+    stop = asyncio.Event()
+    # The balancer's connections: a node leaving rotation has its connection closed once its calls end,
+    # and a node rejoining gets a fresh one, as a real balancer does.
+    pool: dict[int, aioclient.InferenceServerClient] = {
+        i: _balancer_connection(t) for i, t in enumerate(mesh.targets())}
+
+    in_flight = dict.fromkeys(pool, 0)
+
+    async def worker(w: int) -> None:
+        n = w
+        while not stop.is_set():
+            up = sorted(pool)
+            node = up[n % len(up)]
+            client, name = pool[node], MODELS[n % len(MODELS)]
+            n += 1
+            in_flight[node] += 1
+            try:
+                await client.infer(name, x_input(x), client_timeout=20, request_id=f"w{w}-{n}")
+                answered[0] += 1
+            except Exception as error:
+                errors.append(f"node-{node} {name} w{w}-{n} at {time.monotonic() - began:.1f}s: {error}")
+            finally:
+                in_flight[node] -= 1
+
+    workers = [asyncio.ensure_future(worker(w)) for w in range(6)]
+    try:
+        for i in range(len(mesh.nodes)):
+            leaving = pool.pop(i)  # out of rotation before the node is told to stop
+            for _ in range(200):  # connection draining: its calls finish before it closes
+                if in_flight[i] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            await leaving.close()
+            await asyncio.to_thread(mesh.restart, i)
+            pool[i] = await _ready_client(mesh.nodes[i].target)
+            await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        for client in pool.values():
+            await client.close()
+    assert errors == []
+    assert answered[0] > 100
