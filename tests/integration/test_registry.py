@@ -58,10 +58,10 @@ def absent(r: ModelRecord | None) -> bool:
 
 
 def test_record_json_keeps_unknown_fields() -> None:
-    raw = json.dumps({"name": "m", "storage": "/x", "enabled": False, "pinned": True, "min_copies": 2}).encode()
+    raw = json.dumps({"name": "m", "storage": "/x", "enabled": False, "owner": "team-a", "labels": {"tier": "gold"}}).encode()
     r = ModelRecord.from_json(raw)
     assert (r.name, r.storage, r.enabled, r.size_hint, r.copies, r.failures) == ("m", "/x", False, None, {}, {})
-    assert r.extra == {"pinned": True, "min_copies": 2}
+    assert r.extra == {"owner": "team-a", "labels": {"tier": "gold"}}
     assert ModelRecord.from_json(r.to_json()) == r
     with pytest.raises(ValueError):
         ModelRecord.from_json(b'{"storage": "/x"}')
@@ -126,10 +126,10 @@ async def test_concurrent_updates_from_two_nodes_lose_nothing(pair: tuple[Regist
 
 async def test_put_keeps_fields_of_newer_versions(pair: tuple[Registry, Registry]) -> None:
     a, _ = pair
-    await a.put(record("m", extra={"pinned": True}))
-    await a.put(record("m", size_hint=5))  # a replace by a node that does not know "pinned"
+    await a.put(record("m", extra={"owner": "team-a"}))
+    await a.put(record("m", size_hint=5))  # a replace by a node that does not know "owner"
     remote = await a.get_remote("m")
-    assert remote is not None and remote.size_hint == 5 and remote.extra == {"pinned": True}
+    assert remote is not None and remote.size_hint == 5 and remote.extra == {"owner": "team-a"}
 
 
 async def test_older_watch_event_does_not_undo_a_newer_write(pair: tuple[Registry, Registry]) -> None:
