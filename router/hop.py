@@ -35,7 +35,8 @@ class Hop:
         propagated: list[tuple[str, str]] = []
         for key, value in metadata or ():
             text = value.decode(errors="replace") if isinstance(value, bytes) else value
-            if key == HOPS_KEY and text.isdigit():
+            # isascii: str.isdigit() also accepts digits such as '²' that int() rejects.
+            if key == HOPS_KEY and text.isascii() and text.isdigit() and len(text) <= 3:
                 hops = int(text)
             elif key == TRIED_KEY:
                 tried = tuple(t for t in text.split(",") if t)

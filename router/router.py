@@ -46,6 +46,8 @@ class Router:
         tried: set[str] = set(hop.tried)
         last_error: MeshError | None = None
         for _ in range(self._max_attempts):
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # checked before a claim too: no load is claimed for a request that cannot wait for it
             model = self._mesh.model(name)
             if model is None:
                 return await self._local.infer(request)  # unknown here too: the node says NOT_FOUND
@@ -56,7 +58,7 @@ class Router:
             mode, guard = Mode.COPY, False
             if target is None:
                 now = self._now()
-                reason = should_give_up(model, tried, now, self._placement)
+                reason = should_give_up(model, sorted(tried), now, self._placement)
                 if reason is not None:
                     raise GaveUp(reason if last_error is None else f"{reason}; last error: {last_error}")
                 excluded = frozenset(unavailable | load_exclusions(model, now, self._placement))

@@ -72,8 +72,6 @@ def test_garbage_metadata_is_tolerated(metadata: list[tuple[str, str | bytes]], 
     assert Hop.from_metadata(metadata) == expected
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG in router/hop.py: str.isdigit() accepts '²' and >4300-digit strings, int() rejects them")
 @pytest.mark.parametrize("hops", ["²", "1" * 5000], ids=["superscript", "too-many-digits"])
 def test_digit_like_hops_are_tolerated(hops: str) -> None:
-    assert Hop.from_metadata([(HOPS_KEY, hops)]).hops >= 0
+    assert Hop.from_metadata([(HOPS_KEY, hops)]).hops == 0
