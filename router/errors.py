@@ -53,6 +53,12 @@ class GaveUp(MeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class OutOfTime(MeshError):
+    """The request's deadline passed while the mesh was still trying."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 # Statuses from a peer that say "this node, not this request": another node may well succeed.
 RETRY_ELSEWHERE_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE,

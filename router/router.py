@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from placement.policy import PlacementConfig, choose_copy, choose_load_target, load_exclusions, should_give_up
-from router.errors import GaveUp, MeshError, NoPlacement, NotHere
+from router.errors import GaveUp, MeshError, NoPlacement, NotHere, OutOfTime
 from router.hop import MAX_HOPS, Hop, Mode
 from router.ports import LocalNode, MeshView, Peers
 
@@ -90,7 +90,8 @@ class Router:
                 last_error = error
         detail = f"; last error: {last_error}" if last_error else ""
         if deadline is not None and time.monotonic() >= deadline:
-            detail = f"; its {budget_s}s deadline passed{detail}"
+            raise OutOfTime(f"model '{name}' could not be served within its {budget_s}s deadline by nodes "
+                            f"{sorted(tried) or '(none)'}{detail}")
         raise GaveUp(f"model '{name}' could not be served by nodes {sorted(tried) or '(none)'}{detail}")
 
     async def _serve_as_chosen(self, request: Any, hop: Hop) -> Any:

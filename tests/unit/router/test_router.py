@@ -13,7 +13,7 @@ import pytest
 
 from placement.policy import PlacementConfig
 from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView, NodeView
-from router.errors import GaveUp, MeshError, NoPlacement, NotHere, PeerError
+from router.errors import GaveUp, MeshError, NoPlacement, NotHere, OutOfTime, PeerError
 from router.hop import MAX_HOPS, Hop, Mode
 from router.router import Router
 
@@ -479,7 +479,7 @@ async def test_no_attempt_after_the_budget_is_spent() -> None:
               max_attempts=10, placement=PlacementConfig(max_tried=50))
     w.peers.fail([f"n{i}" for i in range(10)], "slow and broken")
     w.peers.delay_s = 0.06
-    with pytest.raises(GaveUp) as caught:
+    with pytest.raises(OutOfTime) as caught:
         await w.route(budget_s=0.1)
     assert 1 <= len(w.peers.calls) <= 2  # at 0 and ~0.06 s; a third would start after the deadline
     assert all(c.budget_s is not None and 0 < c.budget_s <= 0.1 for c in w.peers.calls)
@@ -488,7 +488,7 @@ async def test_no_attempt_after_the_budget_is_spent() -> None:
 
 async def test_spent_budget_forwards_nothing() -> None:
     w = World([small(ME), node("n1")], copies=[loaded("n1")])
-    with pytest.raises(GaveUp) as caught:
+    with pytest.raises(OutOfTime) as caught:
         await w.route(budget_s=0.0)
     assert w.peers.calls == []
     assert MODEL in str(caught.value) and "deadline" in str(caught.value)
