@@ -31,6 +31,14 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     node.add_argument("--churn-guard", dest="churn_guard_s", type=float,
                       help="seconds a model stays safe from eviction when another node could load instead (30)")
     node.add_argument("--advertise-host", help="address peers use to reach this node (default: --host)")
+    node.add_argument("--hot-rate-per-copy", type=float,
+                      help="requests/s a copy serves before the mesh adds another (default 33.3)")
+    node.add_argument("--hot-inflight-per-copy", type=int, help="in-flight requests per copy before adding one (16)")
+    node.add_argument("--max-copies", type=int, help="most copies of one model for load (default 8)")
+    node.add_argument("--copy-check-interval", dest="copy_check_interval_s", type=float,
+                      help="seconds between copy decisions (default 5)")
+    node.add_argument("--no-proactive-loads", dest="proactive_loads", action="store_const", const=False,
+                      help="do not load recently used or new models into free space ahead of requests")
 
 
 def _models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -49,6 +57,9 @@ def _models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
             p.add_argument("storage_uri", help="model directory or file: a path or file:// URI")
             p.add_argument("--lazy", action="store_true", help="register only; load on first request")
             p.add_argument("--size-hint", help="expected size in memory (512MiB, bytes)")
+            p.add_argument("--pinned", action="store_true", help="never evict it once loaded")
+            p.add_argument("--min-copies", type=int, help="keep at least this many copies loaded in the mesh")
+            p.add_argument("--load-timeout", type=float, help="seconds its load may take (default: the node's)")
 
 
 def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

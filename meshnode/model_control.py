@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from meshnode.cache import ModelCache
 from meshnode.dataplane import DataPlane
@@ -81,14 +82,16 @@ class ModelControl:
             raise ModelNotFound(
                 f"failed to load '{name}': not in the model repository and no storage_uri or files given")
         hint = int(size_hint) if isinstance(size_hint, int | str) and str(size_hint).isdigit() else None
+        keeping = _keeping(config)
         replaced = existing is not None and (bool(files) or existing.storage != str(storage))
 
         def register(old: ModelRecord | None) -> ModelRecord:
             if old is None:
-                return ModelRecord(name=name, storage=str(storage), size_hint=hint)
+                return ModelRecord(name=name, storage=str(storage), size_hint=hint, **keeping)
             # A reload forgets failures; new files also make every copy in the mesh stale.
             return replace(old, storage=str(storage), enabled=True, size_hint=hint, failures={},
-                           copies={} if replaced else old.copies, size_bytes=None if replaced else old.size_bytes)
+                           copies={} if replaced else old.copies, size_bytes=None if replaced else old.size_bytes,
+                           **keeping)
 
         # Triton's load is a reload: new files or a new location replace what is loaded here.
         if replaced:
@@ -153,6 +156,25 @@ class ModelControl:
             node, failure = max(record.failures.items(), key=lambda f: f[1]["at"])
             return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed on {node}: {failure['message']}")
         return IndexEntry(record.name, "", "", "registered; loads on first request")
+
+
+def _keeping(config: dict[str, object]) -> dict[str, Any]:
+    """How the mesh keeps the model, from the load's config JSON: pinned, min_copies, load_timeout_s."""
+    keeping: dict[str, Any] = {}
+    pinned, min_copies, timeout = config.get("pinned"), config.get("min_copies"), config.get("load_timeout_s")
+    if pinned is not None:
+        if not isinstance(pinned, bool):
+            raise InvalidInput("config 'pinned' must be true or false")
+        keeping["pinned"] = pinned
+    if min_copies is not None:
+        if not isinstance(min_copies, int) or isinstance(min_copies, bool) or not 1 <= min_copies <= 100:
+            raise InvalidInput("config 'min_copies' must be a whole number from 1 to 100")
+        keeping["min_copies"] = min_copies
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidInput("config 'load_timeout_s' must be a positive number of seconds")
+        keeping["load_timeout_s"] = float(timeout)
+    return keeping
 
 
 def _parse_config(raw: object) -> dict[str, object]:

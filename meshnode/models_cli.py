@@ -29,7 +29,14 @@ async def _run(args: argparse.Namespace) -> Any:
         stub = transport.InferenceStub(channel)
         timeout = 120.0
         if args.action == "register":
-            params = {"config": _param(json.dumps({"storage_uri": args.storage_uri}))}
+            config: dict[str, Any] = {"storage_uri": args.storage_uri}
+            if args.pinned:
+                config["pinned"] = True
+            if args.min_copies:
+                config["min_copies"] = args.min_copies
+            if args.load_timeout:
+                config["load_timeout_s"] = args.load_timeout
+            params = {"config": _param(json.dumps(config))}
             if args.lazy:
                 params[PARAM_LAZY] = _param(True)
             if args.size_hint:

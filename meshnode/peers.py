@@ -94,6 +94,14 @@ class GrpcPeers:
             raise PeerError(code, f"node {node.instance_id}: {error.details()}",
                             retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
 
+    async def ready(self, node: NodeView, budget_s: float = 2.0) -> bool:
+        """Does the peer answer a readiness probe now? (before this node lets go of a copy)"""
+        try:
+            reply = await self._stub(node).ServerReady(pb.ServerReadyRequest(), timeout=budget_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.ready)
+
     async def forget(self, instance_id: str) -> None:
         """The peer left the mesh: close its channel once the calls still out on it have ended."""
         self._suspect_until.pop(instance_id, None)

@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from meshnode import transport
 from meshnode.cache import ModelCache
+from meshnode.copy_manager import CopyManager
 from meshnode.dataplane import DataPlane, LocalCopies
 from meshnode.drain import hand_off
 from meshnode.etcdstore import EtcdStore
@@ -26,6 +27,7 @@ from meshnode.repository import ModelRepository
 from meshnode.runtimes.onnx import OnnxRuntime
 from meshnode.servicers import InferenceServicer
 from meshnode.settings import NodeSettings
+from placement.copies import CopyConfig
 from placement.types import NodeView
 from router.router import Router
 
@@ -90,6 +92,11 @@ class Node:
         self.mesh.on_node_gone.append(lambda peer: self._spawn(self.peers.forget(peer)))
         self.cache.on_change = self.mesh.copy_changed
         self.dataplane.router = Router(LocalCopies(self.dataplane, self.instance_id), self.mesh, self.peers)
+        self.copies = CopyManager(
+            cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, dataplane=self.dataplane,
+            config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
+        )
+        self.copies.start()
         if s.metrics_port is not None:
             self.metrics.set_state_source(self._state)
             server = await serve_metrics(self.metrics, s.host, s.metrics_port)
@@ -132,6 +139,7 @@ class Node:
         self.dataplane.ready = False
         self._draining = True
         if hasattr(self, "publisher"):
+            await self.copies.stop()
             await self.publisher.publish_now()  # placement elsewhere stops choosing this node
             moved, failed = await hand_off(self.cache, self.mesh, self.peers)
             log.info("drained: %d models handed off, %d could not be", moved, failed)
@@ -148,6 +156,14 @@ class Node:
             await self.registry.stop()
         if self._store is not None:
             await self._store.close()
+
+
+def copy_config(settings: NodeSettings) -> CopyConfig:
+    # Scale-down stays well below the add threshold, whatever it is set to: no add/remove flapping.
+    cool = min(CopyConfig().cool_rate_per_copy, settings.hot_rate_per_copy / 4)
+    return CopyConfig(hot_rate_per_copy=settings.hot_rate_per_copy,
+                      hot_inflight_per_copy=settings.hot_inflight_per_copy,
+                      max_copies=settings.max_copies, cool_rate_per_copy=cool)
 
 
 class RequestRate:

@@ -50,6 +50,12 @@ class NodeSettings(BaseSettings):
     # A full node refuses to evict models used within this many seconds while another node could
     # take the load instead, so a burst of cold models cannot flush its hot set.
     churn_guard_s: float = 30.0
+    # Copies (placement.copies): a copy busier than these thresholds gets company on another node.
+    copy_check_interval_s: float = Field(default=5.0, gt=0)
+    hot_rate_per_copy: float = Field(default=2000 / 60, gt=0)  # requests per second (ModelMesh: 2000/min)
+    hot_inflight_per_copy: int = Field(default=16, ge=1)
+    max_copies: int = Field(default=8, ge=1)
+    proactive_loads: bool = True  # load recently used or new models into free space
     infer_workers: int = 2
     inline_threshold_ms: float = 0.5
     intra_op_threads: int = 1

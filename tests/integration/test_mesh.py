@@ -29,7 +29,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def mesh(repo: Path, tmp_path: Path) -> Iterator[LocalMesh]:
-    with LocalMesh.start(nodes=3, model_repository=repo, capacity="64MiB", log_dir=tmp_path) as started:
+    # The tests count loads caused by requests: no proactive loads.
+    with LocalMesh.start(nodes=3, model_repository=repo, capacity="64MiB", log_dir=tmp_path,
+                         extra_args=["--no-proactive-loads"]) as started:
         yield started
 
 

@@ -58,7 +58,8 @@ def absent(r: ModelRecord | None) -> bool:
 
 
 def test_record_json_keeps_unknown_fields() -> None:
-    raw = json.dumps({"name": "m", "storage": "/x", "enabled": False, "owner": "team-a", "labels": {"tier": "gold"}}).encode()
+    raw = json.dumps({"name": "m", "storage": "/x", "enabled": False, "owner": "team-a",
+                      "labels": {"tier": "gold"}}).encode()
     r = ModelRecord.from_json(raw)
     assert (r.name, r.storage, r.enabled, r.size_hint, r.copies, r.failures) == ("m", "/x", False, None, {}, {})
     assert r.extra == {"owner": "team-a", "labels": {"tier": "gold"}}

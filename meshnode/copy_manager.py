@@ -1,0 +1,187 @@
+"""Applies the mesh's copy decisions (placement.copies) from this node, every few seconds.
+
+For the models this node holds: extra copies when hot, a second copy for repeatedly used models,
+min_copies; each added copy is claimed in the model record (compare-and-set, so holders deciding
+at once converge) and then loaded by the chosen peer. A cooled-down extra copy here goes only
+after another loaded copy answered a readiness probe, and only if the record still lists it.
+Proactive loads: models without a copy that placement would put here, loaded into free space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from meshnode.cache import ModelCache
+from meshnode.dataplane import DataPlane
+from meshnode.etcd_types import EtcdError
+from meshnode.mesh import MeshState
+from meshnode.peers import GrpcPeers
+from meshnode.registry import Copy, ModelRecord, Registry
+from meshnode.repository import model_source
+from placement.copies import CopyConfig, CopyLoad, plan_copy_changes, plan_proactive_loads
+from placement.policy import choose_load_target, load_exclusions
+from placement.types import LOADED, LOADING
+from router.errors import MeshError
+
+log = logging.getLogger(__name__)
+PROACTIVE_EVERY = 6  # rounds: proactive candidates are a scan of every record, so less often
+LOAD_BUDGET_S = 120.0
+
+
+class CopyManager:
+    def __init__(self, *, cache: ModelCache, mesh: MeshState, registry: Registry, peers: GrpcPeers,
+                 dataplane: DataPlane, config: CopyConfig, interval_s: float, proactive: bool,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+        self._cache, self._mesh, self._registry = cache, mesh, registry
+        self._peers, self._dataplane = peers, dataplane
+        self._config, self._interval_s, self._proactive = config, interval_s, proactive
+        self._now, self._rng = clock, rng or random.Random()
+        self._seen: dict[str, tuple[int, float]] = {}  # key -> (requests served, when counted)
+        self._task: asyncio.Task[None] | None = None
+        self._work: set[asyncio.Task[None]] = set()
+        self.added = self.removed = self.proactive_loads = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="copy-manager")
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._work]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _run(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(self._interval_s)
+            rounds += 1
+            try:
+                await self.step(proactive=self._proactive and rounds % PROACTIVE_EVERY == 0)
+            except Exception:  # a bad round must not end copy management for good
+                log.exception("copy management round failed")
+
+    async def step(self, proactive: bool = False) -> None:
+        now, nodes, me = self._now(), self._mesh.nodes(), self._mesh.instance_id
+        plan = plan_copy_changes(self._loads(now), nodes=nodes, me=me, now=now, config=self._config)
+        for name, more in plan.add:
+            self._spawn(self._add_copies(name, more))
+        for name in plan.remove_here:
+            self._spawn(self._remove_here(name))
+        if proactive:
+            candidates = [v for r in self._registry.records() if r.enabled and not r.copies
+                          and (v := self._mesh.model(r.name)) is not None]
+            picks = plan_proactive_loads(candidates, nodes=nodes, now=now, rng=self._rng, config=self._config)
+            for name, target in picks:
+                if target == me:
+                    self._spawn(self._load_here(name))
+
+    def _loads(self, now: float) -> list[CopyLoad]:
+        loads = []
+        live = self._mesh.nodes()
+        for entry in self._cache.loaded_entries():
+            record = self._registry.get(entry.name)
+            if record is None:
+                continue
+            served, counted_at = self._seen.get(entry.key, (entry.requests, entry.loaded_at))
+            self._seen[entry.key] = (entry.requests, now)
+            elapsed = max(now - counted_at, 1e-3)
+            copies = max(1, sum(1 for n in record.copies if n in live))
+            # Only this copy's traffic is seen here; routing spreads a model's load over its copies.
+            loads.append(CopyLoad(
+                name=entry.name, rate_per_s=(entry.requests - served) / elapsed * copies,
+                inflight=entry.inflight * copies, copies=copies, last_used=entry.last_used,
+                first_used=entry.loaded_at, min_copies=record.min_copies, pinned=record.pinned,
+            ))
+        return loads
+
+    async def _add_copies(self, name: str, more: int) -> None:
+        for _ in range(more):
+            view = self._mesh.model(name)
+            if view is None:
+                return
+            holders = frozenset(c.instance_id for c in view.copies)
+            target = choose_load_target(self._mesh.nodes().values(), size_bytes=view.size_bytes, now=self._now(),
+                                        rng=self._rng, exclude=holders | load_exclusions(view, self._now()))
+            if target is None or not await self._claim_extra(name, target, len(holders) + 1):
+                return
+            node = self._mesh.nodes().get(target)
+            if node is None:
+                return
+            try:
+                await self._peers.load_copy(node, name, LOAD_BUDGET_S)
+                self.added += 1
+            except MeshError as error:
+                log.warning("extra copy of %s on %s failed: %s", name, target, error)
+
+    async def _claim_extra(self, name: str, target: str, wanted: int) -> bool:
+        """Add `target` as a loading copy unless the live copies already reach `wanted`."""
+        claimed = False
+        live = self._mesh.nodes()
+
+        def claim(record: ModelRecord | None) -> ModelRecord | None:
+            nonlocal claimed
+            claimed = False
+            if record is None or sum(1 for n in record.copies if n in live) >= wanted or target in record.copies:
+                return record
+            claimed = True
+            return replace(record, copies={**record.copies, target: Copy(state=LOADING, since=self._now())})
+
+        try:
+            await self._registry.update(name, claim)
+        except EtcdError as error:
+            log.warning("extra copy of %s not claimed: %s", name, error)
+            return False
+        return claimed
+
+    async def _remove_here(self, name: str) -> None:
+        me, live = self._mesh.instance_id, self._mesh.nodes()
+        view = self._mesh.model(name)
+        others = [c.instance_id for c in view.copies if c.instance_id != me and c.state == LOADED
+                  and c.instance_id in live and not live[c.instance_id].shutting_down] if view else []
+        confirmed = next((o for o in others if await self._peers.ready(live[o])), None)
+        if confirmed is None:
+            return
+        released = False
+
+        def release(record: ModelRecord | None) -> ModelRecord | None:
+            nonlocal released
+            released = record is not None and record.copies.get(confirmed, {}).get("state") == LOADED
+            if not released or record is None:
+                return record
+            return replace(record, copies={n: c for n, c in record.copies.items() if n != me})
+
+        try:
+            await self._registry.update(name, release)
+        except EtcdError as error:
+            log.warning("copy of %s kept: %s", name, error)
+            return
+        if released:
+            await self._cache.unload_model(name)
+            self.removed += 1
+
+    async def _load_here(self, name: str) -> None:
+        record = self._registry.get(name)
+        if record is None or await self._mesh.claim_load(name, self._mesh.instance_id, frozenset()) != \
+                self._mesh.instance_id:
+            return
+        try:
+            source = model_source(name, Path(record.storage), "")
+        except MeshError:
+            return
+        if self._cache.load_in_background(source, self._dataplane.load_options(record, source), evict=False):
+            self.proactive_loads += 1
+        else:
+            self._mesh.copy_changed(name)  # the claim stays unfulfilled: let the record be corrected
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
