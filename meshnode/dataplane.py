@@ -8,7 +8,7 @@ peer's copy, or wherever placement loads it. Hop metadata is only read on a miss
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class DataPlane:
         self._version = version
         self.ready = False
         self.router: Router | None = None  # set by the composition root once the mesh is up
+        self.metadata_elsewhere: Callable[[str, str], Awaitable[pb.ModelMetadataResponse | None]] | None = None
         self.inflight = 0
 
     async def infer(
@@ -117,7 +118,16 @@ class DataPlane:
         wanted = version or (versions[-1] if versions else "")
         return wanted in versions and not self._cache.failures.active(name, wanted)
 
-    async def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+    async def model_metadata(self, name: str, version: str, forwarded: bool = False) -> pb.ModelMetadataResponse:
+        """From a copy here, else from a copy elsewhere; a load here only when the mesh has none.
+
+        Clients ask for metadata before their first request: loading a copy on every node they
+        touch would defeat placement.
+        """
+        if not forwarded and self.metadata_elsewhere is not None and not self._cache.has_entry(name, version):
+            found = await self.metadata_elsewhere(name, version)
+            if found is not None:
+                return found
         entry = await self.acquire(name, version)
         try:
             model = entry.model

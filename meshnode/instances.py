@@ -56,7 +56,8 @@ def significant_change(old: NodeView, new: NodeView, now: float) -> bool:
         moved = abs(new.lru_time_s - old.lru_time_s)
         if moved >= 20.0 and moved > new.cache_age_s(now) / 16:
             return True
-    if abs(new.request_rate - old.request_rate) > max(5.0, 0.2 * old.request_rate):
+    # Load matters to placement only in coarse steps (busy_factor 2): halving or doubling, not drift.
+    if abs(new.request_rate - old.request_rate) > max(5.0, 0.5 * old.request_rate):
         return True
     return abs(new.inflight - old.inflight) > max(4, old.inflight // 2)
 

@@ -28,6 +28,7 @@ class LocalMesh:
     ) -> LocalMesh:
         """Ports count up from first_port (0: any free ones); each node is named node-<i>."""
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="meshserve-local-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
         etcd = EtcdProcess.start()
         common = {"etcd": etcd.endpoint, "model_repository": model_repository, "capacity": capacity,
                   "etcd_prefix": etcd_prefix, "extra_args": extra_args}

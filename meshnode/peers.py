@@ -18,7 +18,7 @@ from meshnode.model_control import PARAM_COPY
 from meshpb import pb
 from placement.types import NodeView
 from router.errors import NOT_HERE_PREFIX, RETRY_ELSEWHERE_CODES, PeerError
-from router.hop import Hop
+from router.hop import Hop, Mode
 
 SUSPECT_S = 3.0
 
@@ -93,6 +93,16 @@ class GrpcPeers:
             code = error.code()
             raise PeerError(code, f"node {node.instance_id}: {error.details()}",
                             retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
+
+    async def metadata(self, node: NodeView, name: str, version: str, budget_s: float = 5.0) -> Any:
+        """The model's metadata from the copy on `node` (marked as forwarded: it never loads there)."""
+        hop = Hop(hops=1, mode=Mode.COPY)
+        try:
+            return await self._stub(node).ModelMetadata(
+                pb.ModelMetadataRequest(name=name, version=version), timeout=budget_s, metadata=hop.to_metadata())
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(error.code(), f"node {node.instance_id}: {error.details()}",
+                            retry_elsewhere=True) from None
 
     async def ready(self, node: NodeView, budget_s: float = 2.0) -> bool:
         """Does the peer answer a readiness probe now? (before this node lets go of a copy)"""

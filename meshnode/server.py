@@ -27,8 +27,10 @@ from meshnode.repository import ModelRepository
 from meshnode.runtimes.onnx import OnnxRuntime
 from meshnode.servicers import InferenceServicer
 from meshnode.settings import NodeSettings
+from meshpb import pb
 from placement.copies import CopyConfig
-from placement.types import NodeView
+from placement.types import LOADED, NodeView
+from router.errors import MeshError
 from router.router import Router
 
 log = logging.getLogger("meshserve.node")
@@ -66,6 +68,7 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self.peers = GrpcPeers()
         self._rate = RequestRate()
+        self._inflight = Smoothed()
         self._draining = False
 
     async def start(self) -> None:
@@ -92,6 +95,7 @@ class Node:
         self.mesh.on_node_gone.append(lambda peer: self._spawn(self.peers.forget(peer)))
         self.cache.on_change = self.mesh.copy_changed
         self.dataplane.router = Router(LocalCopies(self.dataplane, self.instance_id), self.mesh, self.peers)
+        self.dataplane.metadata_elsewhere = self._metadata_elsewhere
         self.copies = CopyManager(
             cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, dataplane=self.dataplane,
             config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
@@ -110,9 +114,22 @@ class Node:
             instance_id=self.instance_id, endpoint=f"{self.settings.advertise_host or self.settings.host}:{self.port}",
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, model_count=stats.models_loaded,
             lru_time_s=stats.lru_time_s, request_rate=self._rate.update(self.metrics.api_requests),
-            inflight=self.dataplane.inflight, loads_in_progress=stats.loads_in_progress,
+            inflight=self._inflight.update(self.dataplane.inflight), loads_in_progress=stats.loads_in_progress,
             shutting_down=self._draining, version=software_version(),
         )
+
+    async def _metadata_elsewhere(self, name: str, version: str) -> pb.ModelMetadataResponse | None:
+        """Metadata from a loaded copy on a live peer; None when there is none to ask."""
+        view, live = self.mesh.model(name), self.mesh.nodes()
+        for copy in view.copies if view is not None else ():
+            node = live.get(copy.instance_id)
+            if copy.state != LOADED or node is None or node.shutting_down or node.instance_id == self.instance_id:
+                continue
+            try:
+                return await self.peers.metadata(node, name, version)  # type: ignore[no-any-return]
+            except MeshError:
+                continue
+        return None
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -182,6 +199,19 @@ class RequestRate:
             self.rate += alpha * ((count - self._count) / elapsed - self.rate)
             self._count, self._at = count, now
         return round(self.rate, 1)
+
+
+class Smoothed:
+    """An in-flight count averaged over a few seconds: at full load it swings 0..N between samples,
+    and publishing every swing would spend the instance record's write budget on noise."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self._alpha = alpha
+        self._value = 0.0
+
+    def update(self, sample: int) -> int:
+        self._value += self._alpha * (sample - self._value)
+        return round(self._value)
 
 
 async def run_node(settings: NodeSettings) -> None:

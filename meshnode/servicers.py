@@ -13,6 +13,7 @@ from meshnode.dataplane import DataPlane
 from meshnode.model_control import ModelControl
 from meshpb import pb
 from router.errors import MeshError
+from router.hop import Hop
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -74,7 +75,8 @@ class InferenceServicer:
 
     @_maps_errors
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        return await self._dataplane.model_metadata(request.name, request.version)
+        forwarded = Hop.from_metadata(context.invocation_metadata()).hops > 0
+        return await self._dataplane.model_metadata(request.name, request.version, forwarded)
 
     @_maps_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:

@@ -59,6 +59,16 @@ async def test_every_model_answers_correctly_through_every_node(mesh: LocalMesh,
     assert all(index[name].state == "READY" and "copies: node-" in index[name].reason for name in MODELS)
 
 
+async def test_metadata_through_any_node_comes_from_the_one_copy(mesh: LocalMesh) -> None:
+    async with aioclient.InferenceServerClient(mesh.targets()[0]) as client:
+        await client.infer("m0", x_input(np.ones((1, 16), np.float32)))
+    for target in mesh.targets():
+        async with aioclient.InferenceServerClient(target) as client:
+            meta = await client.get_model_metadata("m0", as_json=True)
+            assert meta["inputs"][0]["name"] == "INPUT0"
+    assert total(mesh, "modelmesh_loadmodel_total") == 1  # nobody loaded a copy to answer metadata
+
+
 async def test_concurrent_cold_requests_through_all_nodes_cause_one_load(mesh: LocalMesh) -> None:
     x = np.ones((1, 16), np.float32)
     clients = [aioclient.InferenceServerClient(t) for t in mesh.targets()]
