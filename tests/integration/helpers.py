@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
+import signal
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from meshnode.node_process import NodeProcess
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def metric(node: NodeProcess, name: str) -> float:
@@ -14,3 +24,23 @@ def metric(node: NodeProcess, name: str) -> float:
     match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
+
+
+def run_quick_bench(module: str, time_limit_s: float) -> dict[str, Any]:
+    """`python -m <module> --quick --json` from the repository root; its JSON answer."""
+    process = subprocess.Popen([sys.executable, "-m", module, "--quick", "--json"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=time_limit_s)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the bench then stops every process it started.
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+        pytest.fail(f"{module} --quick took over {time_limit_s:.0f} s; stderr:\n{err[-3000:]}")
+    assert process.returncode == 0, f"{module} exited {process.returncode}; stderr:\n{err[-3000:]}"
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, int | float) and value > 0
