@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bench.serving import serve_until_stopped
 from meshnode import transport
 from meshpb import pb
 
@@ -98,21 +95,7 @@ async def serve(model: Path, name: str, host: str, port: int) -> None:
     transport.add_inference_service(server, handlers(session, name))
     bound = transport.bind(server, host, port)
     await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    stdin = sys.stdin.fileno()
-
-    def on_stdin() -> None:
-        if not os.read(stdin, 4096):
-            stopping.set()
-
-    if stat.S_ISFIFO(os.fstat(stdin).st_mode):
-        # The launcher holds this pipe open; EOF means it is gone, whatever way it went.
-        loop.add_reader(stdin, on_stdin)
-    print(f"{READY_PREFIX}{bound}", flush=True)
-    await stopping.wait()
+    await serve_until_stopped(f"{READY_PREFIX}{bound}")
     await server.stop(0)
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from bench.serving import serve_until_stopped
 from meshnode import transport
 from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE
 
@@ -78,22 +76,8 @@ async def serve(upstream: str, host: str, port: int) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),))
     bound = transport.bind(server, host, port)
     await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    stdin = sys.stdin.fileno()
-
-    def on_stdin() -> None:
-        if not os.read(stdin, 4096):
-            stopping.set()
-
-    if stat.S_ISFIFO(os.fstat(stdin).st_mode):
-        # The launcher holds this pipe open; EOF means it is gone, whatever way it went.
-        loop.add_reader(stdin, on_stdin)
-    print(f"{READY_PREFIX}{bound}", flush=True)
     try:
-        await stopping.wait()
+        await serve_until_stopped(f"{READY_PREFIX}{bound}")
     finally:
         await server.stop(0)
         await channel.close()
