@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from meshnode.settings import NodeSettings
+from meshnode.settings import NodeSettings, parse_size
 
 DEFAULT_TARGET = "127.0.0.1:8033"
 
@@ -70,16 +70,28 @@ def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     local.add_argument("--capacity", default="1GiB", help="each node's capacity (default 1GiB)")
 
 
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    simulate = sub.add_parser("simulate", add_help=False,
+                              help="run the placement and cache policies over a workload, against baselines")
+    simulate.add_argument("args", nargs=argparse.REMAINDER, help="see `meshserve simulate --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshserve", description="A gRPC routing mesh for ML models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_parser(sub)
     _models_parser(sub)
     _local_parser(sub)
+    _simulate_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:  # its own parser owns every argument after the word, --help included
+        from placement.simulate_cli import main as simulate
+
+        return simulate(argv[1:], parse_size=parse_size)
     args = build_parser().parse_args(argv)
     if args.command == "node":
         given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}

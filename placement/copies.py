@@ -33,13 +33,15 @@ class CopyConfig:
     # Scale-down keeps ceil(rate / this) copies. Below the hot threshold, so a rate between the two
     # neither adds nor removes copies (hysteresis: no load/unload flapping around one threshold).
     cool_rate_per_copy: float = 500 / 60
-    # Only a copy that served nothing for this long goes. Routing prefers the oldest copy when copies
-    # are idle, so the surplus copy is the one that stops receiving requests.
+    # Only a copy that served nothing for this long goes: routing prefers the oldest copy when copies
+    # are idle, so a surplus copy stops receiving requests. Under memory pressure its node's LRU evicts
+    # it sooner anyway; this returns the memory of a mesh with room, for second copies and proactive loads.
     cool_after_s: float = 20 * 60
     # A single-copy model gets a second copy (availability: a node loss then costs no reload) when its
-    # uses span at least repeat_min_span_s and the last one is at most repeat_max_idle_s old. ModelMesh
-    # asks for a use 7-40 min after the previous one, which a model used continuously never has; a span
-    # counts both a model used twice 10 min apart and one used every second for 10 min.
+    # uses span at least repeat_min_span_s and the last one is at most repeat_max_idle_s old; it keeps
+    # it while that holds. ModelMesh asks for a use 7-40 min after the previous one, which a model used
+    # continuously never has; a span counts both a model used twice 10 min apart and one used every
+    # second for 10 min.
     repeat_min_span_s: float = 7 * 60
     repeat_max_idle_s: float = 40 * 60
     # Second copies only while this share of the mesh's capacity is free: they are a luxury, and in a
@@ -70,16 +72,17 @@ class CopyConfig:
 
 @dataclass(frozen=True, slots=True)
 class CopyLoad:
-    """One model held by the deciding node."""
+    """One model held by the deciding node. Rates and uses are the model's, over all its copies."""
 
     name: str
-    rate_per_s: float  # the model's requests per second over all its copies, smoothed
-    inflight: int  # the model's requests in flight over all its copies
+    rate_per_s: float  # requests per second, smoothed over minutes
+    inflight: int
     copies: int  # copies in the mesh, loaded or loading, this node's included
-    last_used: float  # last use of this node's copy
-    first_used: float  # first use of this node's copy since it was loaded
+    last_used: float
+    first_used: float  # first use since the model last had no copy
     min_copies: int = 1  # set at registration
     pinned: bool = False  # set at registration: never unloaded
+    here_last_used: float | None = None  # last use of this node's copy; None: last_used
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +117,12 @@ def plan_copy_changes(
     Adds, most urgent first: copies below min_copies, copies for load (rate or in-flight over the hot
     thresholds, bounded by copy_limit), a second copy for a model used repeatedly when the mesh has
     room. A copy here is removed when it served nothing for cool_after_s and the mesh keeps enough
-    without it: never the last copy, never below min_copies or the copies its rate still needs, never
-    pinned. The caller must confirm that another copy is loaded on a reachable node before unloading,
-    and remove this node from the model record with a compare-and-set conditioned on that copy, so
-    that two holders removing at once cannot both go. A draining node (shutting down or not in
+    without it: never the last copy, never below min_copies, the copies its rate still needs or a
+    second copy the model still earns, never pinned.
+
+    The caller must confirm that another copy is loaded on a reachable node before unloading, and
+    remove this node from the model record with a compare-and-set conditioned on that copy, so that
+    two holders removing at once cannot both go. A draining node (shutting down or not in
     `nodes`) decides nothing: the drain moves its models.
     """
     mine = nodes.get(me)
@@ -134,7 +139,7 @@ def plan_copy_changes(
         if load.copies < min(wanted, limit):
             adds.append((urgency, load.name, min(wanted, limit) - load.copies))
         elif _removable(load, now, config):
-            removals.append((load.last_used - now, load.name))
+            removals.append((_here_last_used(load) - now, load.name))
     budget = config.max_changes_per_call
     add: list[tuple[str, int]] = []
     for _, name, n in sorted(adds):
@@ -155,21 +160,30 @@ def _wanted(load: CopyLoad, now: float, roomy: bool, config: CopyConfig) -> tupl
     )
     if for_load > load.copies:
         return 1, for_load
-    repeated = (
+    return 2, 2 if roomy and load.copies == 1 and _repeated(load, now, config) else 1
+
+
+def _repeated(load: CopyLoad, now: float, config: CopyConfig) -> bool:
+    return (
         load.last_used - load.first_used >= config.repeat_min_span_s
         and now - load.last_used <= config.repeat_max_idle_s
     )
-    return 2, 2 if roomy and repeated and load.copies == 1 else 1
 
 
 def _removable(load: CopyLoad, now: float, config: CopyConfig) -> bool:
-    if load.pinned or now - load.last_used < config.cool_after_s:
+    if load.pinned or now - _here_last_used(load) < config.cool_after_s:
         return False
-    # A model still used about once per repeat window keeps its availability copy, or the copy
-    # would be removed and re-added every cool_after_s.
-    still_repeated = load.rate_per_s * config.repeat_max_idle_s >= 1.0
-    keep = max(1, load.min_copies, math.ceil(load.rate_per_s / config.cool_rate_per_copy), 2 if still_repeated else 1)
+    # The adding rules with the cool threshold and without the room condition, so that no copy is
+    # removed only to be added again by the next decision.
+    keep = max(
+        1, load.min_copies, math.ceil(load.rate_per_s / config.cool_rate_per_copy),
+        2 if _repeated(load, now, config) else 1,
+    )
     return load.copies > keep
+
+
+def _here_last_used(load: CopyLoad) -> float:
+    return load.last_used if load.here_last_used is None else load.here_last_used
 
 
 def plan_proactive_loads(
@@ -189,23 +203,22 @@ def plan_proactive_loads(
     own (choose_load_target), over the nodes with room, with each pick's bytes and load counted
     before the next one.
     """
+    views = {iid: n for iid, n in nodes.items() if not n.shutting_down}
+    picks: list[tuple[str, str]] = []
+    if not _room(views, config):
+        return ()  # the usual case in an overcommitted mesh: the candidates are not even read
     wanted = [
         m for m in candidates
         if not m.copies and (m.last_used is None or now - m.last_used <= config.proactive_recent_s)
     ]
     wanted.sort(key=lambda m: (m.last_used is None, -(m.last_used or 0.0), m.name))
-    views = {iid: n for iid, n in nodes.items() if not n.shutting_down}
-    picks: list[tuple[str, str]] = []
     for model in wanted:
-        if len(picks) >= config.max_proactive_per_call:
+        room = _room(views, config)
+        if len(picks) >= config.max_proactive_per_call or not room:
             break
-        roomy = [
-            n for n in views.values()
-            if n.free_bytes - model.size_bytes >= n.capacity_bytes * config.proactive_reserve_fraction
-        ]
         target = choose_load_target(
-            roomy, size_bytes=model.size_bytes, now=now, rng=rng,
-            exclude=load_exclusions(model, now, placement), config=placement,
+            [views[iid] for iid, r in room.items() if r >= model.size_bytes], size_bytes=model.size_bytes,
+            now=now, rng=rng, exclude=load_exclusions(model, now, placement), config=placement,
         )
         if target is None:
             continue
@@ -215,3 +228,9 @@ def plan_proactive_loads(
         )
         picks.append((model.name, target))
     return tuple(picks)
+
+
+def _room(views: Mapping[str, NodeView], config: CopyConfig) -> dict[str, float]:
+    """Bytes each node can take above its reserve, for nodes with any."""
+    room = {iid: n.free_bytes - n.capacity_bytes * config.proactive_reserve_fraction for iid, n in views.items()}
+    return {iid: r for iid, r in room.items() if r > 0}

@@ -3,13 +3,16 @@
 The caller passes its models in least-recently-used order, so a decision reads only as many
 entries as it needs (the victims plus the ones it skips), never more.
 
-The churn guard: a resident whose `last_used` is younger than `min_victim_idle_s` is never a victim,
-so a burst of cold models cannot flush the hot set; a node that cannot make room without such a
-victim refuses the load (None) and placement picks another node. Which use counts is the caller's
-choice. Passing the last use *after* the one that loaded the model (None until then) turns the guard
-into an admission filter: models loaded by a cold burst and not used again stay evictable, so the
-burst recycles its own space instead of the hot set's, and the node refuses only when everything it
-holds was reused within the window.
+Two protections decide what a full node may evict besides its least recently used model:
+- The churn guard: a resident used within `min_victim_idle_s` is never a victim. A node that cannot
+  make room without one refuses the load (None) and placement picks another node; when every node
+  refuses, the mesh is thrashing and the request is better refused than served by evicting what the
+  next request needs.
+- Reuse protection (segmented LRU): the most recently used `protect_reused_bytes` of the models used
+  again since their load are skipped, so a model loaded for one request goes before a model in steady
+  use, even a more recent one. A burst of cold models, or the long tail of a Zipf workload, then
+  recycles its own space instead of flushing the hot set; the protected share is bounded, so models
+  that stop being used lose protection as others are reused, and a shifting workload still turns over.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ class Resident:
     key: str
     size_bytes: int
     in_use: bool  # a request in flight or a load in progress: never a victim
-    last_used: float | None = None  # the use the churn guard counts; None: never protected by it
+    last_used: float | None = None  # for the churn guard; None: not protected by it
     pinned: bool = False  # registered as pinned: never a victim
+    reused: bool = False  # used again since it was loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +46,32 @@ def plan_eviction(
     free_bytes: int,
     now: float | None = None,
     min_victim_idle_s: float = 0.0,
+    reused_bytes: int = 0,
+    protect_reused_bytes: int = 0,
 ) -> EvictionPlan | None:
     """Victims, oldest first, whose removal frees `needed_bytes`; None if it cannot be done.
 
-    With `min_victim_idle_s` > 0 (which needs `now`), residents used within that many seconds are skipped.
+    Never in use or pinned residents; with `min_victim_idle_s` > 0 (which needs `now`), none used within
+    that many seconds; with `protect_reused_bytes` > 0, none of the reused residents among the most
+    recent `protect_reused_bytes` of them (`reused_bytes`: the size of every reused resident).
     """
     if min_victim_idle_s > 0 and now is None:
         raise ValueError("the churn guard (min_victim_idle_s > 0) needs now")
     if needed_bytes <= free_bytes:
         return EvictionPlan((), 0)
-    # Everything used after this instant is protected; +inf (nothing is) when the guard is off.
+    # Residents used after this instant are protected: none when the guard is off.
     guarded_after = float("inf") if now is None or min_victim_idle_s <= 0 else now - min_victim_idle_s
+    # Reused bytes older than the protected segment: a reused resident past them is protected.
+    unprotected_reused = reused_bytes - protect_reused_bytes if protect_reused_bytes > 0 else float("inf")
     victims: list[str] = []
     freed = 0
+    reused_before = 0
     for resident in lru_first:
+        if resident.reused:
+            protected = reused_before >= unprotected_reused
+            reused_before += resident.size_bytes
+            if protected:
+                continue
         if resident.in_use or resident.pinned:
             continue
         if resident.last_used is not None and resident.last_used > guarded_after:

@@ -11,8 +11,9 @@ which the copy counts against capacity, is never evicted and shows in loads_in_p
 Node records are published every publish_interval_s of simulated time (the live publisher writes at
 most once a second, on any change of model count), so placement decides on a view up to that old; 0
 gives a fresh view at every miss. Copy changes and proactive loads, when configured, run every
-plan_every_s on every node. The churn guard counts a model's last use after the request that loaded it
-(see placement.eviction): a cold model used once stays evictable.
+plan_every_s on every node. Eviction protects the most recently reused protect_fraction of each node
+(see placement.eviction), which the node tracks as the live cache would: the bytes of its copies used
+again since their load.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ MODEL_RATE_TAU_S = 120.0  # a model's request rate, for copy decisions
 class SimConfig:
     nodes: int
     capacity_bytes: int  # per node
-    churn_guard_s: float = 60.0  # plan_eviction's min_victim_idle_s; 0: no guard
+    churn_guard_s: float = 2.0  # plan_eviction's min_victim_idle_s; 0: no guard
+    protect_fraction: float = 0.5  # of each node's capacity, for models reused since their load
     publish_interval_s: float = 1.0
     copies: CopyConfig | None = None  # None: one copy per model, never more
     proactive: bool = False
@@ -54,26 +56,29 @@ class SimConfig:
             raise ValueError("nodes and capacity_bytes must be positive")
         if min(self.churn_guard_s, self.publish_interval_s) < 0 or self.plan_every_s <= 0:
             raise ValueError("churn_guard_s and publish_interval_s must be >= 0, plan_every_s > 0")
+        if not 0 <= self.protect_fraction <= 1:
+            raise ValueError("protect_fraction must be in [0, 1]")
 
 
 class _Copy:
-    __slots__ = ("size", "since", "ready_at", "first_use", "last_use", "last_reuse")
+    __slots__ = ("size", "since", "ready_at", "last_use", "reused")
 
     def __init__(self, size: int, now: float, ready_at: float) -> None:
         self.size = size
         self.since = now
         self.ready_at = ready_at
-        self.first_use = self.last_use = now
-        self.last_reuse: float | None = None  # the churn guard's clock: None until used after its load
+        self.last_use = now
+        self.reused = False
 
 
 class _Node:
-    __slots__ = ("iid", "capacity", "used", "lru", "loading", "rate", "rate_at")
+    __slots__ = ("iid", "capacity", "used", "reused", "lru", "loading", "rate", "rate_at")
 
     def __init__(self, iid: str, capacity: int) -> None:
         self.iid = iid
         self.capacity = capacity
         self.used = 0
+        self.reused = 0  # bytes of the copies used again since their load
         self.lru: OrderedDict[str, _Copy] = OrderedDict()  # oldest use first
         self.loading = 0
         self.rate = 0.0
@@ -85,7 +90,7 @@ class _Node:
 
     def residents(self, now: float) -> Iterator[Resident]:
         for name, c in self.lru.items():
-            yield Resident(name, c.size, c.ready_at > now, c.last_reuse)
+            yield Resident(name, c.size, c.ready_at > now, c.last_use, reused=c.reused)
 
     def view(self, now: float) -> NodeView:
         oldest = next((c.last_use for c in self.lru.values() if c.ready_at <= now), None)
@@ -111,7 +116,8 @@ class MeshSim:
         self._loads: list[tuple[float, str]] = []  # (ready at, node): loads in progress, soonest first
         self._next_publish = 0.0
         self._next_plan = config.plan_every_s
-        self._model_rate: dict[str, tuple[float, float]] = {}  # model -> (rate, at), with copies only
+        # Model -> [rate, rate at, first use, last use] since it last had no copy: with copies only.
+        self._usage: dict[str, list[float]] = {}
         self._used_since_plan: set[str] = set()
         # Models without a copy -> (last use, size): proactive load candidates.
         self._evicted: dict[str, tuple[float, int]] = {}
@@ -151,7 +157,10 @@ class MeshSim:
         assert iid is not None, "every simulated node is live"
         node = self._nodes[iid]
         copy = node.lru[name]
-        copy.last_use = copy.last_reuse = t
+        copy.last_use = t
+        if not copy.reused:
+            copy.reused = True
+            node.reused += copy.size
         node.lru.move_to_end(name)
         node.served(t)
         return copy
@@ -181,11 +190,10 @@ class MeshSim:
 
     def _note_use(self, name: str, t: float) -> None:
         if self._cfg.copies is not None:
-            rate, at = self._model_rate.get(name, (0.0, t))
-            self._model_rate[name] = (_decayed(rate, t - at, MODEL_RATE_TAU_S) + 1.0 / MODEL_RATE_TAU_S, t)
+            usage = self._usage.setdefault(name, [0.0, t, t, t])
+            usage[0] = _decayed(usage[0], t - usage[1], MODEL_RATE_TAU_S) + 1.0 / MODEL_RATE_TAU_S
+            usage[1] = usage[3] = t
             self._used_since_plan.add(name)
-        if self._cfg.proactive:
-            self._evicted.pop(name, None)
 
     # -- loads and evictions ----------------------------------------------------------------------
 
@@ -203,7 +211,8 @@ class MeshSim:
             node = self._nodes[target]
             plan = plan_eviction(
                 node.residents(t), needed_bytes=size, free_bytes=node.capacity - node.used, now=t,
-                min_victim_idle_s=self._cfg.churn_guard_s,
+                min_victim_idle_s=self._cfg.churn_guard_s, reused_bytes=node.reused,
+                protect_reused_bytes=int(node.capacity * self._cfg.protect_fraction),
             )
             if plan is None:
                 refused.add(target)
@@ -234,10 +243,12 @@ class MeshSim:
     def _unload(self, node: _Node, name: str, t: float) -> None:
         copy = node.lru.pop(name)
         node.used -= copy.size
+        node.reused -= copy.size if copy.reused else 0
         holders = self._holders[name]
         holders.remove(node.iid)
         if not holders:
             del self._holders[name]
+            self._usage.pop(name, None)
             if self._cfg.proactive:
                 self._evicted[name] = (copy.last_use, copy.size)
 
@@ -257,8 +268,10 @@ class MeshSim:
         self._used_since_plan = set()
         for node in self._nodes.values():
             loads = [
-                CopyLoad(name, self._rate(name, t), 0, len(self._holders[name]), c.last_use, c.first_use)
-                for name in candidates if (c := node.lru.get(name)) is not None and c.ready_at <= t
+                CopyLoad(name, _decayed(u[0], t - u[1], MODEL_RATE_TAU_S), 0, len(self._holders[name]), u[3], u[2],
+                         here_last_used=c.last_use)
+                for name in candidates
+                if (c := node.lru.get(name)) is not None and c.ready_at <= t and (u := self._usage.get(name))
             ]
             plan = plan_copy_changes(loads, nodes=self._view, me=node.iid, now=t, config=config)
             seen = {load.name: load.copies for load in loads}
@@ -274,14 +287,10 @@ class MeshSim:
                     self._unload(node, name, t)
                     self.result.removals += 1
 
-    def _rate(self, name: str, t: float) -> float:
-        rate, at = self._model_rate.get(name, (0.0, t))
-        return _decayed(rate, t - at, MODEL_RATE_TAU_S)
-
     def _plan_proactive(self, t: float, config: CopyConfig) -> None:
         horizon = t - config.proactive_recent_s
         self._evicted = {name: seen for name, seen in self._evicted.items() if seen[0] >= horizon}
-        candidates = [ModelView(name, size, last_used=used) for name, (used, size) in self._evicted.items()]
+        candidates = (ModelView(name, size, last_used=used) for name, (used, size) in self._evicted.items())
         for name, iid in plan_proactive_loads(candidates, nodes=self._view, now=t, rng=self._rng, config=config):
             node, (used, size) = self._nodes[iid], self._evicted[name]
             if node.capacity - node.used >= size:  # the view may be stale: never evict for this
