@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from placement.policy import PlacementConfig, choose_copy, choose_load_target, load_exclusions, should_give_up
+from placement.policy import (
+    PlacementConfig,
+    active_failures,
+    choose_copy,
+    choose_load_target,
+    load_exclusions,
+    should_give_up,
+)
+from placement.types import FailureView, ModelView
 from router.errors import GaveUp, MeshError, NoPlacement, NotHere, OutOfTime
 from router.hop import MAX_HOPS, Hop, Mode
 from router.ports import LocalNode, MeshView, Peers
@@ -66,7 +74,7 @@ class Router:
                                             exclude=excluded, config=self._placement)
                 if target is None:
                     largest = max((n.capacity_bytes for n in nodes.values()), default=0)
-                    raise _no_placement(name, model.size_bytes, largest, last_error)
+                    raise _no_placement(model, largest, last_error, active_failures(model, now, self._placement))
                 # The churn guard protects a node's hot set only while another node could load instead.
                 guard = choose_load_target(nodes.values(), size_bytes=model.size_bytes, now=now, rng=self._rng,
                                            exclude=excluded | {target}, config=self._placement) is not None
@@ -108,9 +116,14 @@ class Router:
         return model is not None and any(c.instance_id == me for c in model.copies)
 
 
-def _no_placement(name: str, size_bytes: int, largest_capacity: int, last_error: MeshError | None) -> MeshError:
+def _no_placement(model: ModelView, largest_capacity: int, last_error: MeshError | None,
+                  failures: Sequence[FailureView]) -> MeshError:
+    name, size_bytes = model.name, model.size_bytes
     if last_error is not None:
         return GaveUp(f"model '{name}' could not be served: {last_error}")
+    if failures:  # the nodes that could take it are the ones where it failed recently
+        last = max(failures, key=lambda f: f.at)
+        return GaveUp(f"model '{name}' failed to load on {last.instance_id}: {last.message}")
     if size_bytes > largest_capacity:
         return NoPlacement(f"model '{name}' needs about {size_bytes} bytes, more than the whole capacity of "
                            f"any node in the mesh (largest: {largest_capacity} bytes)")
