@@ -176,8 +176,8 @@ def _removable(load: CopyLoad, now: float, config: CopyConfig) -> bool:
     # The adding rules with the cool threshold and without the room condition, so that no copy is
     # removed only to be added again by the next decision.
     keep = max(
-        1, load.min_copies, math.ceil(load.rate_per_s / config.cool_rate_per_copy),
-        2 if _repeated(load, now, config) else 1,
+        load.min_copies, math.ceil(load.rate_per_s / config.cool_rate_per_copy),
+        math.ceil(load.inflight / config.hot_inflight_per_copy), 2 if _repeated(load, now, config) else 1,
     )
     return load.copies > keep
 

@@ -37,7 +37,7 @@ class Result:
     load_bytes: int = 0
     rejected: int = 0  # no node could make room (churn guard, or the model is too large)
     duplicate_loads: int = 0  # a request's load of a model that had a copy somewhere: must stay 0
-    latencies: list[float] = field(default_factory=list, repr=False)
+    latencies: list[float] = field(default_factory=list, repr=False)  # of served requests: not the rejected
 
     @property
     def hit_ratio(self) -> float:

@@ -6,7 +6,9 @@ still loading makes the request wait, but starts no load). Otherwise it is a mis
 router does: choose_load_target picks a node from the published node records; that node runs
 plan_eviction with the churn guard, and a node that refuses is excluded and placement asked again,
 until should_give_up says stop (the request is then rejected). Loads take time (LatencyModel), during
-which the copy counts against capacity, is never evicted and shows in loads_in_progress.
+which the copy counts against capacity, is never evicted and shows in loads_in_progress. Requests
+themselves take no time: nothing is ever in flight, so routing always picks the oldest loaded copy,
+and what extra copies buy in throughput is not modelled, only what they cost in loads and capacity.
 
 Node records are published every publish_interval_s of simulated time (the live publisher writes at
 most once a second, on any change of model count), so placement decides on a view up to that old; 0

@@ -212,7 +212,7 @@ def plot_sweep(sweep: Sweep, title: str, directory: Path) -> list[Path]:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text).strip("_")
+    return "_".join("".join(c if c.isalnum() or c in ".-" else " " for c in text).split())
 
 
 if __name__ == "__main__":
