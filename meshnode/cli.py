@@ -29,7 +29,7 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                       help="seconds before a failed model is tried again on this node")
     node.add_argument("--load-concurrency", type=int, help="loads running at once (default 2); others queue")
     node.add_argument("--churn-guard", dest="churn_guard_s", type=float,
-                      help="seconds a model stays safe from eviction when another node could load instead (30)")
+                      help="seconds a model stays safe from eviction when another node could load instead (2)")
     node.add_argument("--advertise-host", help="address peers use to reach this node (default: --host)")
     node.add_argument("--hot-rate-per-copy", type=float,
                       help="requests/s a copy serves before the mesh adds another (default 33.3)")

@@ -48,8 +48,10 @@ class NodeSettings(BaseSettings):
     load_timeout_s: float = 120.0
     load_concurrency: int = Field(default=2, ge=1)  # loads running at once; the rest queue by priority
     # A full node refuses to evict models used within this many seconds while another node could
-    # take the load instead, so a burst of cold models cannot flush its hot set.
-    churn_guard_s: float = 30.0
+    # take the load instead, so a burst of cold models cannot flush its hot set. Short on purpose:
+    # reuse protection does most of that work, and `meshserve simulate` showed long guards turning
+    # loads away in bursts and slowing turnover when popularity shifts.
+    churn_guard_s: float = 2.0
     # Copies (placement.copies): a copy busier than these thresholds gets company on another node.
     copy_check_interval_s: float = Field(default=5.0, gt=0)
     hot_rate_per_copy: float = Field(default=2000 / 60, gt=0)  # requests per second (ModelMesh: 2000/min)

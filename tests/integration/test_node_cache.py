@@ -98,3 +98,18 @@ def test_metrics_endpoint_uses_modelmesh_names(small_node: NodeProcess) -> None:
                  "modelmesh_instance_models_total"):
         assert metric(small_node, name) >= 0
     assert metric(small_node, "modelmesh_instance_capacity_bytes") == 5 * 1024 * 1024
+
+
+async def test_a_model_in_steady_use_outlives_a_stream_of_one_off_models(etcd: EtcdProcess, small_repo: Path) -> None:
+    node = start_node(etcd, small_repo, capacity="5MiB")  # three or four of these 1 MB models
+    try:
+        async with aioclient.InferenceServerClient(node.target) as client:
+            for _ in range(3):
+                await client.infer("m0", mlp_input())  # used again since its load: reuse-protected
+            for i in range(1, 8):
+                await client.infer(f"m{i}", mlp_input())  # each used once; plain LRU would evict m0 early
+            index = {m.name: m.state for m in (await client.get_model_repository_index()).models}
+        assert metric(node, "modelmesh_evictions_total") >= 3
+        assert index["m0"] == "READY"
+    finally:
+        node.stop()
