@@ -19,7 +19,7 @@ from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import list_versions, model_source
 from meshnode.runtimes.base import ModelSource, Runtime
 from meshpb import pb
-from router.hop import Hop
+from router.hop import PARAMETER_KEY, Hop
 from router.router import Router
 
 Metadata = Callable[[], Iterable[tuple[str, Any]] | None]
@@ -61,6 +61,9 @@ class DataPlane:
             if self.router is None:
                 return await self.infer_local(request)
             hop = Hop.from_metadata(metadata() if metadata is not None else None)
+            sent = request.parameters.get(PARAMETER_KEY)
+            if sent is not None:  # from a peer: the hop rides in the request (router.hop)
+                hop = Hop.decode(sent.string_param, hop.propagated)
             return await self.router.route(request, hop, time_remaining() if time_remaining is not None else None)
         finally:
             self.inflight -= 1

@@ -18,7 +18,7 @@ from meshnode.model_control import PARAM_COPY
 from meshpb import pb
 from placement.types import NodeView
 from router.errors import NOT_HERE_PREFIX, RETRY_ELSEWHERE_CODES, PeerError
-from router.hop import Hop, Mode
+from router.hop import PARAMETER_KEY, Hop, Mode
 
 SUSPECT_S = 3.0
 
@@ -60,7 +60,9 @@ class GrpcPeers:
         peer = node.instance_id
         self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
         try:
-            return await self._stub(node).ModelInfer(request, timeout=budget_s, metadata=hop.to_metadata())
+            request.parameters[PARAMETER_KEY].string_param = hop.encode()
+            # Only trace context goes as metadata, and only when the client sent some.
+            return await self._stub(node).ModelInfer(request, timeout=budget_s, metadata=hop.propagated or None)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

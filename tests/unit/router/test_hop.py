@@ -75,3 +75,15 @@ def test_garbage_metadata_is_tolerated(metadata: list[tuple[str, str | bytes]], 
 @pytest.mark.parametrize("hops", ["²", "1" * 5000], ids=["superscript", "too-many-digits"])
 def test_digit_like_hops_are_tolerated(hops: str) -> None:
     assert Hop.from_metadata([(HOPS_KEY, hops)]).hops == 0
+
+
+def test_encoded_hop_round_trips_without_its_trace_context() -> None:
+    hop = Hop(2, ("a", "node-1"), Mode.LOAD_LAST, (("traceparent", "00-x-y-01"),))
+    assert Hop.decode(hop.encode(), hop.propagated) == hop
+    assert Hop.decode(Hop().encode()) == Hop()
+
+
+@pytest.mark.parametrize("text", ["", "x|copy|a", "²|copy|", "9999|copy|a", "1|bogus|a", "|||"])
+def test_malformed_encoded_hops_read_as_safe_values(text: str) -> None:
+    hop = Hop.decode(text)
+    assert hop.hops in (0, 1) and hop.mode in (Mode.ANY, Mode.COPY)
