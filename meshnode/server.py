@@ -119,11 +119,13 @@ class Node:
         )
 
     async def _metadata_elsewhere(self, name: str, version: str) -> pb.ModelMetadataResponse | None:
-        """Metadata from a loaded copy on a live peer; None when there is none to ask."""
+        """Metadata from a copy on a live peer; None when there is none to ask."""
         view, live = self.mesh.model(name), self.mesh.nodes()
-        for copy in view.copies if view is not None else ():
+        # Loaded copies first; a loading one answers once its (single) load is done.
+        copies = sorted(view.copies, key=lambda c: c.state != LOADED) if view is not None else []
+        for copy in copies:
             node = live.get(copy.instance_id)
-            if copy.state != LOADED or node is None or node.shutting_down or node.instance_id == self.instance_id:
+            if node is None or node.shutting_down or node.instance_id == self.instance_id:
                 continue
             try:
                 return await self.peers.metadata(node, name, version)  # type: ignore[no-any-return]
