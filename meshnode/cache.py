@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from meshnode.background import BackgroundTasks
 from meshnode.errors import LoadFailed, MeshServeError, ModelNotFound, ResourceExhausted
 from meshnode.load_failures import LoadFailures
 from meshnode.load_queue import LoadQueue, priority
@@ -92,7 +93,8 @@ class ModelCache:
         self._lru: OrderedDict[str, CachedModel] = OrderedDict()  # oldest first
         self._by_name: dict[str, set[str]] = {}
         self.failures = LoadFailures(failure_backoff_s, wall_clock)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
+        self._loading = 0  # entries whose load has not finished: read 4x a second, so counted
         # Told the model name whenever a copy here starts loading, loads, fails or goes.
         self.on_change: Callable[[str], None] = lambda name: None
 
@@ -174,8 +176,10 @@ class ModelCache:
         self._lru[key] = entry
         self._by_name.setdefault(source.name, set()).add(key)
         self.used_bytes += predicted_bytes
+        self._loading += 1
         rank = priority(waiting, options.last_used)
-        self._spawn(self.loads.run(rank, lambda: self._load(entry, source, options.timeout_s or self._load_timeout_s)))
+        timeout_s = options.timeout_s or self._load_timeout_s
+        self._background.spawn(self.loads.run(rank, lambda: self._load(entry, source, timeout_s)))
         self.on_change(source.name)
         return entry
 
@@ -222,15 +226,16 @@ class ModelCache:
         self._metrics.loads += 1
         self._metrics.observe_load_ms((time.perf_counter() - started) * 1000.0)
         if entry.discarded:
-            self._spawn(self._unload(model))
+            self._background.spawn(self._unload(model))
             entry.loaded.set_result(None)
             return
         self.used_bytes += model.size_bytes - entry.size_bytes
         entry.size_bytes = model.size_bytes
         entry.model = model
+        self._loading -= 1
         if model.size_bytes > self.capacity_bytes:
             self._remove(entry)
-            self._spawn(self._unload(model))
+            self._background.spawn(self._unload(model))
             self._fail(entry, ResourceExhausted(
                 f"model '{entry.name}' version {entry.version} measured {model.size_bytes} bytes once "
                 f"loaded, more than this node's whole capacity of {self.capacity_bytes} bytes"))
@@ -257,6 +262,8 @@ class ModelCache:
     def _remove(self, entry: CachedModel) -> None:
         if self._lru.pop(entry.key, None) is None:
             return
+        if entry.model is None:
+            self._loading -= 1
         self.used_bytes -= entry.size_bytes
         if entry.requests >= 2:
             self._reused_bytes -= entry.size_bytes
@@ -278,7 +285,7 @@ class ModelCache:
         log.info("evicting %s (%d bytes, idle %.1fs)", entry.key, entry.size_bytes, self._now() - entry.last_used)
         self._remove(entry)
         if entry.model is not None:
-            self._spawn(self._unload(entry.model))
+            self._background.spawn(self._unload(entry.model))
 
     async def unload_model(self, name: str, drain_timeout_s: float = 30.0) -> int:
         """Stop serving every version of `name` here, wait for its requests, then unload."""
@@ -309,12 +316,7 @@ class ModelCache:
 
     def _unload_when_done(self, load: asyncio.Future[LoadedModel]) -> None:
         if not load.cancelled() and load.exception() is None:
-            self._spawn(self._unload(load.result()))
-
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self._background.spawn(self._unload(load.result()))
 
     # -- views ------------------------------------------------------------------------------
     def has_entry(self, name: str, version: str) -> bool:
@@ -331,7 +333,7 @@ class ModelCache:
             yield self._lru[key]
 
     def stats(self) -> CacheStats:
-        loading = sum(1 for e in self._lru.values() if e.model is None)
+        loading = self._loading
         oldest = next((e for e in self._lru.values() if e.model is not None), None)
         return CacheStats(
             capacity_bytes=self.capacity_bytes,
@@ -346,5 +348,4 @@ class ModelCache:
             self._remove(entry)
             if entry.model is not None:
                 await self._unload(entry.model)
-        for task in list(self._tasks):
-            task.cancel()
+        await self._background.cancel()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from meshnode.background import BackgroundTasks
 from meshnode.cache import ModelCache
 from meshnode.dataplane import DataPlane
 from meshnode.etcd_types import EtcdError
@@ -45,18 +46,18 @@ class CopyManager:
         self._now, self._rng = clock, rng or random.Random()
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (requests served, when counted)
         self._task: asyncio.Task[None] | None = None
-        self._work: set[asyncio.Task[None]] = set()
+        self._work = BackgroundTasks()
         self.added = self.removed = self.proactive_loads = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="copy-manager")
 
     async def stop(self) -> None:
-        for task in [self._task, *self._work]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._work.cancel()
 
     async def _run(self) -> None:
         rounds = 0
@@ -72,16 +73,16 @@ class CopyManager:
         now, nodes, me = self._now(), self._mesh.nodes(), self._mesh.instance_id
         plan = plan_copy_changes(self._loads(now), nodes=nodes, me=me, now=now, config=self._config)
         for name, more in plan.add:
-            self._spawn(self._add_copies(name, more))
+            self._work.spawn(self._add_copies(name, more))
         for name in plan.remove_here:
-            self._spawn(self._remove_here(name))
+            self._work.spawn(self._remove_here(name))
         if proactive:
             candidates = [v for r in self._registry.records() if r.enabled and not r.copies
                           and (v := self._mesh.model(r.name)) is not None]
             picks = plan_proactive_loads(candidates, nodes=nodes, now=now, rng=self._rng, config=self._config)
             for name, target in picks:
                 if target == me:
-                    self._spawn(self._load_here(name))
+                    self._work.spawn(self._load_here(name))
 
     def _loads(self, now: float) -> list[CopyLoad]:
         loads = []
@@ -181,7 +182,3 @@ class CopyManager:
         else:
             self._mesh.copy_changed(name)  # the claim stays unfulfilled: let the record be corrected
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._work.add(task)
-        task.add_done_callback(self._work.discard)

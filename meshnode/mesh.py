@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from meshnode.background import BackgroundTasks
 from meshnode.cache import ModelCache
 from meshnode.etcd_types import EtcdError
 from meshnode.etcdstore import EtcdStore
@@ -51,6 +52,7 @@ class MeshState:
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self.on_node_gone: list[Callable[[str], object]] = []
+        self._background = BackgroundTasks()
 
     async def start(self) -> None:
         self.instances.add_listener(self._on_instance)
@@ -65,6 +67,7 @@ class MeshState:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        await self._background.cancel()
         await self.instances.stop()
 
     # -- router.ports.MeshView ----------------------------------------------------------------
@@ -190,8 +193,7 @@ class MeshState:
     def _reap(self, live: set[str]) -> None:
         stale = [r.name for r in self._registry.records() if any(n not in live for n in r.copies)]
         if stale:
-            task = asyncio.ensure_future(self._remove_dead_copies(stale))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._background.spawn(self._remove_dead_copies(stale))
 
     async def _remove_dead_copies(self, names: list[str]) -> None:
         def without_dead(record: ModelRecord | None) -> ModelRecord | None:

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from meshnode import transport
+from meshnode.background import BackgroundTasks
 from meshnode.model_control import PARAM_COPY
 from meshpb import pb
 from placement.types import NodeView
@@ -29,7 +30,7 @@ class GrpcPeers:
         self._outstanding: dict[str, int] = {}
         self._suspect_until: dict[str, float] = {}
         self._gone: set[str] = set()  # left the mesh; channel closes when its last call ends
-        self._closing: set[asyncio.Future[None]] = set()
+        self._closing = BackgroundTasks()
         self._now = clock
 
     def outstanding(self) -> Mapping[str, int]:
@@ -48,9 +49,7 @@ class GrpcPeers:
         found = self._stubs.get(node.instance_id)
         if found is None or found[0] != node.endpoint:  # new, or restarted elsewhere under its id
             if found is not None:
-                closing = asyncio.ensure_future(found[1].close())
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
+                self._closing.spawn(found[1].close())
             channel = transport.create_channel(node.endpoint)
             found = (node.endpoint, channel, transport.InferenceStub(channel))
             self._stubs[node.instance_id] = found
@@ -126,13 +125,10 @@ class GrpcPeers:
         self._gone.discard(instance_id)
         found = self._stubs.pop(instance_id, None)
         if found is not None:
-            closing = asyncio.ensure_future(found[1].close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._closing.spawn(found[1].close())
 
     async def close(self) -> None:
         for _, channel, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._closing.wait()

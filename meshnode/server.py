@@ -12,6 +12,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from meshnode import transport
+from meshnode.background import BackgroundTasks
 from meshnode.cache import ModelCache
 from meshnode.copy_manager import CopyManager
 from meshnode.dataplane import DataPlane, LocalCopies
@@ -65,7 +66,7 @@ class Node:
         self._store: EtcdStore | None = None
         self._server = transport.create_server()
         self._metrics_server: MetricsServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
         self.peers = GrpcPeers()
         self._rate = RequestRate()
         self._inflight = Smoothed()
@@ -92,7 +93,7 @@ class Node:
         self.publisher = InstancePublisher(self._store, self._node_view)
         await self.publisher.start()
         await self.mesh.start()
-        self.mesh.on_node_gone.append(lambda peer: self._spawn(self.peers.forget(peer)))
+        self.mesh.on_node_gone.append(lambda peer: self._background.spawn(self.peers.forget(peer)))
         self.cache.on_change = self.mesh.copy_changed
         self.dataplane.router = Router(LocalCopies(self.dataplane, self.instance_id), self.mesh, self.peers)
         self.dataplane.metadata_elsewhere = self._metadata_elsewhere
@@ -133,11 +134,6 @@ class Node:
                 continue
         return None
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _state(self) -> NodeState:
         if self._store is not None:
             self.metrics.etcd_writes = self._store.writes
@@ -151,7 +147,7 @@ class Node:
     def _on_registry_change(self, name: str, record: ModelRecord | None) -> None:
         # Another node (or the CLI) unregistered or disabled the model: stop serving it here too.
         if (record is None or not record.enabled) and self.cache.has_entry(name, ""):
-            self._spawn(self.cache.unload_model(name))
+            self._background.spawn(self.cache.unload_model(name))
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Drain (meshnode.drain), then leave: no request fails on the way out."""

@@ -81,6 +81,13 @@ async def test_concurrent_cold_requests_through_all_nodes_cause_one_load(mesh: L
     assert total(mesh, "modelmesh_loadmodel_total") == 1
 
 
+async def _use_every_model_through_every_node(mesh: LocalMesh, x: np.ndarray) -> None:
+    for target in mesh.targets():
+        async with aioclient.InferenceServerClient(target) as client:
+            for name in MODELS:
+                await client.infer(name, x_input(x))
+
+
 async def _steady_load(targets: list[str], seconds: float, errors: list[str], answered: list[int]) -> None:
     x = np.ones((1, 16), np.float32)
 
@@ -121,10 +128,7 @@ async def test_kill_minus_nine_of_a_node_under_load_loses_no_request(mesh: Local
 
 async def test_etcd_restart_loses_no_request_for_loaded_models_and_no_registration(mesh: LocalMesh) -> None:
     x = np.ones((1, 16), np.float32)
-    for target in mesh.targets():
-        async with aioclient.InferenceServerClient(target) as client:
-            for name in MODELS:
-                await client.infer(name, x_input(x))
+    await _use_every_model_through_every_node(mesh, x)
     errors: list[str] = []
     answered = [0]
     load = asyncio.ensure_future(_steady_load(mesh.targets(), 8.0, errors, answered))
@@ -159,10 +163,7 @@ async def _ready_client(target: str) -> aioclient.InferenceServerClient:
 async def test_a_rolling_restart_of_every_node_loses_no_request(mesh: LocalMesh) -> None:
     """Clients reach the nodes that are up, as a load balancer would; every node restarts in turn."""
     x = np.ones((1, 16), np.float32)
-    for target in mesh.targets():
-        async with aioclient.InferenceServerClient(target) as client:
-            for name in MODELS:
-                await client.infer(name, x_input(x))
+    await _use_every_model_through_every_node(mesh, x)
     began = time.monotonic()
     errors: list[str] = []
     answered = [0]
