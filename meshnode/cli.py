@@ -8,9 +8,8 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from meshnode.admin_cli import add_admin_parsers, run_admin_command
 from meshnode.settings import NodeSettings, parse_size
-
-DEFAULT_TARGET = "127.0.0.1:8033"
 
 
 def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,29 +36,10 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     node.add_argument("--max-copies", type=int, help="most copies of one model for load (default 8)")
     node.add_argument("--copy-check-interval", dest="copy_check_interval_s", type=float,
                       help="seconds between copy decisions (default 5)")
+    node.add_argument("--alias-retire-after", dest="alias_retire_after_s", type=float,
+                      help="seconds before an auto-delete alias's old model is unregistered (default 10)")
     node.add_argument("--no-proactive-loads", dest="proactive_loads", action="store_const", const=False,
                       help="do not load recently used or new models into free space ahead of requests")
-
-
-def _models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    models = sub.add_parser("models", help="list, register, unregister, inspect models")
-    msub = models.add_subparsers(dest="action", required=True)
-    for action, text in (("list", "every registered model and its state"),
-                         ("register", "register a model (and load it unless --lazy)"),
-                         ("unregister", "unload a model and forget its registration"),
-                         ("status", "one model's state")):
-        p = msub.add_parser(action, help=text)
-        p.add_argument("--target", default=DEFAULT_TARGET, help=f"node HOST:PORT (default {DEFAULT_TARGET})")
-        p.add_argument("--json", action="store_true", help="print JSON for scripts")
-        if action != "list":
-            p.add_argument("name")
-        if action == "register":
-            p.add_argument("storage_uri", help="model directory or file: a path or file:// URI")
-            p.add_argument("--lazy", action="store_true", help="register only; load on first request")
-            p.add_argument("--size-hint", help="expected size in memory (512MiB, bytes)")
-            p.add_argument("--pinned", action="store_true", help="never evict it once loaded")
-            p.add_argument("--min-copies", type=int, help="keep at least this many copies loaded in the mesh")
-            p.add_argument("--load-timeout", type=float, help="seconds its load may take (default: the node's)")
 
 
 def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshserve", description="A gRPC routing mesh for ML models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_parser(sub)
-    _models_parser(sub)
+    add_admin_parsers(sub)
     _local_parser(sub)
     _simulate_parser(sub)
     return parser
@@ -109,9 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshnode.local_mesh import run_local
 
         return run_local(args.nodes, Path(args.model_repository), args.port, args.capacity)
-    from meshnode.models_cli import run_models_command
-
-    return run_models_command(args)
+    return run_admin_command(args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from meshnode.peers import GrpcPeers
 from meshnode.registry import Copy, ModelRecord, Registry
 from meshnode.repository import model_source
 from placement.copies import CopyConfig, CopyLoad, plan_copy_changes, plan_proactive_loads
-from placement.policy import choose_load_target, load_exclusions
+from placement.policy import active_failures, choose_load_target, load_exclusions
 from placement.types import LOADED, LOADING
 from router.errors import MeshError
 
@@ -73,7 +73,7 @@ class CopyManager:
         now, nodes, me = self._now(), self._mesh.nodes(), self._mesh.instance_id
         plan = plan_copy_changes(self._loads(now), nodes=nodes, me=me, now=now, config=self._config)
         for name, more in plan.add:
-            self._work.spawn(self._add_copies(name, more))
+            self._work.spawn(self.add_copies(name, more))
         for name in plan.remove_here:
             self._work.spawn(self._remove_here(name))
         if proactive:
@@ -103,24 +103,45 @@ class CopyManager:
             ))
         return loads
 
-    async def _add_copies(self, name: str, more: int) -> None:
+    async def add_copies(self, name: str, more: int, budget_s: float = LOAD_BUDGET_S) -> tuple[int, list[str]]:
+        """Claim up to `more` further copies on nodes placement chooses, then load them at once.
+
+        Returns how many loaded, and why the others did not (no node to place one on, a failed load).
+        """
+        targets: list[str] = []
+        why: list[str] = []
         for _ in range(more):
             view = self._mesh.model(name)
             if view is None:
-                return
+                return 0, [f"model '{name}' is not registered"]
+            now = self._now()
             holders = frozenset(c.instance_id for c in view.copies)
-            target = choose_load_target(self._mesh.nodes().values(), size_bytes=view.size_bytes, now=self._now(),
-                                        rng=self._rng, exclude=holders | load_exclusions(view, self._now()))
-            if target is None or not await self._claim_extra(name, target, len(holders) + 1):
-                return
-            node = self._mesh.nodes().get(target)
-            if node is None:
-                return
-            try:
-                await self._peers.load_copy(node, name, LOAD_BUDGET_S)
-                self.added += 1
-            except MeshError as error:
-                log.warning("extra copy of %s on %s failed: %s", name, target, error)
+            target = choose_load_target(self._mesh.nodes().values(), size_bytes=view.size_bytes, now=now,
+                                        rng=self._rng, exclude=holders | load_exclusions(view, now))
+            if target is None:
+                recent = "; ".join(f"{f.instance_id}: {f.message}" for f in active_failures(view, now))
+                why.append(f"no node to place a copy on (failed recently on {recent})" if recent
+                           else "no node to place a copy on")
+                break
+            if not await self._claim_extra(name, target, len(holders) + 1):
+                break
+            targets.append(target)
+        results = await asyncio.gather(*(self._load_on(name, target, budget_s) for target in targets))
+        why += [error for error in results if error is not None]
+        loaded = results.count(None)
+        self.added += loaded
+        return loaded, why
+
+    async def _load_on(self, name: str, target: str, budget_s: float) -> str | None:
+        node = self._mesh.nodes().get(target)
+        if node is None:
+            return f"{target} left the mesh"
+        try:
+            await self._peers.load_copy(node, name, budget_s)
+        except MeshError as error:
+            log.warning("copy of %s on %s failed: %s", name, target, error)
+            return f"{target}: {error}"
+        return None
 
     async def _claim_extra(self, name: str, target: str, wanted: int) -> bool:
         """Add `target` as a loading copy unless the live copies already reach `wanted`."""

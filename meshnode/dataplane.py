@@ -8,7 +8,7 @@ peer's copy, or wherever placement loads it. Hop metadata is only read on a miss
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ class DataPlane:
         self.router: Router | None = None  # set by the composition root once the mesh is up
         self.metadata_elsewhere: Callable[[str, str], Awaitable[pb.ModelMetadataResponse | None]] | None = None
         self.inflight = 0
+        # alias -> model (meshnode.aliases keeps it current); read only when a name is not cached here.
+        self.alias_targets: Mapping[str, str] = {}
 
     async def infer(
         self, request: pb.ModelInferRequest, metadata: Metadata | None = None,
@@ -53,6 +55,10 @@ class DataPlane:
         metrics.api_requests += 1
         self.inflight += 1
         entry = self._cache.ready.get((request.model_name, request.model_version))
+        if entry is None and (target := self.alias_targets.get(request.model_name)) is not None:
+            # Served as the model the alias points at now; the response names that model.
+            request.model_name = target
+            entry = self._cache.ready.get((target, request.model_version))
         try:
             if entry is not None:
                 entry.inflight += 1
@@ -110,6 +116,7 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str) -> bool:
         """True when a request for the model would be served now: a copy in the mesh, or loadable."""
+        name = self.alias_targets.get(name, name)
         if (name, version) in self._cache.ready:
             return True
         record = self._registry.get(name)
@@ -125,8 +132,13 @@ class DataPlane:
         """From a copy here, else from a copy elsewhere; a load here only when the mesh has none.
 
         Clients ask for metadata before their first request: loading a copy on every node they
-        touch would defeat placement.
+        touch would defeat placement. For an alias, the answer names the alias: what to send requests to.
         """
+        model = self.alias_targets.get(name)
+        if model is not None:
+            found = await self.model_metadata(model, version, forwarded)
+            found.name = name
+            return found
         if not forwarded and self.metadata_elsewhere is not None and not self._cache.has_entry(name, version):
             found = await self.metadata_elsewhere(name, version)
             if found is not None:

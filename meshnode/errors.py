@@ -65,3 +65,15 @@ class Unsupported(MeshServeError):
 
 class DeadlineExceeded(MeshServeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(MeshServeError):
+    """The request is valid but the mesh's state refuses it (e.g. unregistering an alias's model)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(MeshServeError):
+    """A concurrent change won a compare-and-set; nothing was changed, the caller may try again."""
+
+    code = grpc.StatusCode.ABORTED

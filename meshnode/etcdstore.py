@@ -14,7 +14,7 @@ import functools
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import aetcd
@@ -210,6 +210,33 @@ class EtcdStore:
         cmp = self._client.transactions.mod(k) == expected_mod_revision
         ok, _, revision = await self._txn(key, cmp, None, None)
         return revision if ok else None
+
+    async def commit(self, puts: Mapping[str, object], unchanged: Mapping[str, int],
+                     present: Sequence[str] = ()) -> int | None:
+        """Write every key of `puts` in one transaction, if each `unchanged` key still has that
+        mod_revision (0: absent) and each `present` key exists: the revision, or None if not."""
+        tx = self._client.transactions
+        compare = [tx.mod(self.full_key(k)) == revision for k, revision in unchanged.items()]
+        compare += [tx.version(self.full_key(k)) > 0 for k in present]
+        values = {self.full_key(k): encode(v) for k, v in puts.items()}
+        tries = 0
+
+        async def attempt() -> tuple[bool, list[object]]:
+            nonlocal tries
+            tries += 1
+            self.writes += 1
+            return await self._client.transaction(  # type: ignore[no-any-return]
+                compare=compare, success=[tx.put(k, v) for k, v in values.items()],
+                failure=[tx.get(k) for k in values])
+
+        ok, responses = await self.retrying(f"commit {', '.join(puts)}", attempt)
+        if ok:
+            return self._seen(responses[0].response_put.header.revision)  # type: ignore[attr-defined]
+        found = [r[0][1] if r else None for r in responses]  # type: ignore[index]
+        if tries > 1 and all(kv is not None and kv.value == v for kv, v in zip(found, values.values(), strict=True)):
+            # An earlier attempt whose answer was lost wrote exactly this: it was ours.
+            return self._seen(max(kv.mod_revision for kv in found))  # type: ignore[union-attr]
+        return None
 
     async def update(
         self,

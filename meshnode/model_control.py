@@ -14,12 +14,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from meshnode.aliases import Aliases
 from meshnode.cache import ModelCache
 from meshnode.dataplane import DataPlane
-from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelNotFound
+from meshnode.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidInput,
+    LoadFailed,
+    MeshServeError,
+    ModelNotFound,
+)
 from meshnode.mesh import MeshState
-from meshnode.registry import ModelRecord, Registry
+from meshnode.registry import Copy, ModelRecord, Registry
 from meshnode.repository import ModelRepository, check_model_name, resolve_storage_uri
+from placement.types import LOADED, LOADING
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +50,9 @@ class IndexEntry:
 class ModelControl:
     def __init__(
         self, *, registry: Registry, repository: ModelRepository, cache: ModelCache, dataplane: DataPlane,
-        mesh: MeshState,
+        mesh: MeshState, aliases: Aliases,
     ) -> None:
+        self._aliases = aliases
         self._registry = registry
         self._repository = repository
         self._cache = cache
@@ -64,6 +74,8 @@ class ModelControl:
         if params.get(PARAM_COPY) is True:
             await self.load_copy(name)
             return
+        if name in self._aliases.targets:
+            raise AlreadyExists(f"'{name}' is an alias; a model needs a name of its own")
         files = {k[len("file:"):]: v for k, v in params.items() if k.startswith("file:")}
         config = _parse_config(params.get("config"))
         size_hint = params.get(PARAM_SIZE_HINT, config.get("size_hint"))
@@ -118,6 +130,9 @@ class ModelControl:
         if self._registry.get(name) is None:
             raise ModelNotFound(f"failed to unload '{name}': model is not registered")
         if params.get(PARAM_UNREGISTER) is True:
+            if pointing := self._aliases.pointing_at(name):
+                raise FailedPrecondition(f"model '{name}' is the target of alias {', '.join(pointing)}: "
+                                         "point the alias elsewhere or delete it first")
             await self._registry.unregister(name)
         else:
             await self._registry.update(name, lambda r: replace(r, enabled=False) if r is not None else None)
@@ -125,26 +140,27 @@ class ModelControl:
 
     def index(self, ready_only: bool) -> list[IndexEntry]:
         """Every registered model with its state in the mesh: where its copies are, or why none."""
-        entries: list[IndexEntry] = []
-        live = self._mesh.nodes()
-        for record in sorted(self._registry.records(), key=lambda r: r.name):
-            local = list(self._cache.entries(record.name))
-            # Other nodes' copies as their records say; this node's from its own cache, which is
-            # ahead of its record (a claim that failed to load is gone here before it is there).
-            me = self._mesh.instance_id
-            copies = {n: c["state"] for n, c in record.copies.items() if n in live and n != me}
-            for e in local:
-                copies[me] = "loaded" if e.model else "loading"
-            if record.enabled and copies:
-                state = "READY" if "loaded" in copies.values() else "LOADING"
-                version = next((e.version for e in local), "")
-                where = ", ".join(f"{n} ({s})" for n, s in sorted(copies.items()))
-                entry = IndexEntry(record.name, version, state, f"copies: {where}")
-            else:
-                entry = self._idle_entry(record)
-            if not ready_only or entry.state == "READY":
-                entries.append(entry)
-        return entries
+        entries = (self.entry(record) for record in sorted(self._registry.records(), key=lambda r: r.name))
+        return [e for e in entries if not ready_only or e.state == "READY"]
+
+    def copies(self, record: ModelRecord) -> dict[str, Copy]:
+        """The model's copies on live nodes. Other nodes' as their records say; this node's from its
+        own cache, which is ahead of its record (a claim that failed to load is gone here first)."""
+        live, me = self._mesh.nodes(), self._mesh.instance_id
+        copies = {n: c for n, c in record.copies.items() if n in live and n != me}
+        for e in self._cache.entries(record.name):
+            mine = record.copies.get(me)
+            copies[me] = Copy(state=LOADED if e.model else LOADING, since=mine["since"] if mine else time.time())
+        return copies
+
+    def entry(self, record: ModelRecord) -> IndexEntry:
+        copies = self.copies(record)
+        if record.enabled and copies:
+            state = "READY" if any(c["state"] == LOADED for c in copies.values()) else "LOADING"
+            version = next((e.version for e in self._cache.entries(record.name)), "")
+            where = ", ".join(f"{n} ({c['state']})" for n, c in sorted(copies.items()))
+            return IndexEntry(record.name, version, state, f"copies: {where}")
+        return self._idle_entry(record)
 
     def _idle_entry(self, record: ModelRecord) -> IndexEntry:
         if not record.enabled:

@@ -8,17 +8,14 @@ each other's updates, and are applied to the view at once.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from meshnode.etcdstore import EtcdStore
+from meshnode.json_record import JsonRecord
 from meshnode.watched import WatchedPrefix
-
-log = logging.getLogger(__name__)
 
 PREFIX = "models/"
 
@@ -36,7 +33,7 @@ class Copy(TypedDict):
 
 
 @dataclass
-class ModelRecord:
+class ModelRecord(JsonRecord):
     name: str
     storage: str  # absolute path: a Triton-layout model directory, or a single model file
     enabled: bool = True  # False after RepositoryModelUnload: not served until loaded again
@@ -50,40 +47,21 @@ class ModelRecord:
     pinned: bool = False  # never evicted once loaded
     min_copies: int = 1  # the mesh keeps at least this many copies loaded
     load_timeout_s: float | None = None  # None: each node's default
+    # Pointed at by an alias with auto_delete: unregistered once no alias points at it any more.
+    delete_when_unaliased: bool = False
     # Fields written by newer versions, kept as read so a read-modify-write here does not drop them.
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> bytes:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return json.dumps({**self.extra, **data}, separators=(",", ":")).encode()
 
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> ModelRecord:
-        data = json.loads(raw)
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            raise ValueError("model record must be a JSON object with a string 'name'")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        record = cls(**{k: v for k, v in data.items() if k in known})
-        record.extra = {k: v for k, v in data.items() if k not in known}
-        return record
-
-
-def _key(name: str) -> str:
+def key_of(name: str) -> str:
     return PREFIX + name
 
-
-def _decode(name: str, raw: bytes) -> ModelRecord | None:
-    try:
-        return ModelRecord.from_json(raw)
-    except (ValueError, TypeError) as e:
-        log.warning("ignoring malformed registry record %r: %s", name, e)
-        return None
 
 
 class Registry:
     def __init__(self, store: EtcdStore) -> None:
         self._store = store
-        self._watched: WatchedPrefix[ModelRecord] = WatchedPrefix(store, PREFIX, _decode)
+        self._watched: WatchedPrefix[ModelRecord] = WatchedPrefix(store, PREFIX, ModelRecord.decode)
 
     # --- local view: no etcd on these paths ---
 
@@ -118,7 +96,7 @@ class Registry:
     # --- writes, all compare-and-set on etcd, reflected in the view at once ---
 
     async def register_if_absent(self, record: ModelRecord) -> bool:
-        revision = await self._store.create(_key(record.name), record.to_json())
+        revision = await self._store.create(key_of(record.name), record.to_json())
         if revision is None:
             return False
         self._watched.apply(record.name, record, revision)
@@ -142,21 +120,21 @@ class Registry:
         """
 
         def apply(raw: bytes | None) -> bytes | None:
-            old = _decode(name, raw) if raw is not None else None
-            new = fn(_decode(name, raw) if raw is not None else None)
+            old = ModelRecord.decode(name, raw) if raw is not None else None
+            new = fn(ModelRecord.decode(name, raw) if raw is not None else None)
             if new is None:
                 return None
             if new == old:
                 return raw
             return dataclasses.replace(new, updated_at=time.time()).to_json()
 
-        raw, revision = await self._store.update_versioned(_key(name), apply)
-        record = _decode(name, raw) if raw is not None else None
+        raw, revision = await self._store.update_versioned(key_of(name), apply)
+        record = ModelRecord.decode(name, raw) if raw is not None else None
         self._watched.apply(name, record, revision)
         return record
 
     async def unregister(self, name: str) -> bool:
-        revision = await self._store.delete(_key(name))
+        revision = await self._store.delete(key_of(name))
         if revision is None:
             return False
         self._watched.apply(name, None, revision)
@@ -164,9 +142,9 @@ class Registry:
 
     async def get_remote(self, name: str) -> ModelRecord | None:
         """Read etcd itself (linearizable), refreshing the view with what it says."""
-        found = await self._store.get(_key(name))
+        found = await self._store.get(key_of(name))
         if found is None:
             return None
-        record = _decode(name, found[0])
+        record = ModelRecord.decode(name, found[0])
         self._watched.apply(name, record, found[1])
         return record

@@ -12,6 +12,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from meshnode import transport
+from meshnode.alias_switch import AliasSwitch
+from meshnode.aliases import Aliases
 from meshnode.background import BackgroundTasks
 from meshnode.cache import ModelCache
 from meshnode.copy_manager import CopyManager
@@ -19,9 +21,11 @@ from meshnode.dataplane import DataPlane, LocalCopies
 from meshnode.drain import hand_off
 from meshnode.etcdstore import EtcdStore
 from meshnode.instances import InstancePublisher
+from meshnode.management import Management
+from meshnode.management_servicer import ManagementServicer
 from meshnode.mesh import MeshState
 from meshnode.metrics import MetricsServer, NodeMetrics, NodeState, serve_metrics
-from meshnode.model_control import ModelControl
+from meshnode.model_control import PARAM_UNREGISTER, ModelControl
 from meshnode.peers import GrpcPeers
 from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import ModelRepository
@@ -78,15 +82,28 @@ class Node:
         self.registry = Registry(self._store)
         await self.registry.start()
         self.registry.add_listener(self._on_registry_change)
+        self.aliases = Aliases(self._store)
+        await self.aliases.start()
         repository = ModelRepository(s.model_repository)
         self.dataplane = DataPlane(registry=self.registry, cache=self.cache, runtime=self.runtime,
                                    metrics=self.metrics, version=software_version())
         self.mesh = MeshState(self._store, self.registry, self.cache, self.runtime, self.instance_id)
         self.control = ModelControl(registry=self.registry, repository=repository, cache=self.cache,
-                                    dataplane=self.dataplane, mesh=self.mesh)
+                                    dataplane=self.dataplane, mesh=self.mesh, aliases=self.aliases)
+        self.dataplane.alias_targets = self.aliases.targets
         added = await self.control.register_repository()
         log.info("registered %d new models from %s", added, s.model_repository)
+        self.copies = CopyManager(
+            cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, dataplane=self.dataplane,
+            config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
+        )
+        self.alias_switch = AliasSwitch(aliases=self.aliases, registry=self.registry, mesh=self.mesh,
+                                        copies=self.copies, unregister=self._unregister,
+                                        retire_after_s=s.alias_retire_after_s)
+        management = Management(registry=self.registry, control=self.control, mesh=self.mesh, aliases=self.aliases,
+                                switch=self.alias_switch)
         transport.add_inference_service(self._server, InferenceServicer(self.dataplane, self.control).handlers())
+        transport.add_management_service(self._server, ManagementServicer(management).handlers())
         self.port = transport.bind(self._server, s.host, s.port)
         await self._server.start()
         # Join the mesh only once this node can answer: peers route to it as soon as it is listed.
@@ -97,10 +114,6 @@ class Node:
         self.cache.on_change = self.mesh.copy_changed
         self.dataplane.router = Router(LocalCopies(self.dataplane, self.instance_id), self.mesh, self.peers)
         self.dataplane.metadata_elsewhere = self._metadata_elsewhere
-        self.copies = CopyManager(
-            cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, dataplane=self.dataplane,
-            config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
-        )
         self.copies.start()
         if s.metrics_port is not None:
             self.metrics.set_state_source(self._state)
@@ -134,6 +147,9 @@ class Node:
                 continue
         return None
 
+    async def _unregister(self, name: str) -> None:
+        await self.control.unload(name, {PARAM_UNREGISTER: True})
+
     def _state(self) -> NodeState:
         if self._store is not None:
             self.metrics.etcd_writes = self._store.writes
@@ -155,6 +171,7 @@ class Node:
         self._draining = True
         if hasattr(self, "publisher"):
             await self.copies.stop()
+            await self.alias_switch.close()
             await self.publisher.publish_now()  # placement elsewhere stops choosing this node
             moved, failed = await hand_off(self.cache, self.mesh, self.peers)
             log.info("drained: %d models handed off, %d could not be", moved, failed)
@@ -169,6 +186,7 @@ class Node:
         await self.runtime.close()
         if hasattr(self, "registry"):
             await self.registry.stop()
+            await self.aliases.stop()
         if self._store is not None:
             await self._store.close()
 

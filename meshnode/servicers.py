@@ -26,7 +26,7 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
-def _maps_errors(
+def maps_errors(
     handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
     @functools.wraps(handler)
@@ -65,20 +65,20 @@ class InferenceServicer:
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._dataplane.ready)
 
-    @_maps_errors
+    @maps_errors
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._dataplane.model_ready(request.name, request.version))
 
-    @_maps_errors
+    @maps_errors
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return self._dataplane.server_metadata()
 
-    @_maps_errors
+    @maps_errors
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         forwarded = Hop.from_metadata(context.invocation_metadata()).hops > 0
         return await self._dataplane.model_metadata(request.name, request.version, forwarded)
 
-    @_maps_errors
+    @maps_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         return await self._dataplane.infer(request, context.invocation_metadata, context.time_remaining)
 
@@ -95,21 +95,21 @@ class InferenceServicer:
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
-    @_maps_errors
+    @maps_errors
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
             for e in self._control.index(request.ready)
         ])
 
-    @_maps_errors
+    @maps_errors
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         await self._control.load(request.model_name, _parameters(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    @_maps_errors
+    @maps_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:

@@ -61,3 +61,6 @@ class NodeSettings(BaseSettings):
     infer_workers: int = 2
     inline_threshold_ms: float = 0.5
     intra_op_threads: int = 1
+    # After an alias with auto_delete moves on, its old model is unregistered this much later
+    # (requests already resolved to it finish; every node's watch sees the switch first).
+    alias_retire_after_s: float = Field(default=10.0, ge=0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE
+from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MANAGEMENT_SERVICE, Methods
 
 # Tensors are large and Triton sets no practical limit; 2 GiB is protobuf's own ceiling.
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -33,10 +33,11 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-def add_inference_service(server: grpc.aio.Server, handlers: Mapping[str, Callable[..., Any]]) -> None:
-    """Serve `handlers` (method name -> coroutine or async generator) on Triton's service path."""
+def add_service(server: grpc.aio.Server, service: str, methods: Methods,
+                handlers: Mapping[str, Callable[..., Any]]) -> None:
+    """Serve `handlers` (method name -> coroutine or async generator) under the service path `service`."""
     method_handlers = {}
-    for method, (request_cls, response_cls, client_streams, server_streams) in INFERENCE_METHODS.items():
+    for method, (request_cls, response_cls, client_streams, server_streams) in methods.items():
         handler = handlers.get(method)
         if handler is None:
             continue
@@ -53,23 +54,43 @@ def add_inference_service(server: grpc.aio.Server, handlers: Mapping[str, Callab
             request_deserializer=request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )
-    server.add_registered_method_handlers(INFERENCE_SERVICE, method_handlers)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, method_handlers),))
+    server.add_registered_method_handlers(service, method_handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, method_handlers),))
+
+
+def add_inference_service(server: grpc.aio.Server, handlers: Mapping[str, Callable[..., Any]]) -> None:
+    """Serve Triton's inference protocol on Triton's own service path."""
+    add_service(server, INFERENCE_SERVICE, INFERENCE_METHODS, handlers)
+
+
+def add_management_service(server: grpc.aio.Server, handlers: Mapping[str, Callable[..., Any]]) -> None:
+    add_service(server, MANAGEMENT_SERVICE, MANAGEMENT_METHODS, handlers)
 
 
 def create_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=_OPTIONS)
 
 
-class InferenceStub:
-    """Client of Triton's service path with meshserve's messages (CLI, peers, tests)."""
+class Stub:
+    """Client of one service: an attribute per method, taking and returning meshserve's messages."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        for method, (request_cls, response_cls, client_streams, server_streams) in INFERENCE_METHODS.items():
-            path = f"/{INFERENCE_SERVICE}/{method}"
+    def __init__(self, channel: grpc.aio.Channel, service: str, methods: Methods) -> None:
+        for method, (request_cls, response_cls, client_streams, server_streams) in methods.items():
             make = channel.stream_stream if client_streams and server_streams else channel.unary_unary
             setattr(self, method, make(
-                path,
+                f"/{service}/{method}",
                 request_serializer=request_cls.SerializeToString,
                 response_deserializer=response_cls.FromString,
             ))
+
+
+class InferenceStub(Stub):
+    """Triton's service path with meshserve's messages (CLI, peers, tests, the Triton runtime)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__(channel, INFERENCE_SERVICE, INFERENCE_METHODS)
+
+
+class ManagementStub(Stub):
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__(channel, MANAGEMENT_SERVICE, MANAGEMENT_METHODS)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -81,6 +83,29 @@ def _traffic(mesh: LocalMesh, repo: Path) -> list[str]:
     return lines
 
 
+def _command(mesh: LocalMesh, *args: str) -> str:
+    """`meshserve ARGS --target <node-1>`: the command line a person would type."""
+    done = subprocess.run([sys.executable, "-m", "meshnode", *args, "--target", mesh.targets()[1]],
+                          capture_output=True, text=True, timeout=300)
+    text = done.stdout if done.returncode == 0 else f"failed: {done.stderr}"
+    return "\n".join("  " + line for line in text.strip().splitlines())
+
+
+def _alias_switch(mesh: LocalMesh) -> list[str]:
+    x = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    x.set_data_from_numpy(np.ones((1, 16), np.float32))
+    lines = ["$ meshserve aliases set fraud tenant-0", _command(mesh, "aliases", "set", "fraud", "tenant-0")]
+    with grpcclient.InferenceServerClient(mesh.targets()[2]) as client:
+        before = client.infer("fraud", [x]).get_response().model_name
+        lines.append(f"  a request for 'fraud' through node-2 is answered by {before}")
+        lines += ["$ meshserve aliases set fraud tenant-1   # loads tenant-1 first, then switches",
+                  _command(mesh, "aliases", "set", "fraud", "tenant-1")]
+        after = client.infer("fraud", [x]).get_response().model_name
+        lines.append(f"  a request for 'fraud' through node-2 is answered by {after}")
+    lines += ["$ meshserve nodes", _command(mesh, "nodes")]
+    return lines
+
+
 def run(capacity: str) -> None:
     with tempfile.TemporaryDirectory(prefix="meshserve-demo-") as tmp:
         repo = Path(tmp) / "models"
@@ -90,6 +115,8 @@ def run(capacity: str) -> None:
             print(mesh.describe().replace(tmp, "<tmp>"), "\n")
             print("Answers through tritonclient, each model asked through every node:")
             print("\n".join(_traffic(mesh, repo)))
+            print("\nAn alias, switched from one model to another:")
+            print("\n".join(_alias_switch(mesh)))
             print("\nPer node:")
             for node in mesh.nodes:
                 m = _metrics(node)

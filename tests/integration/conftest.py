@@ -25,10 +25,23 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_add_sub(root, "simple")
     for datatype in DATATYPES:
         write_identity(root, f"id_{datatype.lower()}", datatype)
-    broken = root / "broken" / "1"
-    broken.mkdir(parents=True)
-    (broken / "model.onnx").write_bytes(b"this is not an onnx model")
+    write_broken(root)
     return root
+
+
+def write_broken(root: Path, name: str = "broken") -> None:
+    """A model whose file is not a model: its loads fail."""
+    version = root / name / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"this is not an onnx model")
+
+
+def start_nodes(etcd: EtcdProcess, repo: Path, count: int, capacity: str = "256MiB",
+                extra_args: list[str] | None = None) -> list[NodeProcess]:
+    """`count` nodes of one mesh (one etcd prefix), named n0, n1, ..."""
+    prefix = f"mesh-{uuid.uuid4().hex[:8]}"
+    return [start_node(etcd, repo, capacity, prefix, [*(extra_args or []), "--instance-id", f"n{i}"])
+            for i in range(count)]
 
 
 def start_node(etcd: EtcdProcess, repo: Path, capacity: str = "256MiB", prefix: str | None = None,
@@ -48,3 +61,4 @@ def node(etcd: EtcdProcess, model_repo: Path) -> Iterator[NodeProcess]:
 def client(node: NodeProcess) -> Iterator[grpcclient.InferenceServerClient]:
     with grpcclient.InferenceServerClient(node.target) as c:
         yield c
+

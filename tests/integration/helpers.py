@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from meshnode import transport
 from meshnode.node_process import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,3 +45,9 @@ def run_quick_bench(module: str, time_limit_s: float) -> dict[str, Any]:
 
 def positive(value: object) -> bool:
     return isinstance(value, int | float) and value > 0
+
+
+async def manage(target: str, method: str, request: object, deadline_s: float = 60.0) -> Any:
+    """One call of the management service on the node at `target`."""
+    async with transport.create_channel(target) as channel:
+        return await getattr(transport.ManagementStub(channel), method)(request, timeout=deadline_s)

@@ -240,3 +240,14 @@ async def test_watch_reports_etcd_data_loss(private_etcd: EtcdProcess, etcd_pref
         watch.cancel()
     finally:
         await s.close()
+
+
+async def test_commit_writes_all_keys_only_when_every_check_holds(store: EtcdStore) -> None:
+    assert await store.commit({"alias": b"m1"}, unchanged={"alias": 0}, present=["model"]) is None  # no model
+    await store.put("model", b"x")
+    first = await store.commit({"alias": b"m1", "other": b"o"}, unchanged={"alias": 0}, present=["model"])
+    assert first is not None
+    assert await store.get("alias") == (b"m1", first) and await store.get("other") == (b"o", first)
+    assert await store.commit({"alias": b"m2"}, unchanged={"alias": first - 1}) is None  # stale revision
+    second = await store.commit({"alias": b"m2"}, unchanged={"alias": first})
+    assert second is not None and (await store.get("alias")) == (b"m2", second)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -112,32 +110,5 @@ def test_load_rejects_bad_parameters_clearly(etcd: EtcdProcess, tmp_path: Path) 
                 assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
                 assert fragment in err.value.message()
             assert client.is_server_live()
-    finally:
-        node.stop()
-
-
-def test_models_cli_lists_registers_reports_and_unregisters(etcd: EtcdProcess, tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    write_mlp(repo, "listed", approx_bytes=50_000)
-    extra = write_mlp(tmp_path / "extra", "added", approx_bytes=50_000)
-    node = start_node(etcd, repo)
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "meshnode", "models", *args, "--target", node.target],
-                              capture_output=True, text=True, timeout=60)
-
-    try:
-        listed = cli("list", "--json")
-        assert listed.returncode == 0, listed.stderr
-        assert [m["name"] for m in json.loads(listed.stdout)] == ["listed"]
-        registered = cli("register", "added", str(extra), "--lazy")
-        assert registered.returncode == 0, registered.stderr
-        status = json.loads(cli("status", "added", "--json").stdout)
-        assert status["ready"] is True and status["copies"][0]["state"] == ""
-        table = cli("list")
-        assert "NAME" in table.stdout and "added" in table.stdout
-        assert cli("unregister", "added").returncode == 0
-        missing = cli("status", "added")
-        assert missing.returncode == 1 and "not registered" in missing.stderr
     finally:
         node.stop()

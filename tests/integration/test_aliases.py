@@ -1,0 +1,192 @@
+"""Aliases in a real mesh: two node processes, a real etcd, tritonclient and the management service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from meshnode.etcd_process import EtcdProcess
+from meshnode.examples import mlp_reference, write_mlp
+from meshnode.node_process import NodeProcess
+from meshpb import mpb
+from tests.integration.conftest import start_nodes, write_broken
+from tests.integration.helpers import manage
+
+pytestmark = pytest.mark.timeout(120)
+X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("alias-repo")
+    for seed, name in enumerate(("m1", "m2", "m3", "m4", "m5")):
+        write_mlp(root, name, approx_bytes=100_000, seed=seed)
+    write_broken(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mesh(etcd: EtcdProcess, repo: Path) -> Iterator[list[NodeProcess]]:
+    nodes = start_nodes(etcd, repo, 2, extra_args=["--alias-retire-after", "1", "--no-proactive-loads"])
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+def x_input() -> list[aioclient.InferInput]:
+    inp = aioclient.InferInput("INPUT0", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    return [inp]
+
+
+async def answer(client: aioclient.InferenceServerClient, name: str) -> tuple[str, np.ndarray]:
+    result = await client.infer(name, x_input())
+    return result.get_response().model_name, result.as_numpy("OUTPUT0")
+
+
+async def set_alias(target: str, alias: str, model: str, auto_delete: bool = False) -> mpb.Alias:
+    found = await manage(target, "SetAlias", mpb.SetAliasRequest(alias=alias, model=model, auto_delete=auto_delete))
+    assert isinstance(found, mpb.Alias)
+    return found
+
+
+async def status(target: str, model: str) -> mpb.ModelStatus:
+    found = await manage(target, "GetModelStatus", mpb.GetModelStatusRequest(name=model))
+    assert isinstance(found, mpb.ModelStatus)
+    return found
+
+
+async def test_requests_to_an_alias_are_served_by_its_model_through_every_node(
+        mesh: list[NodeProcess], repo: Path) -> None:
+    alias = await set_alias(mesh[0].target, "tenant-a", "m1")
+    assert alias.model == "m1" and alias.previous_model == ""
+    for node in mesh:
+        async with aioclient.InferenceServerClient(node.target) as client:
+            served_by, output = await answer(client, "tenant-a")
+            assert served_by == "m1"
+            np.testing.assert_allclose(output, mlp_reference(repo / "m1", X), rtol=1e-4, atol=1e-5)
+            metadata = await client.get_model_metadata("tenant-a")
+            assert metadata.name == "tenant-a" and metadata.inputs[0].name == "INPUT0"
+            assert await client.is_model_ready("tenant-a")
+    assert (await status(mesh[1].target, "m1")).aliases == ["tenant-a"]
+
+
+async def test_switching_under_load_fails_no_request_and_loads_as_many_copies_first(
+        mesh: list[NodeProcess], repo: Path) -> None:
+    await set_alias(mesh[0].target, "tenant-b", "m2")
+    # Two copies of the old model: one on each node.
+    for node in mesh:
+        await manage(node.target, "RegisterModel", mpb.RegisterModelRequest(name="m2", storage_uri=str(repo / "m2")))
+    served: list[str] = []
+    failures: list[str] = []
+    switched = asyncio.Event()
+    after_switch: list[str] = []
+
+    async def caller(target: str) -> None:
+        async with aioclient.InferenceServerClient(target) as client:
+            while not switched.is_set() or len(after_switch) < 40:
+                try:
+                    name, output = await answer(client, "tenant-b")
+                except InferenceServerException as error:
+                    failures.append(str(error))
+                    continue
+                np.testing.assert_allclose(output, mlp_reference(repo / name, X), rtol=1e-4, atol=1e-5)
+                (after_switch if switched.is_set() else served).append(name)
+
+    callers = [asyncio.create_task(caller(node.target)) for node in mesh for _ in range(2)]
+    await asyncio.sleep(0.5)
+    result = await set_alias(mesh[1].target, "tenant-b", "m3")
+    switched.set()
+    await asyncio.wait_for(asyncio.gather(*callers), 30)
+    assert not failures
+    assert result.model == "m3" and result.previous_model == "m2"
+    assert set(served) <= {"m2", "m3"} and "m2" in served
+    # Each node's watch moves within milliseconds; by the 40th answer after the switch all go to m3.
+    assert after_switch[-10:] == ["m3"] * 10
+    copies = (await status(mesh[0].target, "m3")).copies
+    assert sorted(c.state for c in copies) == ["loaded", "loaded"], copies
+
+
+async def test_a_failed_target_load_leaves_the_alias_where_it_was_and_says_why(mesh: list[NodeProcess]) -> None:
+    await set_alias(mesh[0].target, "tenant-c", "m4")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await set_alias(mesh[0].target, "tenant-c", "broken")
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert "stays on 'm4'" in raised.value.details() and "broken" in raised.value.details()
+    got = await manage(mesh[1].target, "GetAlias", mpb.GetAliasRequest(alias="tenant-c"))
+    assert isinstance(got, mpb.Alias)
+    assert got.model == "m4" and got.switching_to == "" and "broken" in got.last_error
+    async with aioclient.InferenceServerClient(mesh[1].target) as client:
+        assert (await answer(client, "tenant-c"))[0] == "m4"
+
+
+async def test_auto_delete_unregisters_the_old_model_once_no_alias_points_at_it(
+        mesh: list[NodeProcess], repo: Path) -> None:
+    target = mesh[0].target
+    await manage(target, "RegisterModel", mpb.RegisterModelRequest(name="old", storage_uri=str(repo / "m5"),
+                                                                     lazy=True))
+    await set_alias(target, "tenant-d", "old", auto_delete=True)
+    await set_alias(target, "tenant-e", "old")
+    await set_alias(target, "tenant-d", "m5", auto_delete=True)
+    await asyncio.sleep(2.0)  # past the 1 s grace: "old" stays, tenant-e still points at it
+    assert (await status(target, "old")).aliases == ["tenant-e"]
+    await manage(target, "DeleteAlias", mpb.DeleteAliasRequest(alias="tenant-e"))
+    await manage(target, "DeleteAlias", mpb.DeleteAliasRequest(alias="tenant-d"))  # m5 was marked by it too
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        listed = await manage(mesh[1].target, "ListModels", mpb.ListModelsRequest())
+        names = {m.name for m in listed.models}
+        if not names & {"old", "m5"}:
+            break
+        await asyncio.sleep(0.2)
+    assert not names & {"old", "m5"}, names
+    assert {"m1", "m2", "m3", "m4"} <= names
+
+
+@pytest.mark.parametrize(("method", "request_", "code", "words"), [
+    ("SetAlias", mpb.SetAliasRequest(alias="m1", model="m2"), grpc.StatusCode.ALREADY_EXISTS, "registered model"),
+    ("SetAlias", mpb.SetAliasRequest(alias="x", model="nope"), grpc.StatusCode.NOT_FOUND, "no such model"),
+    ("SetAlias", mpb.SetAliasRequest(alias="", model="m1"), grpc.StatusCode.INVALID_ARGUMENT, "invalid model name"),
+    ("GetAlias", mpb.GetAliasRequest(alias="nope"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+    ("DeleteAlias", mpb.DeleteAliasRequest(alias="nope"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+])
+async def test_bad_alias_requests_get_a_clear_status(mesh: list[NodeProcess], method: str, request_: object,
+                                                     code: grpc.StatusCode, words: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await manage(mesh[0].target, method, request_)
+    assert raised.value.code() == code and words in raised.value.details()
+
+
+async def test_an_aliased_model_cannot_be_unregistered_nor_an_alias_name_registered(
+        mesh: list[NodeProcess], repo: Path) -> None:
+    await set_alias(mesh[0].target, "tenant-f", "m1")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await manage(mesh[1].target, "UnregisterModel", mpb.UnregisterModelRequest(name="m1"))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "tenant-f" in raised.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await manage(mesh[1].target, "RegisterModel",
+                     mpb.RegisterModelRequest(name="tenant-f", storage_uri=str(repo / "m1")))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await set_alias(mesh[0].target, "tenant-g", "tenant-f")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is an alias" in raised.value.details()
+
+
+async def test_concurrent_switches_of_one_alias_never_both_half_win(mesh: list[NodeProcess]) -> None:
+    await set_alias(mesh[0].target, "tenant-h", "m1")
+    outcomes = await asyncio.gather(set_alias(mesh[0].target, "tenant-h", "m2"),
+                                    set_alias(mesh[1].target, "tenant-h", "m4"), return_exceptions=True)
+    won = [o.model for o in outcomes if isinstance(o, mpb.Alias)]
+    lost = [o for o in outcomes if not isinstance(o, mpb.Alias)]
+    assert won, outcomes
+    assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.ABORTED for e in lost), lost
+    final = await manage(mesh[1].target, "GetAlias", mpb.GetAliasRequest(alias="tenant-h"))
+    assert final.model in won and final.switching_to == ""
