@@ -4,9 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test proto proto-check lint typecheck bench clean
+# Triton Inference Server for `--runtime triton` and its tests (../shared/reference/triton-on-cpu.md):
+# the server inside nvidia-pytriton, in a venv of its own because it needs numpy 1.x (under numpy 2
+# the Python backend answers with empty outputs) and would drag .venv's pins back to old releases.
+TRITON_VENV := .triton-venv
+TRITON_SERVER := $(TRITON_VENV)/server
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
-install: $(STAMP)
+.PHONY: install triton demo test proto proto-check lint typecheck bench clean
+
+install: $(STAMP) $(TRITON_STAMP)
 	@command -v etcd >/dev/null 2>&1 || { \
 	  echo "installing etcd-server from Debian"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client) >/dev/null \
@@ -17,6 +24,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+triton: $(TRITON_STAMP)
+
+# The server tree is copied out of site-packages so its backends folder can hold the one stub for this
+# Python; the stub links libpython3.11.so.1.0, which Debian's libpython3.11 provides when nothing does.
+$(TRITON_STAMP):
+	test -x $(TRITON_VENV)/bin/python || $(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q nvidia-pytriton==0.7.0 onnxruntime==1.31.1
+	site=$$($(TRITON_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	rm -rf $(TRITON_SERVER) && cp -r $$site/pytriton/tritonserver $(TRITON_SERVER) && \
+	rm -rf $(TRITON_SERVER)/python_backend_stubs && \
+	cp $$site/pytriton/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub $(TRITON_SERVER)/backends/python/ && \
+	if LD_LIBRARY_PATH=$$site/nvidia_pytriton.libs ldd $(TRITON_SERVER)/backends/python/triton_python_backend_stub \
+	    | grep -q 'libpython3.11.so.1.0 => not found'; then \
+	  echo "installing libpython3.11 from Debian"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpython3.11) >/dev/null \
+	  || { echo "could not install libpython3.11 (need root or sudo)"; exit 1; }; \
+	fi
+	touch $(TRITON_STAMP)
 
 # Generated code is committed; proto-check fails when it drifts from proto/.
 proto: $(STAMP)
@@ -44,4 +71,4 @@ bench: install
 	$(BIN)/python -m bench.node_vs_floor
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from meshnode.admin_cli import add_admin_parsers, run_admin_command
+from meshnode.runtimes import RUNTIMES
 from meshnode.settings import NodeSettings, parse_size
 
 
@@ -40,6 +41,10 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                       help="seconds before an auto-delete alias's old model is unregistered (default 10)")
     node.add_argument("--no-proactive-loads", dest="proactive_loads", action="store_const", const=False,
                       help="do not load recently used or new models into free space ahead of requests")
+    node.add_argument("--runtime", choices=sorted(RUNTIMES), help="what runs the models (default onnxruntime)")
+    node.add_argument("--triton-url", help="Triton's gRPC HOST:PORT, for --runtime triton (explicit model control)")
+    node.add_argument("--triton-model-repository",
+                      help="Triton's --model-repository: its models load by name, others are uploaded")
 
 
 def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

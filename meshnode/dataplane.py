@@ -63,7 +63,7 @@ class DataPlane:
             if entry is not None:
                 entry.inflight += 1
                 metrics.cache_hits += 1
-                return await self._run(entry, request, started)
+                return await self._run(entry, request, started, time_remaining() if time_remaining else None)
             if self.router is None:
                 return await self.infer_local(request)
             hop = Hop.from_metadata(metadata() if metadata is not None else None)
@@ -85,10 +85,11 @@ class DataPlane:
         entry = await self.acquire(request.model_name, request.model_version, churn_guard)
         return await self._run(entry, request, started)
 
-    async def _run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float) -> pb.ModelInferResponse:
+    async def _run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float,
+                   timeout_s: float | None = None) -> pb.ModelInferResponse:
         metrics = self._metrics
         try:
-            return await entry.model.infer(request)  # type: ignore[union-attr]
+            return await entry.model.infer(request, timeout_s)  # type: ignore[union-attr]
         except BaseException:
             metrics.invoke_failures += 1
             raise

@@ -29,7 +29,7 @@ from meshnode.model_control import PARAM_UNREGISTER, ModelControl
 from meshnode.peers import GrpcPeers
 from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import ModelRepository
-from meshnode.runtimes.onnx import OnnxRuntime
+from meshnode.runtimes import create_runtime
 from meshnode.servicers import InferenceServicer
 from meshnode.settings import NodeSettings
 from meshpb import pb
@@ -56,10 +56,7 @@ class Node:
         self.settings = settings
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = NodeMetrics()
-        self.runtime = OnnxRuntime(
-            intra_op_threads=settings.intra_op_threads, load_workers=settings.load_concurrency,
-            infer_workers=settings.infer_workers, inline_threshold_ms=settings.inline_threshold_ms,
-        )
+        self.runtime = create_runtime(settings)
         self.cache = ModelCache(
             self.runtime, capacity_bytes=settings.capacity, metrics=self.metrics,
             load_timeout_s=settings.load_timeout_s, failure_backoff_s=settings.load_failure_backoff_s,

@@ -6,8 +6,10 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from meshnode.runtimes import RUNTIMES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _EXPONENT = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -41,7 +43,10 @@ class NodeSettings(BaseSettings):
     capacity: ByteSize = Field(gt=0)
     instance_id: str | None = None
     metrics_port: int | None = 2112
-    runtime: str = "onnxruntime"
+    runtime: str = "onnxruntime"  # a name in meshnode.runtimes.RUNTIMES
+    triton_url: str | None = None  # HOST:PORT of Triton's gRPC endpoint; required with runtime "triton"
+    # Triton's own --model-repository: models stored there load by name, others are uploaded to Triton.
+    triton_model_repository: Path | None = None
     # A failed model is not loaded again on this node before this many seconds, unless a
     # RepositoryModelLoad asks for it explicitly: a broken file must not cause a load storm.
     load_failure_backoff_s: float = 30.0
@@ -64,3 +69,17 @@ class NodeSettings(BaseSettings):
     # After an alias with auto_delete moves on, its old model is unregistered this much later
     # (requests already resolved to it finish; every node's watch sees the switch first).
     alias_retire_after_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        if value not in RUNTIMES:
+            raise ValueError(f"unknown runtime {value!r}: choose one of {', '.join(RUNTIMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _triton_needs_url(self) -> NodeSettings:
+        if self.runtime == "triton" and not self.triton_url:
+            raise ValueError("runtime 'triton' needs the Triton server's gRPC address: --triton-url HOST:PORT "
+                             "(MESHSERVE_TRITON_URL)")
+        return self

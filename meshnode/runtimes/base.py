@@ -42,8 +42,11 @@ class LoadedModel(Protocol):
     outputs: tuple[TensorSpec, ...]
     size_bytes: int
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Answer one request; raise meshnode.errors.InvalidInput for bad tensors."""
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
+        """Answer one request; raise meshnode.errors.InvalidInput for bad tensors.
+
+        timeout_s: what is left of the client's deadline, for a runtime that calls out (Triton).
+        """
         ...
 
 

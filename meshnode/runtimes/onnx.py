@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -42,6 +43,9 @@ from meshnode.tensors import (
     requested_outputs,
 )
 from meshpb import pb
+
+if TYPE_CHECKING:
+    from meshnode.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +167,7 @@ class OnnxModel:
         self.run_ewma_s = 0.0
         self._probed = 0
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
         feeds = decode_inputs(request, self._input_index, self.name)
         names = requested_outputs(request, self._output_index, self.name)
         if self.inline:
@@ -304,3 +308,10 @@ class OnnxRuntime:
         self._closed = True
         for pool in (self._load_pool, self._infer_pool):
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+def create(settings: NodeSettings) -> OnnxRuntime:
+    return OnnxRuntime(
+        intra_op_threads=settings.intra_op_threads, load_workers=settings.load_concurrency,
+        infer_workers=settings.infer_workers, inline_threshold_ms=settings.inline_threshold_ms,
+    )

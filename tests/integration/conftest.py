@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import tritonclient.grpc as grpcclient
 from meshnode.etcd_process import EtcdProcess
 from meshnode.examples import write_add_sub, write_identity, write_mlp
 from meshnode.node_process import NodeProcess
+from meshnode.triton_process import TritonProcess
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BYTES")
@@ -62,3 +63,19 @@ def client(node: NodeProcess) -> Iterator[grpcclient.InferenceServerClient]:
     with grpcclient.InferenceServerClient(node.target) as c:
         yield c
 
+
+@pytest.fixture(scope="module")
+def tritons() -> Iterator[Callable[[Path], TritonProcess]]:
+    """Starts Triton servers (`make triton` installs them) on a repository each; all stop at the module's end.
+
+    Never skipped: a Triton that cannot start fails the test with its log.
+    """
+    started: list[TritonProcess] = []
+
+    def start(repository: Path) -> TritonProcess:
+        started.append(TritonProcess.start(repository))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

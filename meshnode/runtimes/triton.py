@@ -1,0 +1,235 @@
+"""Triton Inference Server beside the node, in explicit model-control mode, as the node's runtime.
+
+Control (load, unload, metadata, config, repository index) goes through tritonclient.grpc.aio; inference
+is passed through untouched: the request the node already parsed is sent on one shared channel of our
+own (meshnode.transport) and Triton's response message is returned as it came, so each request costs one
+more serialize and parse and no tensor is decoded.
+
+Triton holds one version of a model name at a time here (an upload replaces what it had under the name);
+the node asks for the newest version unless a client names another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import tritonclient.grpc.aio as triton_aio
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from meshnode import transport
+from meshnode.errors import DeadlineExceeded, InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
+from meshnode.runtimes.base import LoadedModel, ModelSource, TensorSpec
+from meshpb import pb
+
+if TYPE_CHECKING:
+    from meshnode.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+# Resident bytes a loaded model costs beyond its files, by Triton backend. Measured as the RSS of the
+# tritonserver process and all its children (ps) before and after a load, Triton 2.51 from nvidia-pytriton
+# 0.7.0 on CPU: a numpy-only Python-backend model +44.5 MB and +42.0 MB (its stub process, ~37 MB of which
+# unloading gives back, plus the server's own bookkeeping); a Python-backend model that imports onnxruntime
+# and runs a 1 MB MLP +78 MB, the extra being what its model.py imports, which no config reveals: give such
+# models a size_hint. Only the Python backend ships in that package, so other backends are unmeasured
+# here and get ONNX Runtime's in-process factor (meshnode.runtimes.onnx.PREDICT_FACTOR) on their files.
+BACKEND_OVERHEAD_BYTES = {"python": 44 * 2**20}
+UNMEASURED_FILE_FACTOR = 1.6
+CONFIG_FILE = "config.pbtxt"
+# After Triton's unload returns, the model stays UNLOADING for ~0.7 s; a reload polls that long.
+UNLOAD_POLL_S = 0.05
+UNLOAD_WAIT_S = 30.0
+CONTROL_TIMEOUT_S = 600.0  # a load may run that long; the cache's own load timeout is the real bound
+
+
+def _first_paragraph(message: str) -> str:
+    # Python-backend load errors carry a traceback after a blank line; the first paragraph says what failed.
+    return message.strip().split("\n\n", 1)[0].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    config: str
+    files: dict[str, bytes]
+
+
+class TritonModel:
+    """A model loaded in Triton; `infer` forwards the protocol message as it is."""
+
+    def __init__(self, runtime: TritonRuntime, source: ModelSource, metadata: Any, size_bytes: int) -> None:
+        self.name = source.name
+        self.version = source.version
+        self.platform: str = metadata.platform
+        self.inputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs)
+        self.outputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.outputs)
+        self.size_bytes = size_bytes
+        self._runtime = runtime
+
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
+        try:
+            response: pb.ModelInferResponse = await self._runtime.stub.ModelInfer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise self._runtime.infer_error(self.name, error) from None
+        return response
+
+
+class TritonRuntime:
+    name = "triton"
+
+    def __init__(self, url: str, triton_repository: Path | None = None) -> None:
+        self.url = url
+        # Models stored in Triton's own repository load by name; any other storage is uploaded.
+        self._triton_repository = triton_repository.resolve() if triton_repository is not None else None
+        self._client: triton_aio.InferenceServerClient | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: transport.InferenceStub | None = None
+        # Loads and unloads of one name run one at a time, and only the latest load's model may unload it.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._current: dict[str, TritonModel] = {}
+        self._unloaded: set[str] = set()
+
+    # Created on first use, inside the node's event loop, which gRPC's aio objects belong to.
+    @property
+    def client(self) -> triton_aio.InferenceServerClient:
+        if self._client is None:
+            self._client = triton_aio.InferenceServerClient(self.url)
+        return self._client
+
+    @property
+    def stub(self) -> Any:
+        if self._stub is None:
+            self._channel = transport.create_channel(self.url)
+            self._stub = transport.InferenceStub(self._channel)
+        return self._stub
+
+    def predict_size(self, source: ModelSource) -> int:
+        try:
+            files = _files_bytes(source)
+        except OSError:
+            files = 0
+        return max(files + max(BACKEND_OVERHEAD_BYTES.values()), int(files * UNMEASURED_FILE_FACTOR))
+
+    async def load(self, source: ModelSource) -> TritonModel:
+        name, version = source.name, source.version
+        where = f"model '{name}' version {version} on Triton at {self.url}"
+        if not source.directory.name.isdigit():
+            raise LoadFailed(f"failed to load {where}: Triton needs a model directory (NAME/VERSION/...), "
+                             f"not the single file {source.model_file}")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            try:
+                upload = None if self._in_triton_repository(source) else _upload(source)
+                files = _files_bytes(source)
+            except (OSError, ValueError, text_format.ParseError) as error:
+                raise LoadFailed(f"failed to load {where}: {error}") from None
+            if name in self._unloaded:
+                await self._wait_unloaded(name)
+            try:
+                if upload is None:
+                    await self.client.load_model(name, client_timeout=CONTROL_TIMEOUT_S)
+                else:
+                    await self.client.load_model(name, config=upload.config, files=upload.files,
+                                                 client_timeout=CONTROL_TIMEOUT_S)
+                metadata = await self.client.get_model_metadata(name, version, client_timeout=CONTROL_TIMEOUT_S)
+                config = (await self.client.get_model_config(name, client_timeout=CONTROL_TIMEOUT_S)).config
+            except InferenceServerException as error:
+                raise LoadFailed(f"failed to load {where}: {self._control_message(error)}") from None
+            self._unloaded.discard(name)
+            overhead = BACKEND_OVERHEAD_BYTES.get(config.backend or config.platform)
+            size = files + overhead if overhead is not None else int(files * UNMEASURED_FILE_FACTOR)
+            model = TritonModel(self, source, metadata, size)
+            self._current[name] = model
+            return model
+
+    def _in_triton_repository(self, source: ModelSource) -> bool:
+        model_dir = source.directory.parent.resolve()
+        return self._triton_repository is not None and model_dir == self._triton_repository / source.name
+
+    async def _wait_unloaded(self, name: str) -> None:
+        """Until Triton has finished unloading `name`: it answers unload at once and unloads after."""
+        deadline = time.monotonic() + UNLOAD_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                index = await self.client.get_model_repository_index(client_timeout=CONTROL_TIMEOUT_S)
+            except InferenceServerException:
+                return  # the load itself reports an unreachable Triton
+            if not any(m.name == name and m.state == "UNLOADING" for m in index.models):
+                return
+            await asyncio.sleep(UNLOAD_POLL_S)
+        log.warning("model '%s' still UNLOADING on Triton at %s after %.0f s", name, self.url, UNLOAD_WAIT_S)
+
+    async def unload(self, model: LoadedModel) -> None:
+        if not isinstance(model, TritonModel):
+            raise TypeError(f"{self.name} cannot unload a {type(model).__name__}")
+        async with self._locks.setdefault(model.name, asyncio.Lock()):
+            if self._current.get(model.name) is not model:
+                return  # unloaded already, or a newer load of the name replaced it in Triton
+            del self._current[model.name]
+            try:
+                await self.client.unload_model(model.name, client_timeout=CONTROL_TIMEOUT_S)
+            except InferenceServerException as error:
+                raise MeshServeError(f"failed to unload model '{model.name}' from Triton at {self.url}: "
+                                     f"{self._control_message(error)}") from None
+            self._unloaded.add(model.name)
+
+    def infer_error(self, name: str, error: grpc.aio.AioRpcError) -> MeshServeError:
+        code, details = error.code(), error.details() or ""
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidInput(details)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ModelUnavailable(f"model '{name}': Triton at {self.url} is unreachable: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(f"model '{name}' on Triton at {self.url} ran out of time: {details}")
+        if code == grpc.StatusCode.NOT_FOUND:
+            return ModelUnavailable(f"model '{name}' is not loaded on Triton at {self.url}: {details}")
+        return MeshServeError(f"inference failed for model '{name}' on Triton at {self.url}: {details}")
+
+    def _control_message(self, error: InferenceServerException) -> str:
+        if error.status() == str(grpc.StatusCode.UNAVAILABLE):
+            return f"Triton at {self.url} is unreachable: {error.message()}"
+        return _first_paragraph(error.message() or str(error))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _version_files(directory: Path) -> list[Path]:
+    # The Python backend compiles model.py into __pycache__ beside it: Triton's output, not the model's.
+    return [p for p in sorted(directory.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
+
+
+def _files_bytes(source: ModelSource) -> int:
+    config = source.directory.parent / CONFIG_FILE
+    total = config.stat().st_size if config.is_file() else 0
+    return total + sum(p.stat().st_size for p in _version_files(source.directory))
+
+
+def _upload(source: ModelSource) -> _Upload:
+    """The version's files as Triton's `file:` parameters, with config.pbtxt as the JSON `config`."""
+    model_dir = source.directory.parent
+    config = model_config_pb2.ModelConfig()
+    config_file = model_dir / CONFIG_FILE
+    if config_file.is_file():
+        text_format.Parse(config_file.read_text(), config)
+    config.name = source.name  # a copy stored under another name keeps the config's old one
+    files = {f"file:{source.version}/{p.relative_to(source.directory).as_posix()}": p.read_bytes()
+             for p in _version_files(source.directory)}
+    # Other top-level files (labels, ...) belong to every version.
+    files |= {f"file:{p.name}": p.read_bytes() for p in model_dir.iterdir() if p.is_file() and p.name != CONFIG_FILE}
+    return _Upload(json_format.MessageToJson(config), files)
+
+
+def create(settings: NodeSettings) -> TritonRuntime:
+    if not settings.triton_url:
+        raise ValueError("the triton runtime needs triton_url")
+    return TritonRuntime(settings.triton_url, settings.triton_model_repository)

@@ -1,0 +1,180 @@
+"""`meshserve node --runtime triton`: real node processes beside real Triton servers, queried with tritonclient.
+
+Python-backend models (the only backend in the Triton that `make triton` installs) load in ~1.4 s each,
+so servers and models are shared per module and each test loads as little as it can.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from meshnode.etcd_process import EtcdProcess
+from meshnode.examples import mlp_reference
+from meshnode.node_process import NodeProcess
+from meshnode.triton_examples import write_python_add_sub, write_python_onnx_mlp
+from meshnode.triton_process import TritonProcess
+from tests.integration.conftest import start_node
+from tests.integration.helpers import metric
+
+pytestmark = pytest.mark.timeout(120)
+WIDTH = 16
+Start = Callable[[Path], TritonProcess]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Triton's repository and the nodes' alike: these models load in Triton by name."""
+    root = tmp_path_factory.mktemp("triton-repo")
+    write_python_add_sub(root, "add")
+    write_python_add_sub(root, "add2")
+    write_python_onnx_mlp(root, "mlp", approx_bytes=200_000)
+    return root
+
+
+def start_triton_node(etcd: EtcdProcess, repo: Path, triton: TritonProcess, capacity: str = "1GiB",
+                      prefix: str | None = None, extra: list[str] | None = None) -> NodeProcess:
+    # No proactive loads: what Triton holds must be what the test asked for.
+    args = ["--runtime", "triton", "--triton-url", triton.grpc_target, "--triton-model-repository", str(repo),
+            "--no-proactive-loads", *(extra or [])]
+    return start_node(etcd, repo, capacity=capacity, prefix=prefix, extra_args=args)
+
+
+@pytest.fixture(scope="module")
+def triton(tritons: Start, repo: Path) -> TritonProcess:
+    return tritons(repo)
+
+
+@pytest.fixture(scope="module")
+def node(etcd: EtcdProcess, repo: Path, triton: TritonProcess) -> Iterator[NodeProcess]:
+    process = start_triton_node(etcd, repo, triton)
+    yield process
+    process.stop()
+
+
+def add_inputs(a: np.ndarray, b: np.ndarray) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, value in (("INPUT0", a), ("INPUT1", b)):
+        tensor = grpcclient.InferInput(name, list(value.shape), "FP32")
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+def check_add(target: str, model: str = "add") -> None:
+    a = np.arange(2 * WIDTH, dtype=np.float32).reshape(2, WIDTH)
+    b = np.full((2, WIDTH), 0.5, np.float32)
+    with grpcclient.InferenceServerClient(target) as client:
+        result = client.infer(model, add_inputs(a, b), client_timeout=30)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+
+
+def triton_states(triton: TritonProcess) -> dict[str, str]:
+    with grpcclient.InferenceServerClient(triton.grpc_target) as client:
+        return {m.name: m.state for m in client.get_model_repository_index().models}
+
+
+def wait_triton_state(triton: TritonProcess, name: str, states: set[str], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (state := triton_states(triton).get(name, "")) not in states:
+        assert time.monotonic() < deadline, f"{name} is {state or 'absent'} on Triton, not {states}"
+        time.sleep(0.05)
+
+
+def test_the_node_answers_with_tritons_models_and_their_metadata(node: NodeProcess, repo: Path,
+                                                                 triton: TritonProcess) -> None:
+    check_add(node.target)
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    with grpcclient.InferenceServerClient(node.target) as client:
+        tensor = grpcclient.InferInput("INPUT0", [3, 16], "FP32")
+        tensor.set_data_from_numpy(x)
+        y = client.infer("mlp", [tensor], client_timeout=30).as_numpy("OUTPUT0")
+        metadata = client.get_model_metadata("add")
+    np.testing.assert_allclose(y, mlp_reference(repo / "mlp", x), rtol=1e-5, atol=1e-6)
+    assert metadata.platform == "python"
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("INPUT0", "FP32", [-1, WIDTH]), ("INPUT1", "FP32", [-1, WIDTH])]
+    assert [t.name for t in metadata.outputs] == ["OUTPUT0", "OUTPUT1"]
+    assert triton_states(triton)["add"] == "READY"
+
+
+def test_a_bad_input_is_invalid_argument_with_tritons_reason(node: NodeProcess) -> None:
+    short, right = np.ones((1, WIDTH // 2), np.float32), np.ones((1, WIDTH), np.float32)
+    with grpcclient.InferenceServerClient(node.target) as client, pytest.raises(InferenceServerException) as error:
+        client.infer("add", add_inputs(short, right), client_timeout=30)
+    assert error.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+    message = error.value.message() or ""
+    assert "unexpected shape for input 'INPUT0' for model 'add'" in message, message
+    assert f"Expected [-1,{WIDTH}], got [1,{WIDTH // 2}]" in message, message
+
+
+def test_unload_unloads_from_triton_and_an_immediate_reload_works(node: NodeProcess, triton: TritonProcess) -> None:
+    check_add(node.target)
+    with grpcclient.InferenceServerClient(node.target) as client:
+        client.unload_model("add")
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("add", add_inputs(*[np.ones((1, WIDTH), np.float32)] * 2))
+        assert error.value.status() == str(grpc.StatusCode.NOT_FOUND)
+        assert triton_states(triton)["add"] in ("UNLOADING", "UNAVAILABLE")
+        client.load_model("add")  # while Triton is most likely still UNLOADING it
+    assert triton_states(triton)["add"] == "READY"
+    check_add(node.target)
+
+
+def test_a_model_stored_outside_tritons_repository_is_uploaded(node: NodeProcess, triton: TritonProcess,
+                                                               tmp_path: Path) -> None:
+    storage = write_python_add_sub(tmp_path, "stored-elsewhere")
+    with grpcclient.InferenceServerClient(node.target) as client:
+        client.load_model("ext", config=json.dumps({"storage_uri": str(storage)}))
+    check_add(node.target, "ext")
+    with grpcclient.InferenceServerClient(triton.grpc_target) as client:
+        assert client.is_model_ready("ext")  # an upload is not in Triton's repository index
+    assert not (triton.model_repository / "ext").exists()
+
+
+def test_a_load_that_overflows_the_capacity_evicts_the_other_model_from_triton(
+    etcd: EtcdProcess, repo: Path, tritons: Start,
+) -> None:
+    triton = tritons(repo)
+    # One Python-backend model is ~44 MiB (its stub process), so two do not fit in 64 MiB.
+    small = start_triton_node(etcd, repo, triton, capacity="64MiB")
+    try:
+        check_add(small.target, "add")
+        check_add(small.target, "add2")
+        assert metric(small, "modelmesh_evictions_total") == 1
+        wait_triton_state(triton, "add", {"UNAVAILABLE"})
+        assert triton_states(triton)["add2"] == "READY"
+        check_add(small.target, "add")  # and back: add2 goes
+        wait_triton_state(triton, "add2", {"UNAVAILABLE"})
+    finally:
+        small.stop()
+
+
+def test_in_a_mesh_a_request_to_one_node_is_served_by_the_copy_in_the_other_nodes_triton(
+    etcd: EtcdProcess, repo: Path, tritons: Start,
+) -> None:
+    servers = [tritons(repo), tritons(repo)]
+    prefix = f"t-mesh-{time.monotonic_ns()}"
+    # One copy only: the mesh would otherwise add a second copy for a model in repeated use.
+    nodes = [start_triton_node(etcd, repo, t, prefix=prefix, extra=["--max-copies", "1"]) for t in servers]
+    try:
+        check_add(nodes[0].target, "add2")
+        held = [triton_states(t).get("add2") == "READY" for t in servers]
+        assert sorted(held) == [False, True], held
+        other = held.index(False)  # its node has no copy: it must forward to the holder's
+        for _ in range(5):
+            check_add(nodes[other].target, "add2")
+        assert [triton_states(t).get("add2") == "READY" for t in servers] == held
+        assert metric(nodes[other], "modelmesh_loadmodel_total") == 0
+    finally:
+        for process in nodes:
+            process.stop()

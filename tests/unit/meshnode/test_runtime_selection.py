@@ -1,0 +1,70 @@
+"""Choosing the runtime by name, its settings and flags, and what an upload to Triton carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from meshnode.cli import build_parser
+from meshnode.repository import model_source
+from meshnode.runtimes import RUNTIMES, create_runtime
+from meshnode.runtimes.onnx import OnnxRuntime
+from meshnode.runtimes.triton import TritonRuntime, _upload
+from meshnode.settings import NodeSettings
+from meshnode.triton_examples import write_python_add_sub
+from meshnode.triton_process import TritonInstall, TritonProcessError
+
+
+def settings(tmp_path: Path, **extra: object) -> NodeSettings:
+    return NodeSettings(etcd="127.0.0.1:2379", model_repository=tmp_path, capacity="1GiB", **extra)
+
+
+async def test_the_runtime_is_built_from_its_name(tmp_path: Path) -> None:
+    onnx = create_runtime(settings(tmp_path))
+    triton = create_runtime(settings(tmp_path, runtime="triton", triton_url="127.0.0.1:8001"))
+    try:
+        assert isinstance(onnx, OnnxRuntime) and isinstance(triton, TritonRuntime)
+        assert {onnx.name, triton.name} == set(RUNTIMES)
+        assert triton.url == "127.0.0.1:8001"
+    finally:
+        await onnx.close()
+        await triton.close()
+
+
+def test_runtime_triton_without_a_url_is_refused_with_the_flag_to_use(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="--triton-url HOST:PORT"):
+        settings(tmp_path, runtime="triton")
+
+
+def test_an_unknown_runtime_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="unknown runtime 'tensorrt': choose one of onnxruntime, triton"):
+        settings(tmp_path, runtime="tensorrt")
+
+
+def test_node_flags_select_triton() -> None:
+    args = build_parser().parse_args(["node", "--runtime", "triton", "--triton-url", "127.0.0.1:8001",
+                                      "--triton-model-repository", "/srv/models"])
+    assert (args.runtime, args.triton_url, args.triton_model_repository) == ("triton", "127.0.0.1:8001", "/srv/models")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["node", "--runtime", "tensorrt"])
+
+
+def test_an_upload_carries_the_version_files_and_the_config_as_json_under_the_models_name(tmp_path: Path) -> None:
+    storage = write_python_add_sub(tmp_path, "stored-as", version=3, width=8)
+    (storage / "labels.txt").write_text("a\nb\n")
+    (storage / "3" / "__pycache__").mkdir()
+    (storage / "3" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"compiled by Triton")
+    upload = _upload(model_source("served-as", storage, ""))
+    assert sorted(upload.files) == ["file:3/model.py", "file:labels.txt"]
+    assert upload.files["file:3/model.py"] == (storage / "3" / "model.py").read_bytes()
+    config = json.loads(upload.config)
+    assert config["name"] == "served-as" and config["backend"] == "python"
+    assert [(i["name"], i["dims"]) for i in config["input"]] == [("INPUT0", ["-1", "8"]), ("INPUT1", ["-1", "8"])]
+
+
+def test_a_missing_triton_install_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(TritonProcessError, match="make triton"):
+        TritonInstall.find(tmp_path / "nowhere")
