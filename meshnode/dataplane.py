@@ -8,21 +8,19 @@ peer's copy, or wherever placement loads it. Hop metadata is only read on a miss
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from meshnode.cache import CachedModel, LoadOptions, ModelCache
 from meshnode.errors import ModelNotFound
 from meshnode.metrics import NodeMetrics
 from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import list_versions, model_source
-from meshnode.runtimes.base import ModelSource, Runtime
+from meshnode.runtimes.base import CallerMetadata, ModelSource, Runtime
 from meshpb import pb
 from router.hop import PARAMETER_KEY, Hop
 from router.router import Router
 
-Metadata = Callable[[], Iterable[tuple[str, Any]] | None]
 TimeRemaining = Callable[[], float | None]
 
 SERVER_NAME = "meshserve"
@@ -46,7 +44,7 @@ class DataPlane:
         self.alias_targets: Mapping[str, str] = {}
 
     async def infer(
-        self, request: pb.ModelInferRequest, metadata: Metadata | None = None,
+        self, request: pb.ModelInferRequest, metadata: CallerMetadata | None = None,
         time_remaining: TimeRemaining | None = None,
     ) -> pb.ModelInferResponse:
         """A client's or a peer's request: a local hit, else routed through the mesh."""
@@ -63,7 +61,8 @@ class DataPlane:
             if entry is not None:
                 entry.inflight += 1
                 metrics.cache_hits += 1
-                return await self._run(entry, request, started, time_remaining() if time_remaining else None)
+                return await self._run(entry, request, started, time_remaining() if time_remaining else None,
+                                       metadata)
             if self.router is None:
                 return await self.infer_local(request)
             hop = Hop.from_metadata(metadata() if metadata is not None else None)
@@ -86,10 +85,10 @@ class DataPlane:
         return await self._run(entry, request, started)
 
     async def _run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float,
-                   timeout_s: float | None = None) -> pb.ModelInferResponse:
+                   timeout_s: float | None = None, metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
         metrics = self._metrics
         try:
-            return await entry.model.infer(request, timeout_s)  # type: ignore[union-attr]
+            return await entry.model.infer(request, timeout_s, metadata)  # type: ignore[union-attr]
         except BaseException:
             metrics.invoke_failures += 1
             raise

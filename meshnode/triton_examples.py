@@ -12,11 +12,16 @@ from pathlib import Path
 from meshnode.examples import write_mlp
 
 _ADD_SUB_PY = '''\
+import time
+
 import triton_python_backend_utils as pb_utils
+
+DELAY_S = {delay_s!r}
 
 
 class TritonPythonModel:
     def execute(self, requests):
+        time.sleep(DELAY_S)
         responses = []
         for request in requests:
             a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
@@ -67,10 +72,14 @@ def _write(directory: Path | str, name: str, version: int, config: str, code: st
     return model_dir
 
 
-def write_python_add_sub(directory: Path | str, name: str, version: int = 1, *, width: int = 16) -> Path:
-    """Triton's "simple" in numpy: INPUT0, INPUT1 FP32 [-1, width] -> OUTPUT0 = sum, OUTPUT1 = difference."""
+def write_python_add_sub(directory: Path | str, name: str, version: int = 1, *, width: int = 16,
+                         delay_s: float = 0.0) -> Path:
+    """Triton's "simple" in numpy: INPUT0, INPUT1 FP32 [-1, width] -> OUTPUT0 = sum, OUTPUT1 = difference.
+
+    delay_s: each batch first sleeps this long (a slow model, for deadline tests).
+    """
     config = _tensors("input", ("INPUT0", "INPUT1"), width) + _tensors("output", ("OUTPUT0", "OUTPUT1"), width)
-    return _write(directory, name, version, config, _ADD_SUB_PY)
+    return _write(directory, name, version, config, _ADD_SUB_PY.format(delay_s=delay_s))
 
 
 def write_python_onnx_mlp(

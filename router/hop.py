@@ -24,6 +24,12 @@ class Mode(Enum):
     LOAD_LAST = "load-last"  # no other node can take it: load it there even evicting recent models
 
 
+def trace_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[tuple[str, str], ...]:
+    """The caller's W3C trace context entries, to pass on to whatever this hop calls next."""
+    return tuple((key, value.decode(errors="replace") if isinstance(value, bytes) else value)
+                 for key, value in metadata or () if key in PROPAGATED_KEYS)
+
+
 @dataclass(frozen=True, slots=True)
 class Hop:
     hops: int = 0

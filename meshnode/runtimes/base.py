@@ -8,11 +8,14 @@ that satisfies Runtime.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshpb import pb
+
+CallerMetadata = Callable[[], Iterable[tuple[str, Any]] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +45,12 @@ class LoadedModel(Protocol):
     outputs: tuple[TensorSpec, ...]
     size_bytes: int
 
-    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
+                    caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
         """Answer one request; raise meshnode.errors.InvalidInput for bad tensors.
 
-        timeout_s: what is left of the client's deadline, for a runtime that calls out (Triton).
+        For a runtime that calls out (Triton): timeout_s is what is left of the client's deadline, and
+        caller_metadata reads the client's gRPC metadata (trace context), only if called.
         """
         ...
 

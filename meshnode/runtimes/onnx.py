@@ -33,7 +33,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
-from meshnode.runtimes.base import LoadedModel, ModelSource, TensorSpec
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
 from meshnode.tensors import (
     SpecIndex,
     datatype_of_onnx,
@@ -167,7 +167,8 @@ class OnnxModel:
         self.run_ewma_s = 0.0
         self._probed = 0
 
-    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
+                    caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
         feeds = decode_inputs(request, self._input_index, self.name)
         names = requested_outputs(request, self._output_index, self.name)
         if self.inline:

@@ -26,8 +26,9 @@ from tritonclient.utils import InferenceServerException
 
 from meshnode import transport
 from meshnode.errors import DeadlineExceeded, InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
-from meshnode.runtimes.base import LoadedModel, ModelSource, TensorSpec
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
 from meshpb import pb
+from router.hop import trace_context
 
 if TYPE_CHECKING:
     from meshnode.settings import NodeSettings
@@ -73,9 +74,12 @@ class TritonModel:
         self.size_bytes = size_bytes
         self._runtime = runtime
 
-    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
+                    caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
+        trace = trace_context(caller_metadata()) if caller_metadata is not None else ()
         try:
-            response: pb.ModelInferResponse = await self._runtime.stub.ModelInfer(request, timeout=timeout_s)
+            response: pb.ModelInferResponse = await self._runtime.stub.ModelInfer(
+                request, timeout=timeout_s, metadata=trace or None)
         except grpc.aio.AioRpcError as error:
             raise self._runtime.infer_error(self.name, error) from None
         return response

@@ -37,6 +37,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_python_add_sub(root, "add")
     write_python_add_sub(root, "add2")
     write_python_onnx_mlp(root, "mlp", approx_bytes=200_000)
+    write_python_add_sub(root, "slow", delay_s=3.0)
     return root
 
 
@@ -115,6 +116,18 @@ def test_a_bad_input_is_invalid_argument_with_tritons_reason(node: NodeProcess) 
     message = error.value.message() or ""
     assert "unexpected shape for input 'INPUT0' for model 'add'" in message, message
     assert f"Expected [-1,{WIDTH}], got [1,{WIDTH // 2}]" in message, message
+
+
+def test_the_clients_deadline_bounds_the_call_to_triton_and_the_node_keeps_serving(node: NodeProcess) -> None:
+    ones = np.ones((1, WIDTH), np.float32)
+    with grpcclient.InferenceServerClient(node.target) as client:
+        client.load_model("slow")
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("slow", add_inputs(ones, ones), client_timeout=0.5)
+        assert error.value.status() == str(grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert time.monotonic() - started < 2.0  # not the model's 3 s
+    check_add(node.target)
 
 
 def test_unload_unloads_from_triton_and_an_immediate_reload_works(node: NodeProcess, triton: TritonProcess) -> None:

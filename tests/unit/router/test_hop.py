@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.hop import HOPS_KEY, MODE_KEY, TRIED_KEY, Hop, Mode
+from router.hop import HOPS_KEY, MODE_KEY, TRIED_KEY, Hop, Mode, trace_context
 
 TRACE = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), ("tracestate", "vendor=x"))
 
@@ -44,6 +44,14 @@ def test_only_trace_keys_are_propagated() -> None:
                              ("tracestate", "k=v"), ("traceparent", "00-ab-cd-01")])
     assert hop.propagated == (("tracestate", "k=v"), ("traceparent", "00-ab-cd-01"))
     assert (hop.hops, hop.tried, hop.mode) == (0, (), Mode.ANY)
+
+
+
+def test_trace_context_keeps_only_the_trace_entries_as_text() -> None:
+    metadata: list[tuple[str, str | bytes]] = [("authorization", "secret"), ("traceparent", b"00-ab-cd-01"),
+                                               (HOPS_KEY, "2"), ("tracestate", "k=v")]
+    assert trace_context(metadata) == (("traceparent", "00-ab-cd-01"), ("tracestate", "k=v"))
+    assert trace_context(None) == ()
 
 
 GARBAGE: list[tuple[str, list[tuple[str, str | bytes]], Hop]] = [
