@@ -12,66 +12,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton
 
-from bench.procs import LoadGenProcess, cpu_seconds
+from bench import report
+from bench.procs import SLACK_S, LoadGenProcess, Route, Signals, run_rounds
 from bench.proxy import ProxyProcess
-from bench.report import _cell, _spread
+from bench.report import PATH_FIELDS, cell, spread, summarize_paths, table
 from meshnode.examples import write_mlp
 from meshnode.local_mesh import LocalMesh
 
 MODEL = "mlp"
 IN_FEATURES = 16  # INPUT0 FP32 [-1, 16] -> OUTPUT0 FP32 [-1, 4], about 1 MB of weights
 PATHS = {"A": "direct to owner", "B": "via forwarder (mesh hop)", "C": "via bare proxy (bare hop)"}
-SLACK_S = 60.0  # on top of a phase's own bound before the load generator counts as stuck
 Json = dict[str, Any]
-T = TypeVar("T")
 _log = functools.partial(print, "[mesh_hop]", file=sys.stderr, flush=True)  # progress; stdout is the result
-
-
-class Signals:
-    """SIGTERM and Ctrl-C unwind like exceptions, except while a child is started and registered
-    for stopping: a signal landing between the two would leave that child running, so it waits."""
-
-    def __init__(self) -> None:
-        self._deferring, self._pending = False, 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._pending = signum
-        if not self._deferring:
-            self._raise()
-
-    def _raise(self) -> NoReturn:
-        if self._pending == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + self._pending)
-
-    def start(self, stack: contextlib.ExitStack, start: Callable[[], T], stop: Callable[[T], object]) -> T:
-        self._deferring = True
-        try:
-            child = start()
-            stack.callback(stop, child)
-        finally:
-            self._deferring = False
-        if self._pending:
-            self._raise()
-        return child
 
 
 def scrape(port: int | None) -> dict[str, float]:
@@ -123,54 +88,13 @@ def repin(mesh: LocalMesh, owner: int) -> None:
         raise RuntimeError(f"the model went to {mesh.nodes[holder].instance_id} instead of the owner")
 
 
-def measure(loadgen: LoadGenProcess, pids: list[int], target: str, phase: str, args: argparse.Namespace) -> Json:
-    """One phase on one path, with the CPU per request of the path's server processes; the hop's is last."""
-    cpu0 = [cpu_seconds(p) for p in pids]
-    bound = args.requests * 0.1 if phase == "latency" else args.seconds
-    answer = loadgen.run(bound + SLACK_S, op=phase, target=target, model=MODEL, requests=args.requests,
-                         concurrency=args.concurrency, seconds=args.seconds)
-    used = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
-    answer["server_cpu_us_per_req"] = sum(used) * 1e6 / answer["requests"]
-    answer["hop_cpu_us_per_req"] = used[-1] * 1e6 / answer["requests"] if len(pids) > 1 else None
-    return answer
-
-
-def run_rounds(loadgen: LoadGenProcess, mesh: LocalMesh, paths: dict[str, tuple[list[int], str]],
-               forwarder: int, args: argparse.Namespace) -> list[Json]:
-    rounds, names = [], list(PATHS)
-    for i in range(args.rounds):
-        order = names[i % 3:] + names[:i % 3]  # each path goes first, second and third in turn
-        result: Json = {"order": order}
-        for path in order:
-            pids, target = paths[path]
-            result[path] = {phase: measure(loadgen, pids, target, phase, args) for phase in ("latency", "throughput")}
-            if path == "B" and copies(mesh)[forwarder]:
-                raise RuntimeError("the forwarder loaded a copy: B would no longer be a hop")
-            lat, thr = result[path]["latency"], result[path]["throughput"]
-            _log(f"round {i + 1}/{args.rounds} {path}: c=1 p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms; "
-                 f"c={args.concurrency} {thr['rps']:.0f} req/s, {thr['server_cpu_us_per_req']:.0f} us/req")
-        rounds.append(result)
-    return rounds
-
-
-FIELDS = (  # key, label, phase, field
-    ("p50_ms", "c=1 p50 latency, ms", "latency", "p50_ms"),
-    ("p99_ms", "c=1 p99 latency, ms", "latency", "p99_ms"),
-    ("rps", "c=16 throughput, req/s", "throughput", "rps"),
-    ("c16_p50_ms", "c=16 p50 latency, ms", "throughput", "p50_ms"),
-    ("server_cpu_us", "c=16 CPU of the path's servers, us/req", "throughput", "server_cpu_us_per_req"),
-    ("hop_cpu_us", "c=16 CPU of the hop process, us/req", "throughput", "hop_cpu_us_per_req"),
-)
-
-
 def summarize(rounds: list[Json]) -> Json:
-    summary: Json = {key: {p: _spread([r[p][phase][field] for r in rounds]) for p in PATHS
-                           if rounds[0][p][phase][field] is not None} for key, _, phase, field in FIELDS}
+    summary = summarize_paths(rounds, PATHS)
     p50 = [{p: r[p]["latency"]["p50_ms"] for p in PATHS} for r in rounds]
-    summary["added_p50_ms"] = {p: _spread([r[p] - r["A"] for r in p50]) for p in ("B", "C")}
+    summary["added_p50_ms"] = {p: spread([r[p] - r["A"] for r in p50]) for p in ("B", "C")}
     # Paired within a round, as both hops then saw the same machine. A round where the bare hop
     # measured free (C <= A: noise) has no ratio; inf if every round did.
-    ratio = _spread([(r["B"] - r["A"]) / (r["C"] - r["A"]) for r in p50 if r["C"] > r["A"]] or [float("inf")])
+    ratio = spread([(r["B"] - r["A"]) / (r["C"] - r["A"]) for r in p50 if r["C"] > r["A"]] or [float("inf")])
     summary["hop_ratio"] = {**ratio, "goal": "<= 1.10x", "pass": ratio["median"] <= 1.10}
     summary["b_over_c"] = {k: summary[k]["B"]["median"] / summary[k]["C"]["median"] for k in ("p50_ms", "rps")}
     return summary
@@ -216,10 +140,10 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
             loadgen = signals.start(stack, LoadGenProcess, LoadGenProcess.stop)
             second = signals.start(stack, LoadGenProcess, LoadGenProcess.stop)  # full load drives two nodes
             opid = own.process.pid
-            paths = {"A": ([opid], own.target), "B": ([opid, fwd.process.pid], fwd.target),
-                     "C": ([opid, proxy.pid], proxy.target)}
-            warm = {p: loadgen.run(SLACK_S * 2, op="warmup", target=t, model=MODEL, requests=args.warmup)
-                    for p, (_, t) in paths.items()}
+            paths = {"A": Route(own.target, [opid]), "B": Route(fwd.target, [opid], fwd.process.pid),
+                     "C": Route(proxy.target, [opid], proxy.pid)}
+            warm = {p: loadgen.run(SLACK_S * 2, op="warmup", target=r.target, model=MODEL, requests=args.warmup)
+                    for p, r in paths.items()}
             second.run(SLACK_S * 2, op="warmup", target=own.target, model=MODEL, requests=args.warmup)
             outputs = [np.asarray(warm[p]["outputs"]["OUTPUT0"]) for p in PATHS]
             if not all(np.allclose(outputs[0], o, rtol=1e-5, atol=1e-6) for o in outputs[1:]):
@@ -227,7 +151,12 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
             repin(mesh, owner)
             # The forwarder's first forwards open its channel to the owner: not part of any round.
             loadgen.run(SLACK_S * 2, op="latency", target=fwd.target, model=MODEL, requests=args.warmup)
-            rounds = run_rounds(loadgen, mesh, paths, forwarder, args)
+
+            def check(path: str) -> None:
+                if path == "B" and copies(mesh)[forwarder]:
+                    raise RuntimeError("the forwarder loaded a copy: B would no longer be a hop")
+
+            rounds = run_rounds(loadgen, paths, MODEL, args, _log, check)
             _log(f"full load: c={args.full_concurrency} through both nodes for {args.full_seconds:g} s")
             loaded = full_load(mesh, [(loadgen, fwd.target), (second, own.target)], args.full_seconds,
                                args.full_concurrency)
@@ -244,16 +173,15 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
 def format_report(result: Json) -> str:
     c, s = result["config"], result["summary"]
     rows = [("metric", *(f"{p}: {label}" for p, label in PATHS.items()))]
-    rows += [(label, *(_cell(s[key][p]) if p in s[key] else "-" for p in PATHS)) for key, label, _, _ in FIELDS]
-    rows.append(("c=1 p50 added over A, ms", "-", _cell(s["added_p50_ms"]["B"]), _cell(s["added_p50_ms"]["C"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    rows += [(label, *(cell(s[key][p]) if p in s[key] else "-" for p in PATHS)) for key, label, _, _ in PATH_FIELDS]
+    rows.append(("c=1 p50 added over A, ms", "-", cell(s["added_p50_ms"]["B"]), cell(s["added_p50_ms"]["C"])))
     ratio, bc = s["hop_ratio"], s["b_over_c"]
     lines = [f"one mesh hop vs one bare gRPC hop: {c['model_mb']:.2f} MB MLP on {c['owner']} (owner), {c['forwarder']} "
              f"forwards; {c['rounds']} interleaved rounds, c=1 {c['requests']} requests, c={c['concurrency']} "
              f"{c['seconds']:g} s; medians (min-max over rounds); 1-min load average {c['loadavg_1m_before']:.1f} "
              f"before, {c['loadavg_1m_after']:.1f} after", ""]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines += ["", f"hop ratio (B - A) / (C - A), c=1 p50, paired per round: {_cell(ratio)}x  goal {ratio['goal']}  "
+    lines += table(rows)
+    lines += ["", f"hop ratio (B - A) / (C - A), c=1 p50, paired per round: {cell(ratio)}x  goal {ratio['goal']}  "
               f"{'PASS' if ratio['pass'] else 'MISS'}",
               f"B/C: c=1 p50 {bc['p50_ms']:.2f}x, c=16 throughput {bc['rps']:.2f}x", ""]
     full = result["etcd"]["full_load"]
@@ -264,32 +192,15 @@ def format_report(result: Json) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.mesh_hop", description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--rounds", type=int, default=6, help="interleaved rounds; a multiple of 3 rotates the order fairly")
-    add("--seconds", type=float, default=3.0, help="c=16 duration per round and path (default 3)")
-    add("--requests", type=int, default=1000, help="c=1 requests per round and path (default 1000)")
-    add("--concurrency", type=int, default=16, help="callers in the throughput phase")
-    add("--warmup", type=int, default=300, help="requests per path before measuring")
-    add("--full-seconds", type=float, default=10.0, help="full-load phase duration (default 10)")
-    add("--full-concurrency", type=int, default=16, help="callers in total, split over both nodes")
-    add("--quick", action="store_true", help="tiny counts for a smoke test (noise)")
-    add("--json", action="store_true", help="print JSON instead of the table")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = report.options("python -m bench.mesh_hop", __doc__.splitlines()[0],
+                            "interleaved rounds; a multiple of 3 rotates the order fairly")
+    parser.add_argument("--full-seconds", type=float, default=10.0, help="full-load phase duration (default 10)")
+    parser.add_argument("--full-concurrency", type=int, default=16, help="callers in total, split over both nodes")
+    args = parser.parse_args(argv)
     if args.quick:
-        vars(args).update(rounds=1, seconds=1.0, requests=100, warmup=20, full_seconds=2.0)
-    try:
-        result = run(args, Signals())
-    except KeyboardInterrupt:
-        _log("interrupted; everything it started is stopped")
-        return 130
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0
+        vars(args).update(report.QUICK, full_seconds=2.0)
+    return report.main(args, lambda: run(args, Signals()), format_report, _log)
 
 
 if __name__ == "__main__":

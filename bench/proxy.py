@@ -24,7 +24,7 @@ from meshnode import transport
 from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE
 
 if TYPE_CHECKING:
-    from bench.procs import _Child
+    from bench.procs import Child
 
 READY_PREFIX = "proxy ready port="
 
@@ -89,9 +89,9 @@ class ProxyProcess:
     def __init__(self, upstream: str, timeout_s: float = 30.0) -> None:
         # Imported here: bench.procs brings numpy and onnxruntime (through bench.floor), which the
         # proxy process itself, importing this module, has no use for.
-        from bench.procs import ChildError, _Child
+        from bench.procs import Child, ChildError
 
-        self.child: _Child = _Child([sys.executable, "-m", "bench.proxy", "--upstream", upstream, "--port", "0"],
+        self.child: Child = Child([sys.executable, "-m", "bench.proxy", "--upstream", upstream, "--port", "0"],
                                     "proxy")
         try:
             line = self.child.readline(timeout_s)

@@ -1,11 +1,12 @@
-"""tritonclient -> node (--runtime triton) -> Triton against tritonclient -> Triton directly, same model, same run.
+"""tritonclient -> Triton directly, -> a bare Python gRPC proxy -> Triton, and -> node (--runtime triton) -> Triton.
 
 Starts an etcd, a Triton (meshnode.triton_process, installed by `make triton`) on a repository holding a
-1 MB MLP that ONNX Runtime runs inside a Python-backend model, and a node beside it using that Triton as its
-runtime. One load generator process (bench.loadgen, stock tritonclient.grpc.aio) runs interleaved rounds of
-c=1 latency and c=16 throughput against both paths, alternating which goes first. Prints medians, the
-node/direct ratios and the issue's goal (c=1 p50 <= 1.15x direct). Everything it starts is stopped on exit,
-error, Ctrl-C or SIGTERM.
+1 MB MLP that ONNX Runtime runs inside a Python-backend model, a node beside it using that Triton as its
+runtime, and bench.proxy (a byte-passthrough grpc.aio proxy: the floor of any Python gRPC hop) in front of
+the same Triton. One load generator process (bench.loadgen, stock tritonclient.grpc.aio) runs interleaved
+rounds of c=1 latency and c=16 throughput on the three paths, rotating which goes first. Prints medians,
+node/direct (the issue's goal: c=1 p50 <= 1.15x), proxy/direct, and the node's extra cost over the bare hop,
+(node - direct) / (proxy - direct). Everything it starts is stopped on exit, error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.mesh_hop import Signals
-from bench.procs import LoadGenProcess, cpu_seconds, rss_mb
-from bench.report import _cell, _spread
+from bench import report
+from bench.procs import SLACK_S, LoadGenProcess, Route, Signals, rss_mb, run_rounds
+from bench.proxy import ProxyProcess
+from bench.report import PATH_FIELDS, cell, spread, summarize_paths, table
 from meshnode.etcd_process import EtcdProcess
 from meshnode.node_process import NodeProcess
 from meshnode.triton_examples import write_python_onnx_mlp
@@ -32,16 +33,13 @@ from meshnode.triton_process import TritonProcess
 
 MODEL = "mlp"
 IN_FEATURES = 16  # INPUT0 FP32 [-1, 16] -> OUTPUT0 FP32 [-1, 4], about 1 MB of weights
-PATHS = ("direct", "node")
-SLACK_S = 60.0  # on top of a phase's own bound before the load generator counts as stuck
+PATHS = {"direct": "client -> Triton", "proxy": "client -> bare proxy -> Triton",
+         "node": "client -> node -> Triton"}
 P50_GOAL = 1.15
-FIELDS = (  # key, label, phase, field
-    ("p50_ms", "c=1 p50 latency, ms", "latency", "p50_ms"),
-    ("p99_ms", "c=1 p99 latency, ms", "latency", "p99_ms"),
-    ("rps", "c=16 throughput, req/s", "throughput", "rps"),
-    ("c16_p50_ms", "c=16 p50 latency, ms", "throughput", "p50_ms"),
-    ("server_cpu_us", "c=16 CPU of the path's servers, us/req", "throughput", "server_cpu_us_per_req"),
-)
+# The ratios are read for every figure but the hop's own CPU (the direct path has no hop). For throughput,
+# more is better: a bare hop's "cost" there is the throughput it loses, which the sign test below respects.
+RATIO_KEYS = [key for key, _, _, _ in PATH_FIELDS if key != "hop_cpu_us"]
+MORE_IS_BETTER = {"rps"}
 Json = dict[str, Any]
 _log = functools.partial(print, "[triton_sidecar]", file=sys.stderr, flush=True)  # stdout is the result
 
@@ -61,43 +59,29 @@ def process_tree(pid: int) -> list[int]:
     return sorted(tree)
 
 
-def measure(loadgen: LoadGenProcess, pids: list[int], target: str, phase: str, args: argparse.Namespace) -> Json:
-    """One phase on one path, with the CPU per request of every server process on that path."""
-    cpu0 = [cpu_seconds(p) for p in pids]
-    bound = args.requests * 0.1 if phase == "latency" else args.seconds
-    answer = loadgen.run(bound + SLACK_S, op=phase, target=target, model=MODEL, requests=args.requests,
-                         concurrency=args.concurrency, seconds=args.seconds)
-    used = sum(cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True))
-    answer["server_cpu_us_per_req"] = used * 1e6 / answer["requests"]
-    return answer
-
-
-def run_rounds(loadgen: LoadGenProcess, paths: dict[str, tuple[list[int], str]],
-               args: argparse.Namespace) -> list[Json]:
-    rounds = []
-    for i in range(args.rounds):
-        order = PATHS if i % 2 == 0 else PATHS[::-1]
-        result: Json = {"order": list(order)}
-        for path in order:
-            pids, target = paths[path]
-            result[path] = {phase: measure(loadgen, pids, target, phase, args) for phase in ("latency", "throughput")}
-            lat, thr = result[path]["latency"], result[path]["throughput"]
-            _log(f"round {i + 1}/{args.rounds} {path}: c=1 p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms; "
-                 f"c={args.concurrency} {thr['rps']:.0f} req/s, {thr['server_cpu_us_per_req']:.0f} us/req")
-        rounds.append(result)
-    return rounds
-
-
 def summarize(rounds: list[Json]) -> Json:
-    summary: Json = {key: {p: _spread([r[p][phase][field] for r in rounds]) for p in PATHS}
-                     for key, _, phase, field in FIELDS}
-    for key, _, _, _ in FIELDS:
-        summary[key]["ratio"] = summary[key]["node"]["median"] / summary[key]["direct"]["median"]
-    # Paired within a round: both paths then saw the same machine.
-    paired = _spread([r["node"]["latency"]["p50_ms"] / r["direct"]["latency"]["p50_ms"] for r in rounds])
+    """Spreads per path, and per figure the ratios paired within each round (all paths then saw the same
+    machine): node/direct, proxy/direct and the node's extra over the bare hop's, (node - d) / (proxy - d)."""
+    summary = summarize_paths(rounds, PATHS)
+    for key, _, phase, field in PATH_FIELDS:
+        if key not in RATIO_KEYS:
+            continue
+        values = [{p: r[p][phase][field] for p in PATHS} for r in rounds]
+        sign = -1 if key in MORE_IS_BETTER else 1
+        summary[key] |= {
+            "node/direct": spread([v["node"] / v["direct"] for v in values]),
+            "proxy/direct": spread([v["proxy"] / v["direct"] for v in values]),
+            # A round where the bare hop measured free or better than direct (noise) has no such ratio.
+            "extra": spread([(v["node"] - v["direct"]) / (v["proxy"] - v["direct"]) for v in values
+                             if (v["proxy"] - v["direct"]) * sign > 0] or [float("nan")]),
+        }
+    # The hop's own CPU: direct has none (zero), so the same extra-cost ratio is node's over the proxy's.
+    hops = [{p: r[p]["throughput"]["hop_cpu_us_per_req"] for p in ("proxy", "node")} for r in rounds]
+    summary["hop_cpu_us"]["extra"] = spread([h["node"] / h["proxy"] for h in hops])
+    paired = summary["p50_ms"]["node/direct"]
     summary["p50_ratio"] = {**paired, "goal": f"<= {P50_GOAL:.2f}x", "pass": paired["median"] <= P50_GOAL}
-    summary["added_p50_ms"] = _spread([r["node"]["latency"]["p50_ms"] - r["direct"]["latency"]["p50_ms"]
-                                       for r in rounds])
+    summary["added_p50_ms"] = {p: spread([r[p]["latency"]["p50_ms"] - r["direct"]["latency"]["p50_ms"]
+                                          for r in rounds]) for p in ("proxy", "node")}
     return summary
 
 
@@ -116,20 +100,23 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
             etcd=etcd.endpoint, model_repository=repo, capacity="1GiB", metrics_port=None,
             extra_args=["--runtime", "triton", "--triton-url", triton.grpc_target,
                         "--triton-model-repository", str(repo), "--no-proactive-loads"]), NodeProcess.stop)
+        proxy = signals.start(stack, lambda: ProxyProcess(triton.grpc_target), ProxyProcess.stop)
         loadgen = signals.start(stack, LoadGenProcess, LoadGenProcess.stop)
         try:
-            # Through the node first: its first request loads the model in Triton, which then serves both paths.
-            targets = {"node": node.target, "direct": triton.grpc_target}
-            warm = {p: loadgen.run(SLACK_S * 2, op="warmup", target=targets[p], model=MODEL, requests=args.warmup)
-                    for p in ("node", "direct")}
-            direct_out, node_out = (np.asarray(warm[p]["outputs"]["OUTPUT0"]) for p in PATHS)
-            if not np.array_equal(direct_out, node_out):
-                raise RuntimeError(f"node and Triton disagree on the same input: {node_out} vs {direct_out}")
+            # Through the node first: its first request loads the model in Triton, which then serves every path.
+            targets = {"node": node.target, "direct": triton.grpc_target, "proxy": proxy.target}
+            warm = {p: loadgen.run(SLACK_S * 2, op="warmup", target=t, model=MODEL, requests=args.warmup)
+                    for p, t in targets.items()}
+            outputs = {p: np.asarray(w["outputs"]["OUTPUT0"]) for p, w in warm.items()}
+            if not all(np.array_equal(outputs["direct"], o) for o in outputs.values()):
+                raise RuntimeError(f"the paths disagree on the same input: {outputs}")
             triton_pids = process_tree(triton.pid)  # the model's stub exists from here on
-            paths = {"direct": (triton_pids, triton.grpc_target), "node": ([node.process.pid, *triton_pids],
-                                                                           node.target)}
-            rounds = run_rounds(loadgen, paths, args)
-            config["rss_mb"] = {"node": rss_mb(node.process.pid), "triton": sum(rss_mb(p) for p in triton_pids)}
+            paths = {"direct": Route(triton.grpc_target, triton_pids),
+                     "proxy": Route(proxy.target, triton_pids, proxy.pid),
+                     "node": Route(node.target, triton_pids, node.process.pid)}
+            rounds = run_rounds(loadgen, paths, MODEL, args, _log)
+            config["rss_mb"] = {"node": rss_mb(node.process.pid), "proxy": rss_mb(proxy.pid),
+                                "triton": sum(rss_mb(p) for p in triton_pids)}
         except Exception:
             _log("node log tail:\n" + node.log())
             _log("Triton log tail:\n" + triton.log_tail())
@@ -140,47 +127,38 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
 
 def format_report(result: Json) -> str:
     c, s = result["config"], result["summary"]
-    rows = [("metric", "direct: client -> Triton", "node: client -> node -> Triton", "node/direct")]
-    rows += [(label, _cell(s[key]["direct"]), _cell(s[key]["node"]), f"{s[key]['ratio']:.2f}x")
-             for key, label, _, _ in FIELDS]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    ratio = s["p50_ratio"]
-    lines = [f"node beside Triton vs Triton directly: {c['model_mb']:.2f} MB MLP in ONNX Runtime in a Python-backend "
-             f"model; {c['rounds']} interleaved rounds, c=1 {c['requests']} requests, c={c['concurrency']} "
-             f"{c['seconds']:g} s; medians (min-max over rounds); 1-min load average {c['loadavg_1m_before']:.1f} "
-             f"before, {c['loadavg_1m_after']:.1f} after", ""]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines += ["", f"c=1 p50 node/direct, paired per round: {_cell(ratio)}x  goal {ratio['goal']}  "
-              f"{'PASS' if ratio['pass'] else 'MISS'}; the node adds {_cell(s['added_p50_ms'])} ms",
-              f"RSS after the rounds: node {c['rss_mb']['node']:.0f} MB, Triton with the model's stub "
-              f"{c['rss_mb']['triton']:.0f} MB"]
+
+    def ratio(key: str, which: str) -> str:
+        return f"{s[key][which]['median']:.2f}x" if which in s[key] else "-"
+
+    rows = [("metric", *PATHS, "proxy/direct", "node/direct", "(node-direct)/(proxy-direct)")]
+    rows += [(label, *(cell(s[key][p]) if p in s[key] else "-" for p in PATHS),
+              ratio(key, "proxy/direct"), ratio(key, "node/direct"), ratio(key, "extra"))
+             for key, label, _, _ in PATH_FIELDS]
+    goal, added = s["p50_ratio"], s["added_p50_ms"]
+    lines = [f"node beside Triton vs a bare Python gRPC proxy vs Triton directly: {c['model_mb']:.2f} MB MLP in ONNX "
+             f"Runtime in a Python-backend model; {c['rounds']} interleaved rounds, c=1 {c['requests']} requests, "
+             f"c={c['concurrency']} {c['seconds']:g} s; medians (min-max over rounds), ratios paired per round; "
+             f"1-min load average {c['loadavg_1m_before']:.1f} before, {c['loadavg_1m_after']:.1f} after",
+             "paths: " + "; ".join(f"{p}: {label}" for p, label in PATHS.items()), ""]
+    lines += table(rows)
+    lines += ["", f"c=1 p50 node/direct: {cell(goal)}x  goal {goal['goal']}  {'PASS' if goal['pass'] else 'MISS'}; "
+              f"over direct the bare proxy adds {cell(added['proxy'])} ms, the node {cell(added['node'])} ms",
+              f"the node's cost over the floor of any Python gRPC hop, (node - direct) / (proxy - direct): c=1 p50 "
+              f"{cell(s['p50_ms']['extra'])}x, c=16 throughput lost {cell(s['rps']['extra'])}x, CPU per request "
+              f"{cell(s['server_cpu_us']['extra'])}x",
+              f"RSS after the rounds: node {c['rss_mb']['node']:.0f} MB, proxy {c['rss_mb']['proxy']:.0f} MB, Triton "
+              f"with the model's stub {c['rss_mb']['triton']:.0f} MB"]
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.triton_sidecar", description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--rounds", type=int, default=6, help="interleaved rounds; even, so each path goes first as often")
-    add("--seconds", type=float, default=3.0, help="c=16 duration per round and path (default 3)")
-    add("--requests", type=int, default=1000, help="c=1 requests per round and path (default 1000)")
-    add("--concurrency", type=int, default=16, help="callers in the throughput phase")
-    add("--warmup", type=int, default=300, help="requests per path before measuring")
-    add("--quick", action="store_true", help="tiny counts for a smoke test (noise)")
-    add("--json", action="store_true", help="print JSON instead of the table")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = report.options("python -m bench.triton_sidecar", __doc__.splitlines()[0],
+                            "interleaved rounds; a multiple of 3 rotates the order fairly")
+    args = parser.parse_args(argv)
     if args.quick:
-        vars(args).update(rounds=1, seconds=1.0, requests=100, warmup=20)
-    try:
-        result = run(args, Signals())
-    except KeyboardInterrupt:
-        _log("interrupted; everything it started is stopped")
-        return 130
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0
+        vars(args).update(report.QUICK)
+    return report.main(args, lambda: run(args, Signals()), format_report, _log)
 
 
 if __name__ == "__main__":

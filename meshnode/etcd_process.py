@@ -10,38 +10,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from meshnode.errors import MeshServeError
+from meshnode.server_process import HOST, ServerProcess
 
-HOST = "127.0.0.1"
 _LOG_NAME = "etcd.log"
 # etcd warns about any foreign file in its data dir, so the log sits beside it, not inside.
 _STORE_NAME = "data"
-_PORT_ATTEMPTS = 3
 
 
 class EtcdProcessError(MeshServeError):
     """The local etcd server could not be found, started or stopped."""
-
-
-def _free_ports(n: int) -> list[int]:
-    # All held open together so the kernel cannot hand out the same port twice.
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _find_binary() -> str:
@@ -51,18 +33,21 @@ def _find_binary() -> str:
     return path
 
 
-class EtcdProcess:
+class EtcdProcess(ServerProcess):
     """One etcd server process; `start()` returns it ready to serve client requests."""
 
+    NAME = "etcd"
+    ERROR = EtcdProcessError
+    TAIL_LINES = 20
+
     def __init__(self, binary: str, root: Path, owns_root: bool, client_port: int, peer_port: int) -> None:
+        super().__init__()
         self._binary = binary
         self.data_dir = root
         self._owns_root = owns_root
         self.host = HOST
         self.port = client_port
         self._peer_port = peer_port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
 
     @property
     def endpoint(self) -> str:
@@ -73,8 +58,8 @@ class EtcdProcess:
         return self.data_dir / _LOG_NAME
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def _address(self) -> str:
+        return self.endpoint
 
     @classmethod
     def start(cls, data_dir: Path | None = None, ready_timeout: float = 10.0) -> EtcdProcess:
@@ -83,25 +68,19 @@ class EtcdProcess:
         owns_root = data_dir is None
         root = Path(tempfile.mkdtemp(prefix="meshserve-etcd-")) if data_dir is None else Path(data_dir)
         fresh = not (root / _STORE_NAME).exists()
-        last_error: EtcdProcessError | None = None
-        for _ in range(_PORT_ATTEMPTS):
-            etcd = cls(binary, root, owns_root, *_free_ports(2))
-            try:
-                etcd._launch(ready_timeout)
-                return etcd
-            except EtcdProcessError as e:
-                etcd._terminate(timeout=2.0)
-                last_error = e
-                if fresh:
-                    # A half-made store would pin the failed attempt's peer URL into the next one.
-                    shutil.rmtree(root / _STORE_NAME, ignore_errors=True)
-                # The ports were free when picked but something else may have taken them since.
-                if "address already in use" not in str(e):
-                    break
-        if owns_root:
-            shutil.rmtree(root, ignore_errors=True)
-        assert last_error is not None
-        raise last_error
+
+        def after_failure() -> None:
+            if fresh:
+                # A half-made store would pin the failed attempt's peer URL into the next one.
+                shutil.rmtree(root / _STORE_NAME, ignore_errors=True)
+
+        try:
+            return cls._start_on_free_ports(2, lambda ports: cls(binary, root, owns_root, *ports), ready_timeout,
+                                            stop_timeout=2.0, after_failure=after_failure)
+        except BaseException:
+            if owns_root:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
 
     def start_again(self, ready_timeout: float = 10.0) -> None:
         """Start the stopped server on the same ports and data directory.
@@ -126,18 +105,8 @@ class EtcdProcess:
 
     def kill(self, keep_data: bool = False) -> None:
         """SIGKILL at once, as a crash would."""
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait()
-            self._proc = None
+        self._kill()
         self._cleanup(keep_data)
-
-    def __enter__(self) -> EtcdProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _args(self) -> list[str]:
         client = f"http://{self.host}:{self.port}"
@@ -157,63 +126,16 @@ class EtcdProcess:
             "--log-outputs", "stderr",
         ]  # fmt: skip
 
-    def _launch(self, ready_timeout: float) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def _env(self) -> dict[str, str]:
         # ETCD_* variables from the caller's shell would silently reconfigure the throw-away server.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
-        with open(self.log_path, "ab") as log:
-            # Errors quote this run's log only, not earlier runs appended to the same file.
-            self._log_start = log.seek(0, os.SEEK_END)
-            self._proc = subprocess.Popen(
-                self._args(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                # Its own process group: a Ctrl-C meant for the test runner must not kill etcd
-                # before the fixture's orderly stop.
-                start_new_session=True,
-            )
-        self._wait_ready(ready_timeout)
+        return {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://{self.endpoint}/health"
-        while True:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise EtcdProcessError(f"etcd exited with code {self._proc.returncode} at startup:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
-                    if json.loads(resp.read()).get("health") == "true":
-                        return
-            except (OSError, ValueError):
-                pass  # not listening yet, or no leader yet
-            if time.monotonic() > deadline:
-                raise EtcdProcessError(f"etcd at {self.endpoint} not ready after {timeout:.0f} s:\n{self._log_tail()}")
-            time.sleep(0.02)
+    def _ready_url(self) -> str:
+        return f"http://{self.endpoint}/health"
 
-    def _terminate(self, timeout: float) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def _healthy(self, body: bytes) -> bool:
+        return bool(json.loads(body).get("health") == "true")  # "false" while there is no leader yet
 
     def _cleanup(self, keep_data: bool) -> None:
         if self._owns_root and not keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_start)
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return "(no etcd log)"
-        return "\n".join(text.splitlines()[-lines:])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from collections import deque
 from pathlib import Path
 
 from meshnode.server import READY_LINE
+from meshnode.server_process import terminate
 
 _READY = re.compile(re.escape(READY_LINE) + r" grpc=(\S+):(\d+)(?: metrics=\S+:(\d+))? instance=(\S+)")
 
@@ -84,13 +84,7 @@ class NodeProcess:
         return "\n".join(self._log_tail)
 
     def stop(self, timeout_s: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout_s)  # SIGTERM: the node drains first
         return self.process.returncode
 
     def kill(self) -> None:

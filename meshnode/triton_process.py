@@ -2,31 +2,24 @@
 
 The server is the one inside the nvidia-pytriton package, run as ../shared/reference/triton-on-cpu.md
 describes: explicit model-control mode, free loopback ports, its own venv's libraries and Python (the
-Python backend's stub runs models with the first python on PATH). Like EtcdProcess: a log file, a
-readiness wait, stop/kill, and the log's tail in every startup error.
+Python backend's stub runs models with the first python on PATH). The log file, readiness wait, stop/kill
+and the log's tail in every startup error are meshnode.server_process's, as for EtcdProcess.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from meshnode.errors import MeshServeError
+from meshnode.server_process import HOST, ServerProcess
 
-HOST = "127.0.0.1"
 HOME_ENV = "MESHSERVE_TRITON_HOME"
 # `make triton` puts the venv at the repository's root, next to the meshnode package.
 DEFAULT_HOME = Path(__file__).resolve().parents[1] / ".triton-venv"
-_PORT_ATTEMPTS = 3
 # Triton waits this long for models to unload on SIGTERM; a test's stop should not wait 30 s (its default).
 _EXIT_TIMEOUT_S = 5
 
@@ -63,28 +56,18 @@ class TritonInstall:
         return env
 
 
-def _free_ports(n: int) -> list[int]:
-    # All held open together so the kernel cannot hand out the same port twice.
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class TritonProcess:
+class TritonProcess(ServerProcess):
     """One tritonserver; `start()` returns it ready to serve. Models load only when asked (explicit mode)."""
 
+    NAME = "tritonserver"
+    ERROR = TritonProcessError
+
     def __init__(self, install: TritonInstall, repository: Path, work: Path, ports: list[int]) -> None:
+        super().__init__()
         self.install = install
         self.model_repository = repository
         self._work = work  # the log, and the model repository when none was given
         self.http_port, self.grpc_port, self.metrics_port = ports
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
 
     @property
     def grpc_target(self) -> str:
@@ -101,8 +84,8 @@ class TritonProcess:
         return self._proc.pid
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def _address(self) -> str:
+        return self.grpc_target
 
     @classmethod
     def start(cls, model_repository: Path | None = None, *, home: Path | None = None,
@@ -112,21 +95,12 @@ class TritonProcess:
         work = Path(tempfile.mkdtemp(prefix="meshserve-triton-"))
         repository = work / "models" if model_repository is None else Path(model_repository).resolve()
         repository.mkdir(parents=True, exist_ok=True)
-        last_error: TritonProcessError | None = None
-        for _ in range(_PORT_ATTEMPTS):
-            triton = cls(install, repository, work, _free_ports(3))
-            try:
-                triton._launch(ready_timeout)
-                return triton
-            except TritonProcessError as error:
-                triton._terminate(timeout=5.0)
-                last_error = error
-                # The ports were free when picked; something else may have taken one since.
-                if "already in use" not in str(error):
-                    break
-        shutil.rmtree(work, ignore_errors=True)
-        assert last_error is not None
-        raise last_error
+        try:
+            return cls._start_on_free_ports(3, lambda ports: cls(install, repository, work, ports), ready_timeout,
+                                            stop_timeout=5.0)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Triton unloads its models), SIGKILL to the whole group if it takes too long."""
@@ -135,15 +109,7 @@ class TritonProcess:
 
     def kill(self) -> None:
         """SIGKILL to Triton and its backend stubs at once, as a crash would; the files stay."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            self._kill_group(proc)
-
-    def __enter__(self) -> TritonProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._kill()
 
     def _args(self) -> list[str]:
         server = self.install.server
@@ -160,58 +126,8 @@ class TritonProcess:
             "--exit-timeout-secs", str(_EXIT_TIMEOUT_S),
         ]  # fmt: skip
 
-    def _launch(self, ready_timeout: float) -> None:
-        with open(self.log_path, "ab") as log:
-            self._log_start = log.seek(0, os.SEEK_END)  # errors quote this attempt's log only
-            self._proc = subprocess.Popen(
-                self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.install.environment(),
-                # Its own process group: its stubs go with it on kill, and a Ctrl-C meant for a test
-                # runner does not take it down before the fixture's orderly stop.
-                start_new_session=True,
-            )
-        self._wait_ready(ready_timeout)
+    def _env(self) -> dict[str, str]:
+        return self.install.environment()
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://{HOST}:{self.http_port}/v2/health/ready"
-        while True:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise TritonProcessError(
-                    f"tritonserver exited with code {self._proc.returncode} at startup:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass  # not listening yet, or not ready (HTTP 400 is an HTTPError, an OSError)
-            if time.monotonic() > deadline:
-                raise TritonProcessError(
-                    f"tritonserver at {self.grpc_target} not ready after {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.02)
-
-    def _terminate(self, timeout: float) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout)
-        self._kill_group(proc)  # stubs that outlive the server, or a server that would not stop
-
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_start)
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return "(no tritonserver log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def _ready_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}/v2/health/ready"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,16 @@ def run_quick_bench(module: str, time_limit_s: float) -> dict[str, Any]:
 
 def positive(value: object) -> bool:
     return isinstance(value, int | float) and value > 0
+
+
+def assert_every_path_figure(summary: dict[str, Any], paths: Iterable[str], no_hop: set[str]) -> None:
+    """A path bench's summary has every PATH_FIELDS figure for every path (hop CPU only where there is a hop)."""
+    from bench.report import PATH_FIELDS  # imported here: the other tests have no use for the bench
+
+    for key, _, _, _ in PATH_FIELDS:
+        for path in paths:
+            if not (key == "hop_cpu_us" and path in no_hop):
+                assert positive(summary[key][path]["median"]), (key, path, summary[key][path])
 
 
 async def manage(target: str, method: str, request: object, deadline_s: float = 60.0) -> Any:

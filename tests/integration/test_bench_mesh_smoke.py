@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.mesh_hop import FIELDS, PATHS
-from tests.integration.helpers import positive, run_quick_bench
+from bench.mesh_hop import PATHS
+from tests.integration.helpers import assert_every_path_figure, positive, run_quick_bench
 
 TIME_LIMIT_S = 85.0
 
@@ -14,11 +14,7 @@ TIME_LIMIT_S = 85.0
 def test_quick_mesh_hop_reports_every_figure() -> None:
     result = run_quick_bench("bench.mesh_hop", TIME_LIMIT_S)
     summary = result["summary"]
-    for key, _, _, _ in FIELDS:
-        hop_only = key == "hop_cpu_us"  # path A has no hop process
-        for path in PATHS:
-            if not (hop_only and path == "A"):
-                assert positive(summary[key][path]["median"]), (key, path, summary[key][path])
+    assert_every_path_figure(summary, PATHS, no_hop={"A"})
     assert set(summary["added_p50_ms"]) == {"B", "C"}
     # The ratio's sign and size are noise in a one-round run: only its presence is checked.
     assert isinstance(summary["hop_ratio"]["median"], float) and isinstance(summary["hop_ratio"]["pass"], bool)
