@@ -283,9 +283,18 @@ class ModelCache:
         self._metrics.evictions += 1
         self._metrics.observe_eviction_age_ms(max(0.0, self._now() - entry.last_used) * 1000.0)
         log.info("evicting %s (%d bytes, idle %.1fs)", entry.key, entry.size_bytes, self._now() - entry.last_used)
+        self._drop(entry)
+
+    def _drop(self, entry: CachedModel) -> None:
         self._remove(entry)
         if entry.model is not None:
             self._background.spawn(self._unload(entry.model))
+
+    def forget(self, entry: CachedModel) -> None:
+        """The runtime lost this loaded model: stop counting on it; whatever the runtime still holds goes."""
+        if not entry.discarded:
+            log.warning("%s is gone from the runtime; it loads again when asked for", entry.key)
+            self._drop(entry)
 
     async def unload_model(self, name: str, drain_timeout_s: float = 30.0) -> int:
         """Stop serving every version of `name` here, wait for its requests, then unload."""

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from meshnode.cache import CachedModel, LoadOptions, ModelCache
-from meshnode.errors import ModelNotFound
+from meshnode.errors import ModelLost, ModelNotFound
 from meshnode.metrics import NodeMetrics
 from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import list_versions, model_source
@@ -61,8 +61,13 @@ class DataPlane:
             if entry is not None:
                 entry.inflight += 1
                 metrics.cache_hits += 1
-                return await self._run(entry, request, started, time_remaining() if time_remaining else None,
-                                       metadata)
+                try:
+                    return await self._run(entry, request, started, time_remaining() if time_remaining else None,
+                                           metadata)
+                except ModelLost:
+                    if self.router is None:
+                        raise  # without a mesh there is nothing to route to: the client retries
+                    # _run forgot the copy: the router below loads it again, here or elsewhere.
             if self.router is None:
                 return await self.infer_local(request)
             hop = Hop.from_metadata(metadata() if metadata is not None else None)
@@ -89,6 +94,10 @@ class DataPlane:
         metrics = self._metrics
         try:
             return await entry.model.infer(request, timeout_s, metadata)  # type: ignore[union-attr]
+        except ModelLost:
+            metrics.invoke_failures += 1
+            self._cache.forget(entry)
+            raise
         except BaseException:
             metrics.invoke_failures += 1
             raise

@@ -41,6 +41,11 @@ class ModelUnavailable(MeshServeError):
     retry_elsewhere = True
 
 
+class ModelLost(ModelUnavailable):
+    """The runtime no longer has a model the node holds as loaded (a Triton that restarted): the node
+    forgets its copy, and the request is served by loading it again."""
+
+
 class LoadFailed(MeshServeError):
     """A load failed; the message names the model and the cause. Another node may succeed."""
 

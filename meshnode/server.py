@@ -75,6 +75,7 @@ class Node:
 
     async def start(self) -> None:
         s = self.settings
+        await self.runtime.start()
         self._store = await EtcdStore.connect(s.etcd, s.etcd_prefix)
         self.registry = Registry(self._store)
         await self.registry.start()

@@ -58,6 +58,10 @@ class LoadedModel(Protocol):
 class Runtime(Protocol):
     name: str
 
+    async def start(self) -> None:
+        """Before the node serves: reach the runtime, and clear what an earlier node left in it."""
+        ...
+
     def predict_size(self, source: ModelSource) -> int:
         """Fast size estimate in bytes before loading (no model parsing)."""
         ...

@@ -295,6 +295,9 @@ class OnnxRuntime:
             options.use_per_session_threads = False
         return options
 
+    async def start(self) -> None:
+        pass  # in process: nothing to reach, nothing left from before
+
     async def unload(self, model: LoadedModel) -> None:
         if not isinstance(model, OnnxModel):
             raise TypeError(f"{self.name} cannot unload a {type(model).__name__}")

@@ -25,7 +25,14 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from meshnode import transport
-from meshnode.errors import DeadlineExceeded, InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
+from meshnode.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    LoadFailed,
+    MeshServeError,
+    ModelLost,
+    ModelUnavailable,
+)
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
 from meshpb import pb
 from router.hop import trace_context
@@ -48,6 +55,8 @@ CONFIG_FILE = "config.pbtxt"
 # After Triton's unload returns, the model stays UNLOADING for ~0.7 s; a reload polls that long.
 UNLOAD_POLL_S = 0.05
 UNLOAD_WAIT_S = 30.0
+START_WAIT_S = 60.0  # for Triton to answer when the node starts
+PROBE_TIMEOUT_S = 2.0
 CONTROL_TIMEOUT_S = 600.0  # a load may run that long; the cache's own load timeout is the real bound
 
 
@@ -113,6 +122,26 @@ class TritonRuntime:
             self._channel = transport.create_channel(self.url)
             self._stub = transport.InferenceStub(self._channel)
         return self._stub
+
+    async def start(self) -> None:
+        """Wait for Triton (a sidecar may start after the node), then unload every model it holds: the
+        node's cache starts empty, and models an earlier node left would hold memory nobody counts."""
+        deadline = time.monotonic() + START_WAIT_S
+        while True:
+            try:
+                index = await self.client.get_model_repository_index(client_timeout=PROBE_TIMEOUT_S)
+                break
+            except InferenceServerException as error:
+                if time.monotonic() > deadline:
+                    raise MeshServeError(f"Triton at {self.url} did not answer within {START_WAIT_S:g} s: "
+                                         f"{self._control_message(error)}") from None
+                await asyncio.sleep(PROBE_TIMEOUT_S / 4)
+        leftovers = sorted({m.name for m in index.models if m.state == "READY"})
+        for name in leftovers:
+            await self.client.unload_model(name, client_timeout=CONTROL_TIMEOUT_S)
+        self._unloaded.update(leftovers)
+        if leftovers:
+            log.info("unloaded %d models left on Triton at %s: %s", len(leftovers), self.url, ", ".join(leftovers))
 
     def predict_size(self, source: ModelSource) -> int:
         try:
@@ -192,7 +221,7 @@ class TritonRuntime:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"model '{name}' on Triton at {self.url} ran out of time: {details}")
         if code == grpc.StatusCode.NOT_FOUND:
-            return ModelUnavailable(f"model '{name}' is not loaded on Triton at {self.url}: {details}")
+            return ModelLost(f"model '{name}' is not loaded on Triton at {self.url} any more: {details}")
         return MeshServeError(f"inference failed for model '{name}' on Triton at {self.url}: {details}")
 
     def _control_message(self, error: InferenceServerException) -> str:

@@ -191,3 +191,27 @@ def test_in_a_mesh_a_request_to_one_node_is_served_by_the_copy_in_the_other_node
     finally:
         for process in nodes:
             process.stop()
+
+
+def test_a_model_that_triton_lost_is_loaded_again_by_the_next_request(node: NodeProcess,
+                                                                      triton: TritonProcess) -> None:
+    check_add(node.target, "add2")
+    with grpcclient.InferenceServerClient(triton.grpc_target) as client:
+        client.unload_model("add2")  # behind the node's back, as a Triton restart would
+    wait_triton_state(triton, "add2", {"UNLOADING", "UNAVAILABLE"})
+    check_add(node.target, "add2")  # answered: the node forgot its copy and loaded it again
+    assert triton_states(triton)["add2"] == "READY"
+    check_add(node.target, "add2")
+
+
+def test_a_node_starts_by_unloading_what_an_earlier_node_left_in_triton(etcd: EtcdProcess, repo: Path,
+                                                                         tritons: Start) -> None:
+    triton = tritons(repo)
+    with grpcclient.InferenceServerClient(triton.grpc_target) as client:
+        client.load_model("add")
+    fresh = start_triton_node(etcd, repo, triton)
+    try:
+        assert triton_states(triton)["add"] in ("UNLOADING", "UNAVAILABLE")
+        check_add(fresh.target, "add")
+    finally:
+        fresh.stop()
