@@ -45,6 +45,8 @@ def add_admin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     register.add_argument("--pinned", action="store_true", help="never evict it once loaded")
     register.add_argument("--min-copies", type=int, default=0, help="keep at least this many copies loaded")
     register.add_argument("--load-timeout", type=float, default=0.0, help="seconds its load may take")
+    register.add_argument("--runtime", help="only nodes running this load it: onnxruntime, triton, or any "
+                                            "(default: the runtime of the node you ask)")
     command(models, "unregister", "unload a model everywhere and forget it").add_argument("name")
     command(models, "status", "one model: state, copies, failures, size, last use").add_argument("name")
 
@@ -86,7 +88,8 @@ async def _call(args: argparse.Namespace) -> Message | list[Message] | None:
                 return await stub.RegisterModel(mpb.RegisterModelRequest(
                     name=args.name, storage_uri=args.storage_uri, lazy=args.lazy, pinned=args.pinned,
                     size_hint_bytes=parse_size(args.size_hint) if args.size_hint else 0,
-                    min_copies=args.min_copies, load_timeout_s=args.load_timeout), timeout=TIMEOUT_S)
+                    min_copies=args.min_copies, load_timeout_s=args.load_timeout, runtime=args.runtime),
+                    timeout=TIMEOUT_S)
             if action == "unregister":
                 await stub.UnregisterModel(mpb.UnregisterModelRequest(name=args.name), timeout=TIMEOUT_S)
                 return None
@@ -148,13 +151,13 @@ def _node_row(n: Any, now: float) -> dict[str, Any]:
             "used": f"{_size(n.used_bytes)} / {_size(n.capacity_bytes)}",
             "models": n.model_count, "cache_age": _seconds(n.cache_age_s) if n.model_count else "-",
             "req/s": f"{n.request_rate:g}", "inflight": n.inflight, "loading": n.loads_in_progress,
-            "state": "draining" if n.shutting_down else "serving", "version": n.version}
+            "state": "draining" if n.shutting_down else "serving", "runtime": n.runtime, "version": n.version}
 
 
 def _model_detail(m: Any, now: float) -> str:
     size = _size(m.size_bytes) if m.size_bytes else "not measured yet"
     lines = [f"{m.name}: {m.state}" + (f" ({m.reason})" if m.reason else ""),
-             f"  storage: {m.storage_uri}",
+             f"  storage: {m.storage_uri} (runs on {m.runtime or 'any'} nodes)",
              f"  size: {size}, last used {_ago(m.last_used, now)}",
              f"  pinned: {'yes' if m.pinned else 'no'}, min copies: {m.min_copies or 1}, "
              f"aliases: {', '.join(m.aliases) or '-'}"]

@@ -117,7 +117,8 @@ class CopyManager:
             now = self._now()
             holders = frozenset(c.instance_id for c in view.copies)
             target = choose_load_target(self._mesh.nodes().values(), size_bytes=view.size_bytes, now=now,
-                                        rng=self._rng, exclude=holders | load_exclusions(view, now))
+                                        rng=self._rng, exclude=holders | load_exclusions(view, now),
+                                        runtime=view.runtime)
             if target is None:
                 recent = "; ".join(f"{f.instance_id}: {f.message}" for f in active_failures(view, now))
                 why.append(f"no node to place a copy on (failed recently on {recent})" if recent

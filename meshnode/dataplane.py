@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from meshnode.cache import CachedModel, LoadOptions, ModelCache
-from meshnode.errors import ModelLost, ModelNotFound
+from meshnode.errors import ModelLost, ModelNotFound, ModelUnavailable
 from meshnode.metrics import NodeMetrics
 from meshnode.registry import ModelRecord, Registry
 from meshnode.repository import list_versions, model_source
@@ -114,6 +114,9 @@ class DataPlane:
         record = self._registry.get(name)
         if record is None or not record.enabled:
             raise ModelNotFound.unknown(name)
+        if record.runtime and record.runtime != self._runtime.name:
+            raise ModelUnavailable(f"model '{name}' runs on {record.runtime} nodes; this node runs "
+                                   f"{self._runtime.name}")
         source = model_source(name, Path(record.storage), version)
         return await self._cache.acquire(source, version, self.load_options(record, source, churn_guard))
 

@@ -64,7 +64,7 @@ async def hand_off(cache: ModelCache, mesh: MeshState, peers: GrpcPeers, *, rng:
             tried = {mesh.instance_id}
             for _ in range(3):
                 target = choose_load_target(mesh.nodes().values(), size_bytes=view.size_bytes, now=clock(), rng=rng,
-                                            exclude=frozenset(tried))
+                                            exclude=frozenset(tried), runtime=view.runtime)
                 if target is None:
                     return False
                 node = mesh.nodes().get(target)

@@ -42,6 +42,7 @@ class Registration:
     pinned: bool = False
     min_copies: int = 0
     load_timeout_s: float = 0.0
+    runtime: str | None = None  # None: the registering node's; "": any
 
 
 def page(names: Iterable[str], prefix: str, size: int, token: str) -> tuple[list[str], str]:
@@ -76,6 +77,8 @@ class Management:
             config["min_copies"] = request.min_copies
         if request.load_timeout_s:
             config["load_timeout_s"] = request.load_timeout_s
+        if request.runtime is not None:
+            config["runtime"] = request.runtime
         params: dict[str, object] = {"config": json.dumps(config), PARAM_LAZY: request.lazy}
         if request.size_hint_bytes:
             params[PARAM_SIZE_HINT] = request.size_hint_bytes

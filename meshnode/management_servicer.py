@@ -25,7 +25,7 @@ def _model(status: ModelStatus) -> mpb.ModelStatus:
         name=r.name, storage_uri=r.storage, state=status.state, reason=status.reason, copies=copies, failures=failures,
         size_bytes=r.size_bytes or 0, last_used=r.last_used or 0.0, pinned=r.pinned, min_copies=r.min_copies,
         load_timeout_s=r.load_timeout_s or 0.0, size_hint_bytes=r.size_hint or 0, registered_at=r.registered_at,
-        aliases=status.aliases,
+        aliases=status.aliases, runtime=r.runtime,
     )
 
 
@@ -41,7 +41,7 @@ def _node(node: NodeView, now: float) -> mpb.Node:
                     used_bytes=node.used_bytes, model_count=node.model_count,
                     cache_age_s=age if age != float("inf") else 0.0, request_rate=node.request_rate,
                     inflight=node.inflight, loads_in_progress=node.loads_in_progress,
-                    shutting_down=node.shutting_down, version=node.version)
+                    shutting_down=node.shutting_down, version=node.version, runtime=node.runtime)
 
 
 class ManagementServicer:
@@ -57,7 +57,8 @@ class ManagementServicer:
         return _model(await self._management.register(Registration(
             name=request.name, storage_uri=request.storage_uri, lazy=request.lazy,
             size_hint_bytes=request.size_hint_bytes, pinned=request.pinned, min_copies=request.min_copies,
-            load_timeout_s=request.load_timeout_s)))
+            load_timeout_s=request.load_timeout_s,
+            runtime=("" if request.runtime == "any" else request.runtime) if request.HasField("runtime") else None)))
 
     @maps_errors
     async def UnregisterModel(self, request: mpb.UnregisterModelRequest, context: Any) -> mpb.UnregisterModelResponse:

@@ -85,7 +85,7 @@ class MeshState:
             name=name, size_bytes=self._size_of(record),
             copies=tuple(CopyView(node, c["state"], c["since"]) for node, c in record.copies.items()),
             failures=tuple(FailureView(node, f["at"], f["message"]) for node, f in record.failures.items()),
-            last_used=record.last_used,
+            last_used=record.last_used, runtime=record.runtime,
         )
         self._views[name] = (record, view)
         return view

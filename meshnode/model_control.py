@@ -28,6 +28,7 @@ from meshnode.errors import (
 from meshnode.mesh import MeshState
 from meshnode.registry import Copy, ModelRecord, Registry
 from meshnode.repository import ModelRepository, check_model_name, resolve_storage_uri
+from meshnode.runtimes import RUNTIMES
 from placement.types import LOADED, LOADING
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ class IndexEntry:
 class ModelControl:
     def __init__(
         self, *, registry: Registry, repository: ModelRepository, cache: ModelCache, dataplane: DataPlane,
-        mesh: MeshState, aliases: Aliases,
+        mesh: MeshState, aliases: Aliases, runtime: str,
     ) -> None:
+        self._runtime = runtime  # this node's: models it registers run on nodes like it unless told otherwise
         self._aliases = aliases
         self._registry = registry
         self._repository = repository
@@ -64,7 +66,8 @@ class ModelControl:
         added = 0
         for name, directory in self._repository.scan().items():
             now = time.time()
-            record = ModelRecord(name=name, storage=str(directory), registered_at=now, updated_at=now)
+            record = ModelRecord(name=name, storage=str(directory), registered_at=now, updated_at=now,
+                                 runtime=self._runtime)
             if await self._registry.register_if_absent(record):
                 added += 1
         return added
@@ -99,7 +102,8 @@ class ModelControl:
 
         def register(old: ModelRecord | None) -> ModelRecord:
             if old is None:
-                return ModelRecord(name=name, storage=str(storage), size_hint=hint, **keeping)
+                return ModelRecord(name=name, storage=str(storage), size_hint=hint,
+                                   **({"runtime": self._runtime} | keeping))
             # A reload forgets failures; new files also make every copy in the mesh stale.
             return replace(old, storage=str(storage), enabled=True, size_hint=hint, failures={},
                            copies={} if replaced else old.copies, size_bytes=None if replaced else old.size_bytes,
@@ -110,8 +114,9 @@ class ModelControl:
             await self._cache.unload_model(name)
         self._cache.failures.clear(name)
         await self._registry.update(name, register)
-        if params.get(PARAM_LAZY) is True:
-            return
+        record = self._registry.get(name)
+        if params.get(PARAM_LAZY) is True or (record is not None and record.runtime not in ("", self._runtime)):
+            return  # another runtime's model: the first request loads it on a node that runs it
         try:
             entry = await self._dataplane.acquire(name, "")
         except MeshServeError as error:
@@ -175,8 +180,14 @@ class ModelControl:
 
 
 def _keeping(config: dict[str, object]) -> dict[str, Any]:
-    """How the mesh keeps the model, from the load's config JSON: pinned, min_copies, load_timeout_s."""
+    """How and where the mesh keeps the model, from the load's config JSON: pinned, min_copies,
+    load_timeout_s, runtime."""
     keeping: dict[str, Any] = {}
+    runtime = config.get("runtime")
+    if runtime is not None:
+        if runtime != "" and runtime not in RUNTIMES:
+            raise InvalidInput(f"config 'runtime' must be one of {', '.join(RUNTIMES)}, or \"\" for any")
+        keeping["runtime"] = runtime
     pinned, min_copies, timeout = config.get("pinned"), config.get("min_copies"), config.get("load_timeout_s")
     if pinned is not None:
         if not isinstance(pinned, bool):

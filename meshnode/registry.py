@@ -47,6 +47,7 @@ class ModelRecord(JsonRecord):
     pinned: bool = False  # never evicted once loaded
     min_copies: int = 1  # the mesh keeps at least this many copies loaded
     load_timeout_s: float | None = None  # None: each node's default
+    runtime: str = ""  # only nodes running this runtime load it ("onnxruntime", "triton"); "" for any
     # Pointed at by an alias with auto_delete: unregistered once no alias points at it any more.
     delete_when_unaliased: bool = False
     # Fields written by newer versions, kept as read so a read-modify-write here does not drop them.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ from meshnode.servicers import InferenceServicer
 from meshnode.settings import NodeSettings
 from meshpb import pb
 from placement.copies import CopyConfig
+from placement.policy import choose_load_target
 from placement.types import LOADED, NodeView
 from router.errors import MeshError
 from router.router import Router
@@ -87,7 +89,8 @@ class Node:
                                    metrics=self.metrics, version=software_version())
         self.mesh = MeshState(self._store, self.registry, self.cache, self.runtime, self.instance_id)
         self.control = ModelControl(registry=self.registry, repository=repository, cache=self.cache,
-                                    dataplane=self.dataplane, mesh=self.mesh, aliases=self.aliases)
+                                    dataplane=self.dataplane, mesh=self.mesh, aliases=self.aliases,
+                                    runtime=self.runtime.name)
         self.dataplane.alias_targets = self.aliases.targets
         added = await self.control.register_repository()
         log.info("registered %d new models from %s", added, s.model_repository)
@@ -127,7 +130,7 @@ class Node:
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, model_count=stats.models_loaded,
             lru_time_s=stats.lru_time_s, request_rate=self._rate.update(self.metrics.api_requests),
             inflight=self._inflight.update(self.dataplane.inflight), loads_in_progress=stats.loads_in_progress,
-            shutting_down=self._draining, version=software_version(),
+            shutting_down=self._draining, version=software_version(), runtime=self.runtime.name,
         )
 
     async def _metadata_elsewhere(self, name: str, version: str) -> pb.ModelMetadataResponse | None:
@@ -143,6 +146,12 @@ class Node:
                 return await self.peers.metadata(node, name, version)  # type: ignore[no-any-return]
             except MeshError:
                 continue
+        if view is not None and view.runtime not in ("", self.runtime.name):
+            # No copy, and this node cannot load one: a node that can loads it to answer.
+            target = choose_load_target(live.values(), size_bytes=view.size_bytes, now=time.time(),
+                                        rng=random.Random(), runtime=view.runtime)
+            if target is not None:
+                return await self.peers.metadata(live[target], name, version)  # type: ignore[no-any-return]
         return None
 
     async def _unregister(self, name: str) -> None:

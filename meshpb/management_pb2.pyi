@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("name", "storage_uri", "lazy", "size_hint_bytes", "pinned", "min_copies", "load_timeout_s")
+    __slots__ = ("name", "storage_uri", "lazy", "size_hint_bytes", "pinned", "min_copies", "load_timeout_s", "runtime")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URI_FIELD_NUMBER: _ClassVar[int]
     LAZY_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class RegisterModelRequest(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     MIN_COPIES_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     storage_uri: str
     lazy: bool
@@ -22,7 +23,8 @@ class RegisterModelRequest(_message.Message):
     pinned: bool
     min_copies: int
     load_timeout_s: float
-    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., lazy: _Optional[bool] = ..., size_hint_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ...) -> None: ...
+    runtime: str
+    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., lazy: _Optional[bool] = ..., size_hint_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class UnregisterModelRequest(_message.Message):
     __slots__ = ("name",)
@@ -61,7 +63,7 @@ class LoadFailure(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., at: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "storage_uri", "state", "reason", "copies", "failures", "size_bytes", "last_used", "pinned", "min_copies", "load_timeout_s", "size_hint_bytes", "registered_at", "aliases")
+    __slots__ = ("name", "storage_uri", "state", "reason", "copies", "failures", "size_bytes", "last_used", "pinned", "min_copies", "load_timeout_s", "size_hint_bytes", "registered_at", "aliases", "runtime")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URI_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class ModelStatus(_message.Message):
     SIZE_HINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     storage_uri: str
     state: str
@@ -90,7 +93,8 @@ class ModelStatus(_message.Message):
     size_hint_bytes: int
     registered_at: float
     aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[ModelCopy, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[LoadFailure, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_used: _Optional[float] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ..., size_hint_bytes: _Optional[int] = ..., registered_at: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+    runtime: str
+    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[ModelCopy, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[LoadFailure, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_used: _Optional[float] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ..., size_hint_bytes: _Optional[int] = ..., registered_at: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("prefix", "page_size", "page_token")
@@ -177,7 +181,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("instance_id", "endpoint", "capacity_bytes", "used_bytes", "model_count", "cache_age_s", "request_rate", "inflight", "loads_in_progress", "shutting_down", "version")
+    __slots__ = ("instance_id", "endpoint", "capacity_bytes", "used_bytes", "model_count", "cache_age_s", "request_rate", "inflight", "loads_in_progress", "shutting_down", "version", "runtime")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +193,7 @@ class Node(_message.Message):
     LOADS_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     endpoint: str
     capacity_bytes: int
@@ -200,7 +205,8 @@ class Node(_message.Message):
     loads_in_progress: int
     shutting_down: bool
     version: str
-    def __init__(self, instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., model_count: _Optional[int] = ..., cache_age_s: _Optional[float] = ..., request_rate: _Optional[float] = ..., inflight: _Optional[int] = ..., loads_in_progress: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+    runtime: str
+    def __init__(self, instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., model_count: _Optional[int] = ..., cache_age_s: _Optional[float] = ..., request_rate: _Optional[float] = ..., inflight: _Optional[int] = ..., loads_in_progress: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., version: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)

@@ -218,7 +218,7 @@ def plan_proactive_loads(
             break
         target = choose_load_target(
             [views[iid] for iid, r in room.items() if r >= model.size_bytes], size_bytes=model.size_bytes,
-            now=now, rng=rng, exclude=load_exclusions(model, now, placement), config=placement,
+            now=now, rng=rng, exclude=load_exclusions(model, now, placement), config=placement, runtime=model.runtime,
         )
         if target is None:
             continue

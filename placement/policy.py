@@ -66,15 +66,18 @@ def choose_load_target(
     rng: random.Random,
     exclude: Collection[str] = (),
     config: PlacementConfig = _DEFAULT,
+    runtime: str = "",
 ) -> str | None:
-    """The node to load a `size_bytes` model on; None when every node is shutting down, excluded or too small.
+    """The node to load a `size_bytes` model on; None when every node is shutting down, excluded, too small,
+    or runs another runtime than `runtime` ("" for any).
 
     Callers pass `exclude` = tried nodes | load_exclusions(model, ...): a failed node is not retried.
     """
     fits: list[NodeView] = []
     full: list[NodeView] = []
     for node in nodes:
-        if node.shutting_down or node.instance_id in exclude or node.capacity_bytes < size_bytes:
+        if (node.shutting_down or node.instance_id in exclude or node.capacity_bytes < size_bytes
+                or (runtime and node.runtime != runtime)):
             continue
         (fits if node.free_bytes >= size_bytes else full).append(node)
     if fits:

@@ -24,6 +24,7 @@ class NodeView:
     loads_in_progress: int = 0
     shutting_down: bool = False
     version: str = ""
+    runtime: str = ""  # what runs its models: "onnxruntime", "triton", ...
 
     @property
     def free_bytes(self) -> int:
@@ -55,6 +56,7 @@ class ModelView:
     copies: tuple[CopyView, ...] = ()
     failures: tuple[FailureView, ...] = ()
     last_used: float | None = None
+    runtime: str = ""  # the runtime its nodes must run; "" for any
 
 
 @dataclass(frozen=True, slots=True)

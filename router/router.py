@@ -71,13 +71,14 @@ class Router:
                     raise GaveUp(reason if last_error is None else f"{reason}; last error: {last_error}")
                 excluded = frozenset(unavailable | load_exclusions(model, now, self._placement))
                 target = choose_load_target(nodes.values(), size_bytes=model.size_bytes, now=now, rng=self._rng,
-                                            exclude=excluded, config=self._placement)
+                                            exclude=excluded, config=self._placement, runtime=model.runtime)
                 if target is None:
                     largest = max((n.capacity_bytes for n in nodes.values()), default=0)
                     raise _no_placement(model, largest, last_error, active_failures(model, now, self._placement))
                 # The churn guard protects a node's hot set only while another node could load instead.
                 guard = choose_load_target(nodes.values(), size_bytes=model.size_bytes, now=now, rng=self._rng,
-                                           exclude=excluded | {target}, config=self._placement) is not None
+                                           exclude=excluded | {target}, config=self._placement,
+                                           runtime=model.runtime) is not None
                 holder = await self._mesh.claim_load(name, target, excluded)
                 mode = (Mode.LOAD if guard else Mode.LOAD_LAST) if holder == target else Mode.COPY
                 target = holder

@@ -7,6 +7,8 @@ so servers and models are shared per module and each test loads as little as it 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import mlp_reference
+from meshnode.examples import mlp_reference, write_mlp
 from meshnode.node_process import NodeProcess
 from meshnode.triton_examples import write_python_add_sub, write_python_onnx_mlp
 from meshnode.triton_process import TritonProcess
@@ -215,3 +217,33 @@ def test_a_node_starts_by_unloading_what_an_earlier_node_left_in_triton(etcd: Et
         check_add(fresh.target, "add")
     finally:
         fresh.stop()
+
+
+def test_a_mixed_mesh_loads_each_model_on_a_node_whose_runtime_runs_it(
+    etcd: EtcdProcess, repo: Path, tritons: Start, tmp_path: Path,
+) -> None:
+    onnx_repo = tmp_path / "onnx"
+    write_mlp(onnx_repo, "plain", approx_bytes=50_000)
+    prefix = f"t-mixed-{time.monotonic_ns()}"
+    beside_triton = start_triton_node(etcd, repo, tritons(repo), prefix=prefix)
+    # More room than the Triton node: placement by room alone would send Triton's models here.
+    in_process = start_node(etcd, onnx_repo, capacity="4GiB", prefix=prefix, extra_args=["--no-proactive-loads"])
+    try:
+        check_add(in_process.target, "add")  # a Python-backend model: only the Triton node can load it
+        x = np.ones((1, 16), np.float32)
+        with grpcclient.InferenceServerClient(beside_triton.target) as client:
+            metadata = client.get_model_metadata("add2")  # loaded by the Triton node to answer
+            assert metadata.name == "add2" and [i.name for i in metadata.inputs] == ["INPUT0", "INPUT1"]
+            inp = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+            inp.set_data_from_numpy(x)
+            answer = client.infer("plain", [inp]).as_numpy("OUTPUT0")  # an ONNX file: only ORT runs it here
+        np.testing.assert_allclose(answer, mlp_reference(onnx_repo / "plain", x), rtol=1e-4, atol=1e-5)
+        assert metric(in_process, "modelmesh_loadmodel_total") == 1  # plain only
+        assert metric(in_process, "modelmesh_loadmodel_failure_total") == 0  # never tried a Triton model
+        assert metric(beside_triton, "modelmesh_loadmodel_total") == 2  # add and add2
+        nodes = subprocess.run([sys.executable, "-m", "meshnode", "nodes", "--json", "--target", in_process.target],
+                               capture_output=True, text=True, timeout=60, check=True)
+        assert sorted(n["runtime"] for n in json.loads(nodes.stdout)) == ["onnxruntime", "triton"]
+    finally:
+        in_process.stop()
+        beside_triton.stop()

@@ -136,6 +136,15 @@ def test_property_never_ineligible_and_none_only_when_nothing_eligible() -> None
         assert not fitting or got in fitting  # free space always wins over eviction
 
 
+
+def test_a_model_for_one_runtime_goes_only_to_nodes_running_it() -> None:
+    nodes = [node("onnx", runtime="onnxruntime"), node("triton", used=9 * GB, runtime="triton"), node("old")]
+    assert picks(nodes, runtime="triton") == Counter({"triton": 400})  # though it has the least room
+    assert set(picks(nodes, runtime="onnxruntime")) == {"onnx"}
+    assert set(picks(nodes)) == {"onnx", "old"}  # any runtime: the most free space, as ever
+    assert picks(nodes, runtime="tensorrt") == Counter({None: 400})
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 CFG = PlacementConfig(failure_expiry_s=900.0, max_failures=3, max_tried=5)
