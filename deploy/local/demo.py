@@ -1,4 +1,5 @@
-"""`make demo`: a three-node mesh on loopback, example models, tritonclient traffic, a report.
+"""`make demo`: a three-node mesh on loopback, example models, tritonclient traffic, an alias switch,
+a fourth node beside a Triton server joining the mesh, and a report.
 
 Uses `meshserve local`'s launcher; everything it starts is stopped at the end, also on error.
 """
@@ -21,6 +22,8 @@ import tritonclient.grpc as grpcclient
 from meshnode.examples import mlp_reference, write_add_sub, write_identity, write_mlp
 from meshnode.local_mesh import LocalMesh
 from meshnode.node_process import NodeProcess
+from meshnode.triton_examples import write_python_add_sub
+from meshnode.triton_process import TritonProcess
 
 TENANTS = 9  # per-tenant models: more than one node's capacity holds at once
 
@@ -102,8 +105,34 @@ def _alias_switch(mesh: LocalMesh) -> list[str]:
                   _command(mesh, "aliases", "set", "fraud", "tenant-1")]
         after = client.infer("fraud", [x]).get_response().model_name
         lines.append(f"  a request for 'fraud' through node-2 is answered by {after}")
-    lines += ["$ meshserve nodes", _command(mesh, "nodes")]
     return lines
+
+
+def _beside_triton(mesh: LocalMesh, work: Path, capacity: str) -> list[str]:
+    """A fourth node, beside a Triton server, joins the mesh; a Triton model is asked for through node-0."""
+    repo = work / "triton-models"
+    write_python_add_sub(repo, "triton-add")
+    with TritonProcess.start(repo) as triton:
+        node = NodeProcess.start(
+            etcd=mesh.etcd.endpoint, model_repository=repo, capacity=capacity, instance_id="node-triton",
+            extra_args=["--runtime", "triton", "--triton-url", triton.grpc_target,
+                        "--triton-model-repository", str(repo)], log_file=work / "node-triton.log")
+        try:
+            a, b = (grpcclient.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1"))
+            a.set_data_from_numpy(np.full((1, 16), 5, np.float32))
+            b.set_data_from_numpy(np.full((1, 16), 3, np.float32))
+            with grpcclient.InferenceServerClient(mesh.targets()[0]) as client:
+                started = time.perf_counter()
+                first = client.infer("triton-add", [a, b])
+                cold_ms = (time.perf_counter() - started) * 1000.0
+                warm = [_ms(client.infer, "triton-add", [a, b]) for _ in range(50)]
+            return [f"  Triton {triton.grpc_target} with a Python-backend model; node-triton beside it joined the mesh",
+                    f"  triton-add through node-0 (ONNX Runtime): 5+3={first.as_numpy('OUTPUT0')[0, 0]:g}, "
+                    f"5-3={first.as_numpy('OUTPUT1')[0, 0]:g}; first request {cold_ms:.0f} ms (loaded in Triton), "
+                    f"then p50 {statistics.median(warm):.2f} ms (node-0 -> node-triton -> Triton)",
+                    "$ meshserve nodes", _command(mesh, "nodes")]
+        finally:
+            node.stop()
 
 
 def run(capacity: str) -> None:
@@ -117,6 +146,8 @@ def run(capacity: str) -> None:
             print("\n".join(_traffic(mesh, repo)))
             print("\nAn alias, switched from one model to another:")
             print("\n".join(_alias_switch(mesh)))
+            print("\nTriton as a runtime, in the same mesh:")
+            print("\n".join(_beside_triton(mesh, Path(tmp), "1GiB")))
             print("\nPer node:")
             for node in mesh.nodes:
                 m = _metrics(node)
