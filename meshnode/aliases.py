@@ -9,6 +9,7 @@ requests for model names pay nothing. A switch to another model is one etcd tran
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,10 @@ class Aliases:
         self._watched: WatchedPrefix[AliasRecord] = WatchedPrefix(store, PREFIX, AliasRecord.decode)
         self.targets: dict[str, str] = {}
         self._watched.add_listener(self._on_change)
+
+    def add_listener(self, callback: Callable[[str, AliasRecord | None], None]) -> None:
+        """callback(alias, record or None when deleted) after each change to the view."""
+        self._watched.add_listener(callback)
 
     def _on_change(self, alias: str, record: AliasRecord | None) -> None:
         if record is None:
