@@ -6,23 +6,20 @@
    and wait until the registry shows a loaded copy: every node can route to it from then on.
 3. One etcd transaction: the alias still at the revision of step 1 and the new model still
    registered, then the alias points at the new model. Each node's view moves in one step.
-4. A model once pointed at by an alias with auto_delete is marked in its record; when the last alias
-   leaves it (a switch or a delete), it is unregistered after a grace period in which requests
-   already resolved to it finish and every node's watch has seen the change.
+4. With auto_delete, the model is then marked in its record, for meshnode.alias_retirement to unregister
+   once no alias points at it any more. Marking after the switch means a model is never unreferenced
+   and marked while its first alias is still loading it.
 
 A failed load leaves the alias on the old model, with `last_error` saying why, and the call fails.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from meshnode.aliases import Aliases, AliasRecord
-from meshnode.background import BackgroundTasks
 from meshnode.copy_manager import CopyManager
 from meshnode.errors import Aborted, AlreadyExists, DeadlineExceeded, InvalidInput, LoadFailed, ModelNotFound
 from meshnode.mesh import MeshState
@@ -37,22 +34,17 @@ RECORDED_WITHIN_S = 5.0
 
 
 class AliasSwitch:
-    def __init__(self, *, aliases: Aliases, registry: Registry, mesh: MeshState, copies: CopyManager,
-                 unregister: Callable[[str], Awaitable[None]], retire_after_s: float) -> None:
+    def __init__(self, *, aliases: Aliases, registry: Registry, mesh: MeshState, copies: CopyManager) -> None:
         self._aliases, self._registry, self._mesh, self._copies = aliases, registry, mesh, copies
-        self._unregister = unregister
-        self._retire_after_s = retire_after_s
-        self._retiring = BackgroundTasks()
 
     async def set(self, alias: str, model: str, auto_delete: bool, budget_s: float) -> AliasRecord:
         self._check(alias, model)
-        if auto_delete:
-            await self._registry.update(model, lambda r: replace(r, delete_when_unaliased=True) if r else None)
         current, revision = await self._aliases.read(alias)
         if current is not None and current.model == model:
             settled = replace(current, auto_delete=auto_delete, switching_to=None, last_error=None)
             if settled != current:
                 await self._write(settled, revision)
+            await self._mark(model, auto_delete)
             return settled
         if current is not None:
             revision = await self._write(replace(current, switching_to=model, last_error=None), revision)
@@ -73,35 +65,9 @@ class AliasSwitch:
             if self._registry.get(model) is None:
                 raise ModelNotFound(f"model '{model}' was unregistered during the switch of alias '{alias}'")
             raise Aborted(f"alias '{alias}' was changed by another call during the switch; it is unchanged here")
-        if current is not None:
-            self.retire_later(current.model)
+        await self._mark(model, auto_delete)
         log.info("alias %s now points at %s (was %s)", alias, model, current.model if current else None)
         return switched
-
-    async def delete(self, alias: str) -> None:
-        current = self._aliases.get(alias)
-        if not await self._aliases.delete(alias):
-            raise ModelNotFound(f"alias '{alias}' does not exist")
-        if current is not None:
-            self.retire_later(current.model)
-
-    def retire_later(self, model: str) -> None:
-        """Unregister `model` after the grace period if it is marked for it and no alias points at it then."""
-        self._retiring.spawn(self._retire(model))
-
-    async def _retire(self, model: str) -> None:
-        await asyncio.sleep(self._retire_after_s)
-        record = self._registry.get(model)
-        if record is None or not record.delete_when_unaliased or self._aliases.pointing_at(model):
-            return
-        try:
-            await self._unregister(model)
-            log.info("unregistered %s: no alias points at it any more", model)
-        except Exception as error:  # it stays registered; a person can unregister it
-            log.warning("could not unregister %s after its alias moved on: %s", model, error)
-
-    async def close(self) -> None:
-        await self._retiring.cancel()
 
     def _check(self, alias: str, model: str) -> None:
         check_model_name(alias)
@@ -116,6 +82,10 @@ class AliasSwitch:
             raise ModelNotFound(f"cannot point alias '{alias}' at '{model}': no such model is registered")
         if not record.enabled:
             raise InvalidInput(f"cannot point alias '{alias}' at '{model}': the model is unloaded; load it first")
+
+    async def _mark(self, model: str, auto_delete: bool) -> None:
+        if auto_delete:
+            await self._registry.update(model, lambda r: replace(r, delete_when_unaliased=True) if r else None)
 
     def _loaded_copies(self, model: str) -> int:
         record: ModelRecord | None = self._registry.get(model)

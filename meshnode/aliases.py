@@ -43,6 +43,9 @@ class Aliases:
         self._store = store
         self._watched: WatchedPrefix[AliasRecord] = WatchedPrefix(store, PREFIX, AliasRecord.decode)
         self.targets: dict[str, str] = {}
+        # model -> aliases whose model or switch in progress it is; alias -> those models
+        self._referrers: dict[str, set[str]] = {}
+        self._refers_to: dict[str, tuple[str, ...]] = {}
         self._watched.add_listener(self._on_change)
 
     def add_listener(self, callback: Callable[[str, AliasRecord | None], None]) -> None:
@@ -50,10 +53,20 @@ class Aliases:
         self._watched.add_listener(callback)
 
     def _on_change(self, alias: str, record: AliasRecord | None) -> None:
+        for model in self._refers_to.pop(alias, ()):
+            referrers = self._referrers[model]
+            referrers.discard(alias)
+            if not referrers:
+                del self._referrers[model]
         if record is None:
             self.targets.pop(alias, None)
-        else:
-            self.targets[alias] = record.model
+            return
+        self.targets[alias] = record.model
+        switching = record.switching_to
+        models = (record.model,) if switching in (None, record.model) else (record.model, switching)
+        self._refers_to[alias] = models
+        for model in models:
+            self._referrers.setdefault(model, set()).add(alias)
 
     async def start(self) -> None:
         await self._watched.start()
@@ -70,8 +83,8 @@ class Aliases:
         return list(self._watched.view.values())
 
     def pointing_at(self, model: str) -> list[str]:
-        """Aliases whose model, or switch in progress, is `model` (a scan: management calls only)."""
-        return sorted(r.alias for r in self._watched.view.values() if model in (r.model, r.switching_to))
+        """Aliases whose model, or switch in progress, is `model`."""
+        return sorted(self._referrers.get(model, ()))
 
     # --- etcd ---
 

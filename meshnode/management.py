@@ -146,7 +146,8 @@ class Management:
         return record
 
     async def delete_alias(self, alias: str) -> None:
-        await self._switch.delete(alias)
+        if not await self._aliases.delete(alias):
+            raise ModelNotFound(f"alias '{alias}' does not exist")
 
     def list_aliases(self, prefix: str, size: int, token: str) -> tuple[list[AliasRecord], str]:
         names, next_token = self._alias_names.page(prefix, size, token)

@@ -13,6 +13,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from meshnode import transport
+from meshnode.alias_retirement import Retirement
 from meshnode.alias_switch import AliasSwitch
 from meshnode.aliases import Aliases
 from meshnode.background import BackgroundTasks
@@ -99,8 +100,9 @@ class Node:
             config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
         )
         self.alias_switch = AliasSwitch(aliases=self.aliases, registry=self.registry, mesh=self.mesh,
-                                        copies=self.copies, unregister=self._unregister,
-                                        retire_after_s=s.alias_retire_after_s)
+                                        copies=self.copies)
+        self.retirement = Retirement(registry=self.registry, aliases=self.aliases, unregister=self._unregister,
+                                     grace_s=s.alias_retire_after_s)
         management = Management(registry=self.registry, control=self.control, mesh=self.mesh, aliases=self.aliases,
                                 switch=self.alias_switch)
         transport.add_inference_service(self._server, InferenceServicer(self.dataplane, self.control).handlers())
@@ -116,6 +118,7 @@ class Node:
         self.dataplane.router = Router(LocalCopies(self.dataplane, self.instance_id), self.mesh, self.peers)
         self.dataplane.metadata_elsewhere = self._metadata_elsewhere
         self.copies.start()
+        self.retirement.start()
         if s.metrics_port is not None:
             self.metrics.set_state_source(self._state)
             server = await serve_metrics(self.metrics, s.host, s.metrics_port)
@@ -178,7 +181,7 @@ class Node:
         self._draining = True
         if hasattr(self, "publisher"):
             await self.copies.stop()
-            await self.alias_switch.close()
+            await self.retirement.stop()
             await self.publisher.publish_now()  # placement elsewhere stops choosing this node
             moved, failed = await hand_off(self.cache, self.mesh, self.peers)
             log.info("drained: %d models handed off, %d could not be", moved, failed)

@@ -66,8 +66,8 @@ class NodeSettings(BaseSettings):
     infer_workers: int = 2
     inline_threshold_ms: float = 0.5
     intra_op_threads: int = 1
-    # After an alias with auto_delete moves on, its old model is unregistered this much later
-    # (requests already resolved to it finish; every node's watch sees the switch first).
+    # A model marked by an alias with auto_delete is unregistered once no alias has pointed at it for
+    # this long (requests already resolved to it finish; every node's watch sees the change first).
     alias_retire_after_s: float = Field(default=10.0, ge=0)
 
     @field_validator("runtime")

@@ -190,3 +190,23 @@ async def test_concurrent_switches_of_one_alias_never_both_half_win(mesh: list[N
     assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.ABORTED for e in lost), lost
     final = await manage(mesh[1].target, "GetAlias", mpb.GetAliasRequest(alias="tenant-h"))
     assert final.model in won and final.switching_to == ""
+
+
+async def test_a_marked_model_is_retired_even_when_the_node_that_moved_its_alias_dies(
+        etcd: EtcdProcess, repo: Path) -> None:
+    nodes = start_nodes(etcd, repo, 2, extra_args=["--alias-retire-after", "2", "--no-proactive-loads"])
+    try:
+        await set_alias(nodes[0].target, "tenant-x", "m1", auto_delete=True)
+        await set_alias(nodes[0].target, "tenant-x", "m2")  # m1: marked, and no alias points at it now
+        nodes[0].kill()  # before its grace period ends
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            listed = await manage(nodes[1].target, "ListModels", mpb.ListModelsRequest(prefix="m"))
+            names = {m.name for m in listed.models}
+            if "m1" not in names:
+                break
+            await asyncio.sleep(0.3)
+        assert "m1" not in names and "m2" in names
+    finally:
+        for node in nodes:
+            node.stop()
