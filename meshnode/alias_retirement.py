@@ -8,13 +8,12 @@ retiring one model at once is harmless: the second finds it gone.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from meshnode.aliases import Aliases
+from meshnode.background import Periodic
 from meshnode.errors import ModelNotFound
 from meshnode.registry import ModelRecord, Registry
 from router.errors import MeshError
@@ -31,7 +30,7 @@ class Retirement:
         self._marked = {r.name for r in registry.records() if r.delete_when_unaliased}
         registry.add_listener(self._on_record)
         self._unreferenced_since: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._sweeps = Periodic("alias-retirement", SWEEP_INTERVAL_S, self.sweep)
 
     def _on_record(self, name: str, record: ModelRecord | None) -> None:
         if record is not None and record.delete_when_unaliased:
@@ -41,18 +40,10 @@ class Retirement:
             self._unreferenced_since.pop(name, None)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="alias-retirement")
+        self._sweeps.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            await self.sweep()
+        await self._sweeps.stop()
 
     async def sweep(self) -> None:
         now = self._now()

@@ -1,4 +1,5 @@
-"""Tasks a component starts and does not await: referenced until done, cancellable together.
+"""Tasks a component starts and does not await: referenced until done, cancellable together; and
+work repeated at an interval.
 
 asyncio keeps only weak references to tasks, so one nobody holds can vanish mid-run.
 """
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class BackgroundTasks:
@@ -31,3 +35,29 @@ class BackgroundTasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+class Periodic:
+    """`step()` every `interval_s` seconds until stopped; a step that fails is logged and the next one runs."""
+
+    def __init__(self, name: str, interval_s: float, step: Callable[[], Awaitable[object]]) -> None:
+        self._name, self._interval_s, self._step = name, interval_s, step
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self._step()
+            except Exception:  # one bad round must not end the work for good
+                log.exception("%s: a round failed", self._name)

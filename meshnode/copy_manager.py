@@ -10,7 +10,6 @@ Proactive loads: models without a copy that placement would put here, loaded int
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from meshnode.background import BackgroundTasks
+from meshnode.background import BackgroundTasks, Periodic
 from meshnode.cache import ModelCache
 from meshnode.dataplane import DataPlane
 from meshnode.etcd_types import EtcdError
@@ -42,32 +41,24 @@ class CopyManager:
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self._cache, self._mesh, self._registry = cache, mesh, registry
         self._peers, self._dataplane = peers, dataplane
-        self._config, self._interval_s, self._proactive = config, interval_s, proactive
+        self._config, self._proactive = config, proactive
         self._now, self._rng = clock, rng or random.Random()
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (requests served, when counted)
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic("copy-manager", interval_s, self._round)
+        self._round_count = 0
         self._work = BackgroundTasks()
         self.added = self.removed = self.proactive_loads = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="copy-manager")
+        self._rounds.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._rounds.stop()
         await self._work.cancel()
 
-    async def _run(self) -> None:
-        rounds = 0
-        while True:
-            await asyncio.sleep(self._interval_s)
-            rounds += 1
-            try:
-                await self.step(proactive=self._proactive and rounds % PROACTIVE_EVERY == 0)
-            except Exception:  # a bad round must not end copy management for good
-                log.exception("copy management round failed")
+    async def _round(self) -> None:
+        self._round_count += 1
+        await self.step(proactive=self._proactive and self._round_count % PROACTIVE_EVERY == 0)
 
     async def step(self, proactive: bool = False) -> None:
         now, nodes, me = self._now(), self._mesh.nodes(), self._mesh.instance_id
