@@ -96,6 +96,8 @@ async def test_nodes_are_listed_with_capacity_use_and_cache_age(mesh: list[NodeP
     ("RegisterModel", mpb.RegisterModelRequest(name="x"), grpc.StatusCode.INVALID_ARGUMENT),
     ("RegisterModel", mpb.RegisterModelRequest(name="x", storage_uri="/no/such/dir"), grpc.StatusCode.INVALID_ARGUMENT),
     ("RegisterModel", mpb.RegisterModelRequest(name="a/b", storage_uri="/tmp"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("RegisterModel", mpb.RegisterModelRequest(name="x", storage_uri="/tmp", runtime="tpu"),
+     grpc.StatusCode.INVALID_ARGUMENT),
     ("GetModelStatus", mpb.GetModelStatusRequest(name="nope"), grpc.StatusCode.NOT_FOUND),
     ("UnregisterModel", mpb.UnregisterModelRequest(name="nope"), grpc.StatusCode.NOT_FOUND),
 ])
