@@ -53,6 +53,8 @@ def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     local.add_argument("--model-repository", required=True, help="Triton-layout model repository directory")
     local.add_argument("--port", type=int, default=8033, help="first node's gRPC port; the others count up")
     local.add_argument("--capacity", default="1GiB", help="each node's capacity (default 1GiB)")
+    local.add_argument("--triton", action="store_true",
+                       help="run each node beside a Triton server of its own (`make triton` installs it)")
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from meshnode.local_mesh import run_local
 
-        return run_local(args.nodes, Path(args.model_repository), args.port, args.capacity)
+        return run_local(args.nodes, Path(args.model_repository), args.port, args.capacity, args.triton)
     return run_admin_command(args)
 
 

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from meshnode.etcd_process import EtcdProcess
 from meshnode.examples import mlp_reference, write_mlp
+from meshnode.local_mesh import LocalMesh
 from meshnode.node_process import NodeProcess
 from meshnode.triton_examples import write_python_add_sub, write_python_onnx_mlp
 from meshnode.triton_process import TritonProcess
@@ -247,3 +248,11 @@ def test_a_mixed_mesh_loads_each_model_on_a_node_whose_runtime_runs_it(
     finally:
         in_process.stop()
         beside_triton.stop()
+
+
+def test_meshserve_local_can_run_every_node_beside_a_triton_of_its_own(repo: Path, tmp_path: Path) -> None:
+    with LocalMesh.start(nodes=2, model_repository=repo, capacity="1GiB", log_dir=tmp_path, triton=True) as mesh:
+        assert len({t.grpc_target for t in mesh.tritons}) == 2 and "triton-1" in mesh.describe()
+        check_add(mesh.targets()[1], "add")
+        servers = list(mesh.tritons)
+    assert not any(server.running for server in servers)
