@@ -15,6 +15,7 @@ A failed load leaves the alias on the old model, with `last_error` saying why, a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -59,6 +60,11 @@ class AliasSwitch:
             if current is not None:
                 await self._write(replace(current, switching_to=None, last_error=str(error)), revision, quiet=True)
             raise LoadFailed(f"{stays}: {error}") from None
+        except BaseException:  # the caller went away (its deadline, Ctrl-C) or etcd failed: no stale marker
+            if current is not None:
+                with contextlib.suppress(Exception):
+                    await self._write(replace(current, switching_to=None), revision, quiet=True)
+            raise
         switched = AliasRecord(alias=alias, model=model, auto_delete=auto_delete,
                                previous_model=current.model if current is not None else None)
         if await self._aliases.switch(switched, revision) is None:

@@ -210,3 +210,19 @@ async def test_a_marked_model_is_retired_even_when_the_node_that_moved_its_alias
     finally:
         for node in nodes:
             node.stop()
+
+
+async def test_a_switch_the_caller_gives_up_on_leaves_no_switching_marker(
+        mesh: list[NodeProcess], tmp_path: Path) -> None:
+    big = write_mlp(tmp_path, "big", approx_bytes=40_000_000)  # its load takes far longer than 50 ms
+    await manage(mesh[0].target, "RegisterModel", mpb.RegisterModelRequest(name="big", storage_uri=str(big),
+                                                                           lazy=True))
+    await set_alias(mesh[0].target, "tenant-i", "m1")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await manage(mesh[0].target, "SetAlias", mpb.SetAliasRequest(alias="tenant-i", model="big"), deadline_s=0.05)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while (got := await manage(mesh[1].target, "GetAlias", mpb.GetAliasRequest(alias="tenant-i"))).switching_to:
+        assert time.monotonic() < deadline, "the abandoned switch left its marker"
+        await asyncio.sleep(0.1)
+    assert got.model == "m1"
