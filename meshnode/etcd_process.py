@@ -82,15 +82,8 @@ class EtcdProcess(ServerProcess):
                 shutil.rmtree(root, ignore_errors=True)
             raise
 
-    def start_again(self, ready_timeout: float = 10.0) -> None:
-        """Start the stopped server on the same ports and data directory.
-
-        After stop(keep_data=True) etcd comes back with its data; after a plain stop() of a temp
-        data dir it comes back empty, which is how tests make etcd lose its data.
-        """
-        if self.running:
-            raise EtcdProcessError(f"etcd at {self.endpoint} is already running")
-        self._launch(ready_timeout)
+    # start_again (ServerProcess): after stop(keep_data=True) etcd comes back with its data; after a plain
+    # stop() of a temp data dir it comes back empty, which is how tests make etcd lose its data.
 
     def restart_after(self, seconds: float, ready_timeout: float = 10.0) -> None:
         """Stop, stay down for `seconds`, start again with the same data; blocking (use to_thread)."""

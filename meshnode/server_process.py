@@ -107,6 +107,12 @@ class ServerProcess(ABC):
                 if not isinstance(error, cls.ERROR) or "already in use" not in str(error) or attempt == PORT_ATTEMPTS:
                     raise
 
+    def start_again(self, ready_timeout: float = 30.0) -> None:
+        """Start the stopped or killed server again on the same ports, as a restarted container would."""
+        if self.running:
+            raise self.ERROR(f"{self.NAME} at {self._address} is already running")
+        self._launch(ready_timeout)
+
     def _launch(self, ready_timeout: float) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:

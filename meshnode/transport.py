@@ -18,6 +18,11 @@ _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    # gRPC's reconnect backoff grows to 120 s: a restarted peer or Triton sidecar would be refused for
+    # that long after it is back. Reconnecting within a second costs a few connects to a dead address.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 

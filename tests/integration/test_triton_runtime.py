@@ -256,3 +256,31 @@ def test_meshserve_local_can_run_every_node_beside_a_triton_of_its_own(repo: Pat
         check_add(mesh.targets()[1], "add")
         servers = list(mesh.tritons)
     assert not any(server.running for server in servers)
+
+
+def test_a_triton_that_crashes_and_restarts_is_used_again_without_restarting_the_node(
+    etcd: EtcdProcess, repo: Path, tritons: Start,
+) -> None:
+    triton = tritons(repo)
+    node = start_triton_node(etcd, repo, triton)
+    try:
+        check_add(node.target, "add")
+        triton.kill()  # and its stubs: every model is gone
+        ones = np.ones((1, WIDTH), np.float32)
+        with grpcclient.InferenceServerClient(node.target) as client, pytest.raises(InferenceServerException) as down:
+            client.infer("add", add_inputs(ones, ones), client_timeout=10)
+        assert down.value.status() == str(grpc.StatusCode.UNAVAILABLE), down.value
+        assert triton.grpc_target in (down.value.message() or ""), down.value
+        triton.start_again()  # same ports, nothing loaded
+        # The node reconnects within its 1 s backoff, finds its copy gone, loads it again and answers.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                check_add(node.target, "add")
+                break
+            except InferenceServerException as error:
+                assert time.monotonic() < deadline and error.status() == str(grpc.StatusCode.UNAVAILABLE), error
+                time.sleep(0.2)
+        assert triton_states(triton)["add"] == "READY"
+    finally:
+        node.stop()
