@@ -107,6 +107,7 @@ class Node:
                                 switch=self.alias_switch)
         transport.add_inference_service(self._server, InferenceServicer(self.dataplane, self.control).handlers())
         transport.add_management_service(self._server, ManagementServicer(management).handlers())
+        self._health = transport.Health(self._server)
         self.port = transport.bind(self._server, s.host, s.port)
         await self._server.start()
         # Join the mesh only once this node can answer: peers route to it as soon as it is listed.
@@ -125,6 +126,7 @@ class Node:
             self._metrics_server = server
             self.metrics_port = server.port
         self.dataplane.ready = True
+        await self._health.serving()
 
     def _node_view(self) -> NodeView:
         stats = self.cache.stats()
@@ -178,6 +180,8 @@ class Node:
     async def stop(self, grace_s: float = 10.0) -> None:
         """Drain (meshnode.drain), then leave: no request fails on the way out."""
         self.dataplane.ready = False
+        if hasattr(self, "_health"):
+            await self._health.draining()  # balancers stop sending here
         self._draining = True
         if hasattr(self, "publisher"):
             await self.copies.stop()

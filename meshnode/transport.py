@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MANAGEMENT_SERVICE, Methods
 
@@ -70,6 +72,25 @@ def add_inference_service(server: grpc.aio.Server, handlers: Mapping[str, Callab
 
 def add_management_service(server: grpc.aio.Server, handlers: Mapping[str, Callable[..., Any]]) -> None:
     add_service(server, MANAGEMENT_SERVICE, MANAGEMENT_METHODS, handlers)
+
+
+class Health:
+    """gRPC's standard health service (grpc.health.v1), which Kubernetes' gRPC probes and load balancers
+    ask: NOT_SERVING until the node is ready, SERVING, then NOT_SERVING from the start of a drain.
+    Answers for the whole server ("") and for each of its services by name."""
+
+    SERVICES = ("", INFERENCE_SERVICE, MANAGEMENT_SERVICE)
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+
+    async def serving(self) -> None:
+        for service in self.SERVICES:
+            await self._servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def draining(self) -> None:
+        await self._servicer.enter_graceful_shutdown()
 
 
 def create_channel(target: str) -> grpc.aio.Channel:

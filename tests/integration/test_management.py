@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from meshnode import transport
@@ -136,3 +140,25 @@ def test_command_line_models_aliases_and_nodes(mesh: list[NodeProcess], tmp_path
     assert json.loads(cli(node, "nodes", "--json").stdout)[1]["instance_id"] == "n1"
     missing = cli(node, "models", "status", "nope")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "not registered" in missing.stderr
+
+
+async def test_grpc_health_says_serving_then_not_serving_while_the_node_drains(
+        etcd: EtcdProcess, repo: Path) -> None:
+    node = start_nodes(etcd, repo, 1)[0]
+    try:
+        async with transport.create_channel(node.target) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for service in ("", "inference.GRPCInferenceService", "meshserve.management.v1.Management"):
+                answer = await check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+            node.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while (await check(health_pb2.HealthCheckRequest(), timeout=10)).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "still SERVING while draining"
+                await asyncio.sleep(0.01)
+    finally:
+        node.stop()
