@@ -94,12 +94,10 @@ class DataPlane:
         metrics = self._metrics
         try:
             return await entry.model.infer(request, timeout_s, metadata)  # type: ignore[union-attr]
-        except ModelLost:
+        except BaseException as error:
             metrics.invoke_failures += 1
-            self._cache.forget(entry)
-            raise
-        except BaseException:
-            metrics.invoke_failures += 1
+            if isinstance(error, ModelLost):
+                self._cache.forget(entry)
             raise
         finally:
             self._cache.release(entry)
@@ -114,7 +112,7 @@ class DataPlane:
         record = self._registry.get(name)
         if record is None or not record.enabled:
             raise ModelNotFound.unknown(name)
-        if record.runtime and record.runtime != self._runtime.name:
+        if not record.runs_on(self._runtime.name):
             raise ModelUnavailable(f"model '{name}' runs on {record.runtime} nodes; this node runs "
                                    f"{self._runtime.name}")
         source = model_source(name, Path(record.storage), version)

@@ -112,27 +112,20 @@ class Management:
             target = self._aliases.targets.get(name)
             hint = f" ('{name}' is an alias of '{target}')" if target is not None else ""
             raise ModelNotFound(f"model '{name}' is not registered{hint}")
-        return self._status_of(record, self._aliases.pointing_at(name))
+        return self._status_of(record)
 
-    def _status_of(self, record: ModelRecord, aliases: list[str]) -> ModelStatus:
-        entry = self._control.entry(record)
+    def _status_of(self, record: ModelRecord) -> ModelStatus:
+        copies = self._control.copies(record)
+        entry = self._control.entry(record, copies)
         state = entry.state or "REGISTERED"
         if state == "UNAVAILABLE" and record.enabled:
             state = "FAILED"
-        return ModelStatus(record=record, state=state, reason=entry.reason, copies=self._control.copies(record),
-                           aliases=aliases)
+        return ModelStatus(record=record, state=state, reason=entry.reason, copies=copies,
+                           aliases=self._aliases.pointing_at(record.name))
 
     def list_models(self, prefix: str, size: int, token: str) -> tuple[list[ModelStatus], str]:
         names, next_token = self._model_names.page(prefix, size, token)
-        by_model: dict[str, list[str]] = {}
-        for alias in self._aliases.records():
-            by_model.setdefault(alias.model, []).append(alias.alias)
-        statuses = []
-        for name in names:
-            record = self._registry.get(name)
-            if record is not None:
-                statuses.append(self._status_of(record, sorted(by_model.get(name, []))))
-        return statuses, next_token
+        return [self._status_of(r) for n in names if (r := self._registry.get(n)) is not None], next_token
 
     # --- aliases ---
 

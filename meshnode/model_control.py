@@ -115,7 +115,7 @@ class ModelControl:
         self._cache.failures.clear(name)
         await self._registry.update(name, register)
         record = self._registry.get(name)
-        if params.get(PARAM_LAZY) is True or (record is not None and record.runtime not in ("", self._runtime)):
+        if params.get(PARAM_LAZY) is True or (record is not None and not record.runs_on(self._runtime)):
             return  # another runtime's model: the first request loads it on a node that runs it
         try:
             entry = await self._dataplane.acquire(name, "")
@@ -138,7 +138,7 @@ class ModelControl:
             if pointing := self._aliases.pointing_at(name):
                 raise FailedPrecondition(f"model '{name}' is the target of alias {', '.join(pointing)}: "
                                          "point the alias elsewhere or delete it first")
-            await self._registry.unregister(name)
+            await self._registry.delete(name)
         else:
             await self._registry.update(name, lambda r: replace(r, enabled=False) if r is not None else None)
         await self._cache.unload_model(name)
@@ -158,8 +158,9 @@ class ModelControl:
             copies[me] = Copy(state=LOADED if e.model else LOADING, since=mine["since"] if mine else time.time())
         return copies
 
-    def entry(self, record: ModelRecord) -> IndexEntry:
-        copies = self.copies(record)
+    def entry(self, record: ModelRecord, copies: dict[str, Copy] | None = None) -> IndexEntry:
+        """The model's state for RepositoryIndex; `copies`, when the caller has them already."""
+        copies = self.copies(record) if copies is None else copies
         if record.enabled and copies:
             state = "READY" if any(c["state"] == LOADED for c in copies.values()) else "LOADING"
             version = next((e.version for e in self._cache.entries(record.name)), "")

@@ -1,7 +1,7 @@
 """The model registry: one JSON record per model under `models/<name>` in etcd, and a local view of it.
 
-The view (meshnode.watched) is a dict kept current by a watch, so the request path looks a model
-up without waiting on etcd. Writes go through compare-and-set, so concurrent nodes never lose
+The view (meshnode.watched_records) is a dict kept current by a watch, so the request path looks a
+model up without waiting on etcd. Writes go through compare-and-set, so concurrent nodes never lose
 each other's updates, and are applied to the view at once.
 """
 
@@ -15,12 +15,9 @@ from typing import Any, TypedDict
 
 from meshnode.etcdstore import EtcdStore
 from meshnode.json_record import JsonRecord
-from meshnode.watched import WatchedPrefix
+from meshnode.watched_records import WatchedRecords
 
 PREFIX = "models/"
-
-Listener = Callable[[str, "ModelRecord | None"], None]
-
 
 class Failure(TypedDict):
     at: float
@@ -53,55 +50,24 @@ class ModelRecord(JsonRecord):
     # Fields written by newer versions, kept as read so a read-modify-write here does not drop them.
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def runs_on(self, runtime: str) -> bool:
+        """Whether a node running `runtime` may load it."""
+        return self.runtime in ("", runtime)
+
 
 def key_of(name: str) -> str:
     return PREFIX + name
 
 
-
-class Registry:
+class Registry(WatchedRecords[ModelRecord]):
     def __init__(self, store: EtcdStore) -> None:
-        self._store = store
-        self._watched: WatchedPrefix[ModelRecord] = WatchedPrefix(store, PREFIX, ModelRecord.decode)
-
-    # --- local view: no etcd on these paths ---
-
-    def get(self, name: str) -> ModelRecord | None:
-        return self._watched.view.get(name)
-
-    def names(self) -> list[str]:
-        return list(self._watched.view)
-
-    def records(self) -> list[ModelRecord]:
-        return list(self._watched.view.values())
-
-    def add_listener(self, callback: Listener) -> None:
-        """callback(name, record or None when removed) after each change to the view."""
-        self._watched.add_listener(callback)
-
-    async def wait_for(
-        self,
-        name: str,
-        predicate: Callable[[ModelRecord | None], bool],
-        timeout: float,  # noqa: ASYNC109 - tests and the CLI want one bounded call
-    ) -> ModelRecord | None:
-        """Wait until predicate(view's record) holds; DeadlineExceeded after timeout seconds."""
-        return await self._watched.wait_for(name, predicate, timeout)
-
-    async def start(self) -> None:
-        await self._watched.start()
-
-    async def stop(self) -> None:
-        await self._watched.stop()
+        super().__init__(store, PREFIX, ModelRecord)
 
     # --- writes, all compare-and-set on etcd, reflected in the view at once ---
 
     async def register_if_absent(self, record: ModelRecord) -> bool:
-        revision = await self._store.create(key_of(record.name), record.to_json())
-        if revision is None:
-            return False
-        self._watched.apply(record.name, record, revision)
-        return True
+        return self._applied(record.name, record, await self._store.create(self.key(record.name),
+                                                                           record.to_json())) is not None
 
     async def put(self, record: ModelRecord) -> None:
         """Create or replace; fields this version does not know are kept from the stored record."""
@@ -129,23 +95,7 @@ class Registry:
                 return raw
             return dataclasses.replace(new, updated_at=time.time()).to_json()
 
-        raw, revision = await self._store.update_versioned(key_of(name), apply)
+        raw, revision = await self._store.update_versioned(self.key(name), apply)
         record = ModelRecord.decode(name, raw) if raw is not None else None
-        self._watched.apply(name, record, revision)
-        return record
-
-    async def unregister(self, name: str) -> bool:
-        revision = await self._store.delete(key_of(name))
-        if revision is None:
-            return False
-        self._watched.apply(name, None, revision)
-        return True
-
-    async def get_remote(self, name: str) -> ModelRecord | None:
-        """Read etcd itself (linearizable), refreshing the view with what it says."""
-        found = await self._store.get(key_of(name))
-        if found is None:
-            return None
-        record = ModelRecord.decode(name, found[0])
-        self._watched.apply(name, record, found[1])
+        self._applied(name, record, revision)
         return record

@@ -151,7 +151,8 @@ class Node:
                 return await self.peers.metadata(node, name, version)  # type: ignore[no-any-return]
             except MeshError:
                 continue
-        if view is not None and view.runtime not in ("", self.runtime.name):
+        record = self.registry.get(name)
+        if view is not None and record is not None and not record.runs_on(self.runtime.name):
             # No copy, and this node cannot load one: a node that can loads it to answer.
             target = choose_load_target(live.values(), size_bytes=view.size_bytes, now=time.time(),
                                         rng=random.Random(), runtime=view.runtime)

@@ -84,9 +84,9 @@ async def test_own_writes_show_at_once_and_others_converge(pair: tuple[Registry,
     await a.wait_for("m1", lambda r: r is not None and not r.enabled, timeout=5)
     assert a.get("m1") == updated
 
-    assert await a.unregister("m1")
+    assert await a.delete("m1")
     assert a.get("m1") is None
-    assert not await a.unregister("m1")
+    assert not await a.delete("m1")
     await b.wait_for("m1", absent, timeout=5)
     assert b.names() == [] and b.records() == []
 
@@ -99,7 +99,7 @@ async def test_listeners_hear_disable_and_unregister(pair: tuple[Registry, Regis
     await b.wait_for("m", present, timeout=5)
     await a.update("m", changed(enabled=False))
     await b.wait_for("m", lambda r: r is not None and not r.enabled, timeout=5)
-    await a.unregister("m")
+    await a.delete("m")
     await b.wait_for("m", absent, timeout=5)
     assert heard == [("m", True), ("m", False), ("m", None)]
 
@@ -120,7 +120,7 @@ async def test_concurrent_updates_from_two_nodes_lose_nothing(pair: tuple[Regist
     await asyncio.gather(
         *(reg.update("shared", add_copy(f"{tag}{i}")) for tag, reg in (("a", a), ("b", b)) for i in range(25))
     )
-    remote = await a.get_remote("shared")
+    remote = (await a.read("shared"))[0]
     assert remote is not None and len(remote.copies) == 50
     await b.wait_for("shared", lambda r: r is not None and len(r.copies) == 50, timeout=5)
 
@@ -129,7 +129,7 @@ async def test_put_keeps_fields_of_newer_versions(pair: tuple[Registry, Registry
     a, _ = pair
     await a.put(record("m", extra={"owner": "team-a"}))
     await a.put(record("m", size_hint=5))  # a replace by a node that does not know "owner"
-    remote = await a.get_remote("m")
+    remote = (await a.read("m"))[0]
     assert remote is not None and remote.size_hint == 5 and remote.extra == {"owner": "team-a"}
 
 
@@ -143,7 +143,7 @@ async def test_older_watch_event_does_not_undo_a_newer_write(pair: tuple[Registr
     a._watched._on_event(stale)  # as if the watch delivered the older write late
     newer = a.get("m")
     assert newer is not None and newer.size_hint == 2
-    await a.unregister("m")
+    await a.delete("m")
     a._watched._on_event(stale)
     assert a.get("m") is None
 
@@ -176,7 +176,7 @@ async def test_view_converges_across_etcd_restart(private_etcd: EtcdProcess, etc
         await follower.wait_for("before", present, timeout=5)
         await asyncio.to_thread(private_etcd.restart_after, 3.0)
         await writer.register_if_absent(record("after"))
-        await writer.unregister("before")
+        await writer.delete("before")
         await follower.wait_for("after", present, timeout=10)
         await follower.wait_for("before", absent, timeout=10)
         assert follower.names() == ["after"]
