@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.serving import serve_until_stopped
-from meshnode import transport
+from meshnode.net import transport
 from meshpb import pb
 
 READY_PREFIX = "floor ready port="

@@ -29,8 +29,8 @@ from bench import report
 from bench.procs import SLACK_S, LoadGenProcess, Route, Signals, run_rounds
 from bench.proxy import ProxyProcess
 from bench.report import PATH_FIELDS, cell, spread, summarize_paths, table
-from meshnode.examples import write_mlp
-from meshnode.local_mesh import LocalMesh
+from deploy.local.models import write_mlp
+from meshnode.local.mesh import LocalMesh
 
 MODEL = "mlp"
 IN_FEATURES = 16  # INPUT0 FP32 [-1, 16] -> OUTPUT0 FP32 [-1, 4], about 1 MB of weights

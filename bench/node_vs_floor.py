@@ -28,9 +28,9 @@ from bench import report
 from bench.floor import create_session
 from bench.procs import SLACK_S, FloorProcess, LoadGenProcess, Route, Signals, pin, rss_mb, run_rounds
 from bench.report import SERVERS, format_report, summarize
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import write_mlp
-from meshnode.node_process import NodeProcess
+from deploy.local.models import write_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.node import NodeProcess
 
 MODEL = "mlp"
 IN_FEATURES = 16  # INPUT0 FP32 [-1, 16] -> OUTPUT0 FP32 [-1, 4], about 1 MB of weights

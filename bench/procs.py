@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from bench.floor import READY_PREFIX
-from meshnode.server_process import terminate
+from meshnode.local.process import terminate
 
 SLACK_S = 60.0  # on top of a phase's own bound before the load generator counts as stuck
 T = TypeVar("T")

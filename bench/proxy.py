@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from bench.serving import serve_until_stopped
-from meshnode import transport
+from meshnode.net import transport
 from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """tritonclient -> Triton directly, -> a bare Python gRPC proxy -> Triton, and -> node (--runtime triton) -> Triton.
 
-Starts an etcd, a Triton (meshnode.triton_process, installed by `make triton`) on a repository holding a
+Starts an etcd, a Triton (meshnode.local.triton, installed by `make triton`) on a repository holding a
 1 MB MLP that ONNX Runtime runs inside a Python-backend model, a node beside it using that Triton as its
 runtime, and bench.proxy (a byte-passthrough grpc.aio proxy: the floor of any Python gRPC hop) in front of
 the same Triton. One load generator process (bench.loadgen, stock tritonclient.grpc.aio) runs interleaved
@@ -26,10 +26,10 @@ from bench import report
 from bench.procs import SLACK_S, LoadGenProcess, Route, Signals, rss_mb, run_rounds
 from bench.proxy import ProxyProcess
 from bench.report import PATH_FIELDS, cell, spread, summarize_paths, table
-from meshnode.etcd_process import EtcdProcess
-from meshnode.node_process import NodeProcess
-from meshnode.triton_examples import write_python_onnx_mlp
-from meshnode.triton_process import TritonProcess
+from deploy.local.triton_models import write_python_onnx_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.node import NodeProcess
+from meshnode.local.triton import TritonProcess
 
 MODEL = "mlp"
 IN_FEATURES = 16  # INPUT0 FP32 [-1, 16] -> OUTPUT0 FP32 [-1, 4], about 1 MB of weights

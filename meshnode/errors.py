@@ -1,6 +1,6 @@
 """One exception root for the node, and the one table that maps it to gRPC status.
 
-Everything below the servicers raises these; only meshnode.servicers turns them into statuses,
+Everything below the servicers raises these; only meshnode.api.inference turns them into statuses,
 with the codes and messages a Triton client is written against.
 """
 

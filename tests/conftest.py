@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshnode.etcd_process import EtcdProcess
+from meshnode.local.etcd import EtcdProcess
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from meshnode.examples import mlp_reference, write_add_sub, write_identity, write_mlp
-from meshnode.local_mesh import LocalMesh
-from meshnode.node_process import NodeProcess
-from meshnode.triton_examples import write_python_add_sub
-from meshnode.triton_process import TritonProcess
+from deploy.local.models import mlp_reference, write_add_sub, write_identity, write_mlp
+from deploy.local.triton_models import write_python_add_sub
+from meshnode.local.mesh import LocalMesh
+from meshnode.local.node import NodeProcess
+from meshnode.local.triton import TritonProcess
 
 TENANTS = 9  # per-tenant models: more than one node's capacity holds at once
 

@@ -34,7 +34,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
-from meshnode.tensors import (
+from meshnode.runtimes.tensors import (
     SpecIndex,
     datatype_of_onnx,
     decode_inputs,

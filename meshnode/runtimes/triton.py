@@ -2,7 +2,7 @@
 
 Control (load, unload, metadata, config, repository index) goes through tritonclient.grpc.aio; inference
 is passed through untouched: the request the node already parsed is sent on one shared channel of our
-own (meshnode.transport) and Triton's response message is returned as it came, so each request costs one
+own (meshnode.net.transport) and Triton's response message is returned as it came, so each request costs one
 more serialize and parse and no tensor is decoded.
 
 Triton holds one version of a model name at a time here (an upload replaces what it had under the name);
@@ -24,7 +24,6 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from meshnode import transport
 from meshnode.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -33,6 +32,7 @@ from meshnode.errors import (
     ModelLost,
     ModelUnavailable,
 )
+from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
 from meshpb import pb
 from router.hop import trace_context

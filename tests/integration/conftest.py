@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import write_add_sub, write_identity, write_mlp
-from meshnode.node_process import NodeProcess
-from meshnode.triton_process import TritonProcess
+from deploy.local.models import write_add_sub, write_identity, write_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.node import NodeProcess
+from meshnode.local.triton import TritonProcess
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BYTES")

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from meshnode import transport
-from meshnode.node_process import NodeProcess
+from meshnode.local.node import NodeProcess
+from meshnode.net import transport
 
 ROOT = Path(__file__).resolve().parents[2]
 

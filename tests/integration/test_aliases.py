@@ -13,9 +13,9 @@ import pytest
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import mlp_reference, write_mlp
-from meshnode.node_process import NodeProcess
+from deploy.local.models import mlp_reference, write_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.node import NodeProcess
 from meshpb import mpb
 from tests.integration.conftest import start_nodes, write_broken
 from tests.integration.helpers import manage

@@ -10,8 +10,8 @@ from unittest.mock import ANY
 
 import pytest
 
-from meshnode.etcd_process import EtcdProcess
-from meshnode.etcdstore import EtcdStore, EtcdUnavailable, Lease, WatchEvent, WatchResync
+from meshnode.etcd.store import EtcdStore, EtcdUnavailable, Lease, WatchEvent, WatchResync
+from meshnode.local.etcd import EtcdProcess
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,10 +17,10 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from meshnode import transport
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import write_mlp
-from meshnode.node_process import NodeProcess
+from deploy.local.models import write_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.node import NodeProcess
+from meshnode.net import transport
 from meshpb import mpb
 from tests.integration.conftest import start_nodes, write_broken
 from tests.integration.helpers import manage

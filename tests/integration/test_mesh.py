@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
 
-from meshnode.examples import mlp_reference, write_mlp
-from meshnode.local_mesh import LocalMesh
+from deploy.local.models import mlp_reference, write_mlp
+from meshnode.local.mesh import LocalMesh
 from tests.integration.helpers import metric
 
 MODELS = [f"m{i}" for i in range(6)]

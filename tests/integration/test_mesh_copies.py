@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
 
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import write_mlp
-from meshnode.local_mesh import LocalMesh
+from deploy.local.models import write_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.mesh import LocalMesh
 from tests.integration.conftest import start_node
 from tests.integration.helpers import metric
 

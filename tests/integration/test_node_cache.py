@@ -12,9 +12,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import write_mlp
-from meshnode.node_process import NodeProcess
+from deploy.local.models import write_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.node import NodeProcess
 from tests.integration.conftest import start_node
 from tests.integration.helpers import metric
 

@@ -8,8 +8,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from meshnode import transport
-from meshnode.node_process import NodeProcess
+from meshnode.local.node import NodeProcess
+from meshnode.net import transport
 from meshpb import pb
 from tests.integration.helpers import metric
 

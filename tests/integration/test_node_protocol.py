@@ -9,7 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from meshnode.examples import mlp_reference
+from deploy.local.models import mlp_reference
 from tests.integration.conftest import DATATYPES
 
 

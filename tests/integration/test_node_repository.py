@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import mlp_reference, write_add_sub, write_mlp
+from deploy.local.models import mlp_reference, write_add_sub, write_mlp
+from meshnode.local.etcd import EtcdProcess
 from tests.integration.conftest import start_node
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from meshnode.errors import DeadlineExceeded
-from meshnode.etcd_process import EtcdProcess
-from meshnode.etcdstore import EtcdStore, WatchEvent
-from meshnode.registry import ModelRecord, Registry
+from meshnode.etcd.store import EtcdStore, WatchEvent
+from meshnode.local.etcd import EtcdProcess
+from meshnode.state.registry import ModelRecord, Registry
 
 pytestmark = pytest.mark.timeout(60)
 

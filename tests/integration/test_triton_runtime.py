@@ -19,12 +19,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from meshnode.etcd_process import EtcdProcess
-from meshnode.examples import mlp_reference, write_mlp
-from meshnode.local_mesh import LocalMesh
-from meshnode.node_process import NodeProcess
-from meshnode.triton_examples import write_python_add_sub, write_python_onnx_mlp
-from meshnode.triton_process import TritonProcess
+from deploy.local.models import mlp_reference, write_mlp
+from deploy.local.triton_models import write_python_add_sub, write_python_onnx_mlp
+from meshnode.local.etcd import EtcdProcess
+from meshnode.local.mesh import LocalMesh
+from meshnode.local.node import NodeProcess
+from meshnode.local.triton import TritonProcess
 from tests.integration.conftest import start_node
 from tests.integration.helpers import metric
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from deploy.local.triton_models import write_python_add_sub
 from meshnode.errors import InvalidInput, LoadFailed, ModelUnavailable
-from meshnode.repository import model_source
+from meshnode.local.triton import TritonProcess
 from meshnode.runtimes.triton import BACKEND_OVERHEAD_BYTES, TritonModel, TritonRuntime
-from meshnode.triton_examples import write_python_add_sub
-from meshnode.triton_process import TritonProcess
+from meshnode.storage.repository import model_source
 from meshpb import pb
 
 pytestmark = pytest.mark.timeout(60)

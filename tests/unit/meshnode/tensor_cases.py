@@ -9,9 +9,9 @@ import numpy as np
 import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2 as tpb
 
-from meshnode import tensors
+from meshnode.runtimes import tensors
 from meshnode.runtimes.base import TensorSpec
-from meshnode.tensors import (
+from meshnode.runtimes.tensors import (
     DATATYPE_TO_NUMPY,
 )
 from meshpb import pb

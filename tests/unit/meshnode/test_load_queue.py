@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from meshnode.load_queue import LoadQueue, priority
+from meshnode.serving.load_queue import LoadQueue, priority
 
 
 async def test_runs_at_most_concurrency_jobs_and_waiting_requests_go_first() -> None:

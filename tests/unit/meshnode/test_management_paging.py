@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from meshnode.aliases import AliasRecord
+from meshnode.control.management import MAX_PAGE, SortedNames
 from meshnode.errors import InvalidInput
-from meshnode.management import MAX_PAGE, SortedNames
+from meshnode.state.aliases import AliasRecord
 
 
 def test_pages_follow_name_order_and_end_with_an_empty_token() -> None:

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshnode import metrics as metrics_mod
-from meshnode.metrics import NodeMetrics, NodeState, serve_metrics
+from meshnode.observability import metrics as metrics_mod
+from meshnode.observability.metrics import NodeMetrics, NodeState, serve_metrics
 
 MS_BOUNDS = ["0.5", "1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "75.0", "100.0", "200.0", "500.0", "1000.0"]
 MS_BOUNDS += ["2000.0", "5000.0", "10000.0", "20000.0", "60000.0", "120000.0", "300000.0", "+Inf"]

@@ -18,11 +18,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from meshnode import examples
+from deploy.local import models as examples
 from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
 from meshnode.runtimes.base import ModelSource
 from meshnode.runtimes.onnx import PROBE_RUNS, OnnxModel, OnnxRuntime
-from meshnode.tensors import DATATYPE_TO_NUMPY
+from meshnode.runtimes.tensors import DATATYPE_TO_NUMPY
 from meshpb import pb
 
 HAS_PROC = Path("/proc/self/task").is_dir()

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from meshnode.cli import build_parser
-from meshnode.repository import model_source
+from deploy.local.triton_models import write_python_add_sub
+from meshnode.cli.main import build_parser
+from meshnode.local.triton import TritonInstall, TritonProcessError
 from meshnode.runtimes import RUNTIMES, create_runtime
 from meshnode.runtimes.onnx import OnnxRuntime
 from meshnode.runtimes.triton import TritonRuntime, _upload
 from meshnode.settings import NodeSettings
-from meshnode.triton_examples import write_python_add_sub
-from meshnode.triton_process import TritonInstall, TritonProcessError
+from meshnode.storage.repository import model_source
 
 
 def settings(tmp_path: Path, **extra: object) -> NodeSettings:

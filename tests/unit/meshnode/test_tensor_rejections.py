@@ -1,14 +1,14 @@
-"""meshnode.tensors turns every malformed input into InvalidInput (or Unsupported) naming the input and model."""
+"""meshnode.runtimes.tensors turns malformed inputs into InvalidInput (or Unsupported) naming the input and model."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from meshnode import tensors
 from meshnode.errors import InvalidInput, Unsupported
+from meshnode.runtimes import tensors
 from meshnode.runtimes.base import TensorSpec
-from meshnode.tensors import (
+from meshnode.runtimes.tensors import (
     decode_inputs,
 )
 from meshpb import pb

@@ -1,4 +1,4 @@
-"""meshnode.tensors against the real client: requests are built by tritonclient and responses are read
+"""meshnode.runtimes.tensors against the real client: requests are built by tritonclient and responses are read
 back through tritonclient's InferResult, so a wire-format disagreement with Triton clients fails here."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tritonclient.utils import deserialize_bytes_tensor
 
 from meshnode.errors import InvalidInput, Unsupported
 from meshnode.runtimes.base import TensorSpec
-from meshnode.tensors import (
+from meshnode.runtimes.tensors import (
     DATATYPE_TO_NUMPY,
     datatype_of_numpy,
     datatype_of_onnx,

@@ -1,0 +1,117 @@
+"""Thin gRPC handlers: convert, call the dataplane or model control, map errors in one place."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from meshnode.control.model_control import ModelControl
+from meshnode.serving.dataplane import DataPlane
+from meshpb import pb
+from router.errors import MeshError
+from router.hop import Hop
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, MeshError):
+        return error.code, str(error)
+    log.exception("unexpected error", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+def maps_errors(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await handler(self, request, context)
+        except Exception as error:
+            code, message = _status_of(error)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _parameters(params: Any) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, choice) if choice else None
+    return out
+
+
+class InferenceServicer:
+    def __init__(self, dataplane: DataPlane, control: ModelControl) -> None:
+        self._dataplane = dataplane
+        self._control = control
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        return {name: getattr(self, name) for name in (
+            "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+            "ModelStreamInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")}
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._dataplane.ready)
+
+    @maps_errors
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._dataplane.model_ready(request.name, request.version))
+
+    @maps_errors
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return self._dataplane.server_metadata()
+
+    @maps_errors
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        forwarded = Hop.from_metadata(context.invocation_metadata()).hops > 0
+        return await self._dataplane.model_metadata(request.name, request.version, forwarded)
+
+    @maps_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self._dataplane.infer(request, context.invocation_metadata, context.time_remaining)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Triton's stream semantics: an error answers that request and the stream goes on.
+        async for request in requests:
+            try:
+                response = await self._dataplane.infer(request, context.invocation_metadata,
+                                                        context.time_remaining)
+            except Exception as error:
+                yield pb.ModelStreamInferResponse(error_message=_status_of(error)[1])
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    @maps_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            for e in self._control.index(request.ready)
+        ])
+
+    @maps_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._control.load(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @maps_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._control.unload(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()

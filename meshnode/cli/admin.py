@@ -1,0 +1,202 @@
+"""`meshserve models | aliases | nodes`: clients of the management service, for people and scripts.
+
+Tables for people; `--json` prints the service's messages as JSON (field names as in
+proto/meshpb/management.proto) for scripts. Errors go to stderr with the gRPC status, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from meshnode.net import transport
+from meshnode.settings import parse_size
+from meshpb import mpb
+
+DEFAULT_TARGET = "127.0.0.1:8033"
+TIMEOUT_S = 120.0
+
+
+def add_admin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    def command(parent: Any, name: str, text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=text)
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"any node, HOST:PORT (default {DEFAULT_TARGET})")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return p
+
+    models = sub.add_parser("models", help="list, register, unregister, inspect models").add_subparsers(
+        dest="action", required=True)
+    command(models, "list", "every registered model and its state").add_argument(
+        "--prefix", default="", help="only names starting with this")
+    register = command(models, "register", "register a model (and load it unless --lazy)")
+    register.add_argument("name")
+    register.add_argument("storage_uri", help="model directory or file: a path or file:// URI")
+    register.add_argument("--lazy", action="store_true", help="register only; load on first request")
+    register.add_argument("--size-hint", help="expected size in memory (512MiB, bytes)")
+    register.add_argument("--pinned", action="store_true", help="never evict it once loaded")
+    register.add_argument("--min-copies", type=int, default=0, help="keep at least this many copies loaded")
+    register.add_argument("--load-timeout", type=float, default=0.0, help="seconds its load may take")
+    register.add_argument("--runtime", help="only nodes running this load it: onnxruntime, triton, or any "
+                                            "(default: the runtime of the node you ask)")
+    command(models, "unregister", "unload a model everywhere and forget it").add_argument("name")
+    command(models, "status", "one model: state, copies, failures, size, last use").add_argument("name")
+
+    aliases = sub.add_parser("aliases", help="names that point at a model (vmodels)").add_subparsers(
+        dest="action", required=True)
+    set_alias = command(aliases, "set", "point ALIAS at MODEL: loads MODEL first, then switches")
+    set_alias.add_argument("alias")
+    set_alias.add_argument("model")
+    set_alias.add_argument("--auto-delete", action="store_true",
+                           help="unregister the old model once no alias points at it")
+    set_alias.add_argument("--timeout", type=float, default=300.0, help="seconds the switch may take (300)")
+    command(aliases, "get", "where an alias points").add_argument("alias")
+    command(aliases, "delete", "remove an alias").add_argument("alias")
+    command(aliases, "list", "every alias").add_argument("--prefix", default="", help="only names starting with this")
+
+    command(sub, "nodes", "the mesh's nodes: capacity, use, cache age, load")
+
+
+async def _pages(call: Callable[..., Any], request: Any, field: str) -> AsyncIterator[Any]:
+    while True:
+        response = await call(request, timeout=TIMEOUT_S)
+        for item in getattr(response, field):
+            yield item
+        if not response.next_page_token:
+            return
+        request.page_token = response.next_page_token
+
+
+async def _call(args: argparse.Namespace) -> Message | list[Message] | None:
+    async with transport.create_channel(args.target) as channel:
+        stub: Any = transport.ManagementStub(channel)
+        kind, action = args.command, getattr(args, "action", "")
+        if kind == "nodes":
+            return list((await stub.ListNodes(mpb.ListNodesRequest(), timeout=TIMEOUT_S)).nodes)
+        if kind == "models":
+            if action == "list":
+                return [m async for m in _pages(stub.ListModels, mpb.ListModelsRequest(prefix=args.prefix), "models")]
+            if action == "register":
+                return await stub.RegisterModel(mpb.RegisterModelRequest(
+                    name=args.name, storage_uri=args.storage_uri, lazy=args.lazy, pinned=args.pinned,
+                    size_hint_bytes=parse_size(args.size_hint) if args.size_hint else 0,
+                    min_copies=args.min_copies, load_timeout_s=args.load_timeout, runtime=args.runtime),
+                    timeout=TIMEOUT_S)
+            if action == "unregister":
+                await stub.UnregisterModel(mpb.UnregisterModelRequest(name=args.name), timeout=TIMEOUT_S)
+                return None
+            return await stub.GetModelStatus(mpb.GetModelStatusRequest(name=args.name), timeout=TIMEOUT_S)
+        if action == "list":
+            return [a async for a in _pages(stub.ListAliases, mpb.ListAliasesRequest(prefix=args.prefix), "aliases")]
+        if action == "set":
+            return await stub.SetAlias(mpb.SetAliasRequest(
+                alias=args.alias, model=args.model, auto_delete=args.auto_delete), timeout=args.timeout)
+        if action == "delete":
+            await stub.DeleteAlias(mpb.DeleteAliasRequest(alias=args.alias), timeout=TIMEOUT_S)
+            return None
+        return await stub.GetAlias(mpb.GetAliasRequest(alias=args.alias), timeout=TIMEOUT_S)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _ago(at: float, now: float) -> str:
+    return "never" if not at else _seconds(now - at) + " ago"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def table(rows: Sequence[dict[str, Any]], empty: str) -> str:
+    if not rows:
+        return empty
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _model_row(m: Any, now: float) -> dict[str, Any]:
+    loaded = sum(1 for c in m.copies if c.state == "loaded")
+    return {"name": m.name, "state": m.state, "copies": f"{loaded}/{len(m.copies)}",
+            "size": _size(m.size_bytes) if m.size_bytes else "-", "last_used": _ago(m.last_used, now),
+            "aliases": ",".join(m.aliases) or "-"}
+
+
+def _alias_row(a: Any, now: float) -> dict[str, Any]:
+    note = f"switching to {a.switching_to}" if a.switching_to else (f"last switch failed: {a.last_error}"
+                                                                      if a.last_error else "")
+    return {"alias": a.alias, "model": a.model, "auto_delete": "yes" if a.auto_delete else "no",
+            "updated": _ago(a.updated_at, now), "note": note or "-"}
+
+
+def _node_row(n: Any, now: float) -> dict[str, Any]:
+    return {"instance": n.instance_id, "endpoint": n.endpoint,
+            "used": f"{_size(n.used_bytes)} / {_size(n.capacity_bytes)}",
+            "models": n.model_count, "cache_age": _seconds(n.cache_age_s) if n.model_count else "-",
+            "req/s": f"{n.request_rate:g}", "inflight": n.inflight, "loading": n.loads_in_progress,
+            "state": "draining" if n.shutting_down else "serving", "runtime": n.runtime, "version": n.version}
+
+
+def _model_detail(m: Any, now: float) -> str:
+    size = _size(m.size_bytes) if m.size_bytes else "not measured yet"
+    lines = [f"{m.name}: {m.state}" + (f" ({m.reason})" if m.reason else ""),
+             f"  storage: {m.storage_uri} (runs on {m.runtime or 'any'} nodes)",
+             f"  size: {size}, last used {_ago(m.last_used, now)}",
+             f"  pinned: {'yes' if m.pinned else 'no'}, min copies: {m.min_copies or 1}, "
+             f"aliases: {', '.join(m.aliases) or '-'}"]
+    copies = [{"instance": c.instance_id, "state": c.state, "since": _ago(c.since, now)} for c in m.copies]
+    lines.append(table(copies, "  no copies"))
+    if m.failures:
+        lines.append(table([{"instance": f.instance_id, "failed": _ago(f.at, now), "message": f.message}
+                            for f in m.failures], ""))
+    return "\n".join(lines)
+
+
+def render(args: argparse.Namespace, result: Message | list[Message] | None) -> str:
+    if args.json:
+        as_dict = (lambda m: MessageToDict(m, preserving_proto_field_name=True,  # noqa: E731
+                                           always_print_fields_with_no_presence=True))
+        return json.dumps([as_dict(r) for r in result] if isinstance(result, list) else
+                          as_dict(result) if result is not None else {"ok": True}, indent=2)
+    now, action = time.time(), getattr(args, "action", "")
+    if args.command == "nodes":
+        return table([_node_row(n, now) for n in result or []], "(no nodes)")
+    if result is None:
+        return f"{action}: done"
+    if isinstance(result, list):
+        row = _model_row if args.command == "models" else _alias_row
+        return table([row(r, now) for r in result], f"(no {args.command})")
+    if isinstance(result, mpb.ModelStatus):
+        return _model_detail(result, now)
+    if action == "set":
+        was = f" (was {result.previous_model})" if result.previous_model else ""  # type: ignore[attr-defined]
+        return f"{result.alias} -> {result.model}{was}"  # type: ignore[attr-defined]
+    return table([_alias_row(result, now)], "")
+
+
+def run_admin_command(args: argparse.Namespace) -> int:
+    what = " ".join(filter(None, ("meshserve", args.command, getattr(args, "action", ""))))
+    try:
+        result = asyncio.run(_call(args))
+    except grpc.aio.AioRpcError as error:
+        print(f"{what}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    print(render(args, result))
+    return 0

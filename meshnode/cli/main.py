@@ -1,0 +1,103 @@
+"""The `meshserve` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from meshnode.cli.admin import add_admin_parsers, run_admin_command
+from meshnode.runtimes import RUNTIMES
+from meshnode.settings import NodeSettings, parse_size
+
+
+def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    node = sub.add_parser("node", help="run a mesh node (every flag also reads MESHSERVE_<FLAG>)")
+    # Defaults are None so that an unset flag leaves the environment variable or default in force.
+    node.add_argument("--etcd", help="etcd endpoint HOST:PORT (MESHSERVE_ETCD)")
+    node.add_argument("--etcd-prefix", help="key prefix in etcd (default meshserve)")
+    node.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    node.add_argument("--port", type=int, help="gRPC port (default 8033; 0 picks a free one)")
+    node.add_argument("--model-repository", help="Triton-layout model repository directory")
+    node.add_argument("--capacity", help="memory for loaded models: 512MiB, 2GiB, or bytes")
+    node.add_argument("--instance-id", help="this node's id in the mesh (default HOST-PID)")
+    node.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 2112; 0 picks one)")
+    node.add_argument("--load-timeout", dest="load_timeout_s", type=float, help="seconds a load may take")
+    node.add_argument("--load-failure-backoff", dest="load_failure_backoff_s", type=float,
+                      help="seconds before a failed model is tried again on this node")
+    node.add_argument("--load-concurrency", type=int, help="loads running at once (default 2); others queue")
+    node.add_argument("--churn-guard", dest="churn_guard_s", type=float,
+                      help="seconds a model stays safe from eviction when another node could load instead (2)")
+    node.add_argument("--advertise-host", help="address peers use to reach this node (default: --host)")
+    node.add_argument("--hot-rate-per-copy", type=float,
+                      help="requests/s a copy serves before the mesh adds another (default 33.3)")
+    node.add_argument("--hot-inflight-per-copy", type=int, help="in-flight requests per copy before adding one (16)")
+    node.add_argument("--max-copies", type=int, help="most copies of one model for load (default 8)")
+    node.add_argument("--copy-check-interval", dest="copy_check_interval_s", type=float,
+                      help="seconds between copy decisions (default 5)")
+    node.add_argument("--alias-retire-after", dest="alias_retire_after_s", type=float,
+                      help="seconds before an auto-delete alias's old model is unregistered (default 10)")
+    node.add_argument("--no-proactive-loads", dest="proactive_loads", action="store_const", const=False,
+                      help="do not load recently used or new models into free space ahead of requests")
+    node.add_argument("--runtime", choices=sorted(RUNTIMES), help="what runs the models (default onnxruntime)")
+    node.add_argument("--triton-url", help="Triton's gRPC HOST:PORT, for --runtime triton (explicit model control)")
+    node.add_argument("--triton-model-repository",
+                      help="Triton's --model-repository: its models load by name, others are uploaded")
+
+
+def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    local = sub.add_parser("local", help="start an etcd and N nodes on loopback for development")
+    local.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    local.add_argument("--model-repository", required=True, help="Triton-layout model repository directory")
+    local.add_argument("--port", type=int, default=8033, help="first node's gRPC port; the others count up")
+    local.add_argument("--capacity", default="1GiB", help="each node's capacity (default 1GiB)")
+    local.add_argument("--triton", action="store_true",
+                       help="run each node beside a Triton server of its own (`make triton` installs it)")
+
+
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    simulate = sub.add_parser("simulate", add_help=False,
+                              help="run the placement and cache policies over a workload, against baselines")
+    simulate.add_argument("args", nargs=argparse.REMAINDER, help="see `meshserve simulate --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve", description="A gRPC routing mesh for ML models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _node_parser(sub)
+    add_admin_parsers(sub)
+    _local_parser(sub)
+    _simulate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:  # its own parser owns every argument after the word, --help included
+        from placement.simulate_cli import main as simulate
+
+        return simulate(argv[1:], parse_size=parse_size)
+    args = build_parser().parse_args(argv)
+    if args.command == "node":
+        given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+        try:
+            settings = NodeSettings(**given)
+        except ValidationError as error:
+            print(f"meshserve node: invalid settings:\n{error}", file=sys.stderr)
+            return 2
+        from meshnode.node import main_node
+
+        return main_node(settings)
+    if args.command == "local":
+        from pathlib import Path
+
+        from meshnode.local.mesh import run_local
+
+        return run_local(args.nodes, Path(args.model_repository), args.port, args.capacity, args.triton)
+    return run_admin_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The long-running etcd calls: prefix watches that resume across outages, and lease keep-alive.
+
+The watch runs its own gRPC stream rather than aetcd's shared Watcher: after the server goes away
+and comes back, aetcd 1.0.0 accepts new watches on that Watcher but delivers no events to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Literal
+
+import grpc
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
+
+from meshnode.etcd.types import EtcdError, EtcdUnavailable, Lease, WatchEvent, WatchResync, is_transient
+
+if TYPE_CHECKING:
+    from meshnode.etcd.store import EtcdStore
+
+log = logging.getLogger(__name__)
+
+_MAX_DELAY = 1.0
+
+
+class _StreamEnded(Exception):
+    """etcd closed the watch stream without an error status (it is shutting down)."""
+
+
+async def watch_prefix(store: EtcdStore, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    """Yield every change under key_prefix from start_revision on, in revision order, forever.
+
+    A lost connection is retried without end (the caller cancels to stop) and the stream resumes
+    at the revision after the last one seen, so no event is lost or repeated.
+    """
+    start = store.full_key(key_prefix)
+    create = rpc.WatchCreateRequest(key=start, range_end=prefix_range_end(start), progress_notify=True)
+    next_revision = start_revision
+    delay = 0.05
+    down_since: float | None = None
+    while True:
+        call = None
+        try:
+            call = rpc.WatchStub(await store.channel()).Watch()
+            create.start_revision = next_revision
+            # Taken before the request goes out: etcd had applied every revision seen so far
+            # before it creates the watch, so its current revision cannot be lower.
+            seen = max(next_revision - 1, store.highest_revision)
+            await call.write(rpc.WatchRequest(create_request=create))
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise _StreamEnded
+                if resp.compact_revision:
+                    raise WatchResync(
+                        f"watch on {key_prefix}: history before revision "
+                        f"{resp.compact_revision} compacted, needed {next_revision}"
+                    )
+                if resp.canceled:
+                    raise WatchResync(f"watch on {key_prefix} canceled by etcd: {resp.cancel_reason}")
+                if resp.created:
+                    if resp.header.revision < seen:
+                        # Forget the lost history, or every later watch would fail the same way.
+                        store.highest_revision = resp.header.revision
+                        raise WatchResync(
+                            f"etcd is at revision {resp.header.revision}, behind the {seen} "
+                            "already seen: it lost its data"
+                        )
+                    if down_since is not None:
+                        log.info(
+                            "watch on %s resumed at revision %d after %.1f s",
+                            key_prefix,
+                            next_revision,
+                            time.monotonic() - down_since,
+                        )
+                    delay, down_since = 0.05, None
+                    continue
+                if not resp.events:
+                    # A progress notice: nothing for us up to here, so a later resume can start
+                    # past it and not from a revision etcd may have compacted meanwhile.
+                    next_revision = max(next_revision, resp.header.revision + 1)
+                    continue
+                for ev in resp.events:
+                    next_revision = ev.kv.mod_revision + 1
+                    kind: Literal["put", "delete"] = "delete" if ev.type == rpc.Event.DELETE else "put"
+                    yield WatchEvent(kind, store.relative_key(ev.kv.key), ev.kv.value, ev.kv.mod_revision)
+        except (_StreamEnded, grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            if isinstance(e, grpc.aio.AioRpcError) and not is_transient(e):
+                raise EtcdError(f"etcd refused the watch on {key_prefix}: {e.details()}", e.code()) from e
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning(
+                    "watch on %s lost (%s); resuming from revision %d",
+                    key_prefix,
+                    e.details() if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__,
+                    next_revision,
+                )
+        finally:
+            if call is not None:
+                call.cancel()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _MAX_DELAY)
+
+
+class KeepAlive:
+    """Refreshes a lease from a task until stopped.
+
+    If the lease expired anyway (etcd unreachable for longer than the TTL, or the lease revoked),
+    a new lease with the same TTL is granted, becomes `.lease`, and is passed to on_lost so the
+    owner can put its keys again; on_lost is retried on the next round until it succeeds.
+    """
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        lease: Lease,
+        interval: float,
+        on_lost: Callable[[Lease], Awaitable[None]] | None,
+    ) -> None:
+        self.lease = lease
+        self._store = store
+        self._interval = interval
+        self._on_lost = on_lost
+        self._task = asyncio.create_task(self._run(), name=f"etcd-keepalive-{lease.id:x}")
+
+    async def _run(self) -> None:
+        lost = False
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                if await self._store.refresh_lease(self.lease) <= 0:
+                    log.warning("etcd lease %x expired; granting a new one", self.lease.id)
+                    self.lease = await self._store.grant_lease(self.lease.ttl)
+                    lost = True
+                if lost and self._on_lost is not None:
+                    await self._on_lost(self.lease)
+                lost = False
+            except EtcdUnavailable as e:
+                log.warning("etcd lease %x not refreshed: %s", self.lease.id, e)
+            except Exception:
+                log.exception("etcd lease %x keep-alive round failed", self.lease.id)
+
+    async def stop(self, revoke: bool = False) -> None:
+        """Stop refreshing; revoke=True also deletes the lease's keys now instead of after the TTL."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if revoke:
+            try:
+                await self._store.revoke_lease(self.lease)
+            except EtcdUnavailable as e:
+                log.warning("etcd lease %x not revoked, its keys go in %d s: %s", self.lease.id, self.lease.ttl, e)

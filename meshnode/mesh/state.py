@@ -1,0 +1,210 @@
+"""The node's view of the mesh and its share of the shared state.
+
+- MeshView for the router: live nodes (instance records on leases), models with their copies,
+  and `claim_load`, the compare-and-set that makes concurrent misses agree on one loader.
+- Copy bookkeeping: this node's entry in each model record is rewritten from the local cache's
+  truth by one background flusher, so events can arrive in any order, be coalesced, or be lost
+  to an etcd outage and the records still converge.
+- Janitor: when a node's lease expires, its copies are removed from model records, idempotently,
+  by any node that sees it go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from meshnode.background import BackgroundTasks
+from meshnode.etcd.store import EtcdStore
+from meshnode.etcd.types import EtcdError
+from meshnode.etcd.watched import WatchedPrefix
+from meshnode.runtimes.base import Runtime
+from meshnode.serving.cache import ModelCache
+from meshnode.state.instances import PREFIX as INSTANCES
+from meshnode.state.instances import decode_node
+from meshnode.state.registry import Copy, ModelRecord, Registry
+from meshnode.storage.repository import model_source
+from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView, NodeView
+
+log = logging.getLogger(__name__)
+
+LAST_USED_GRANULARITY_S = 30.0  # last use is shared lazily: at most one write per model per this
+# A claim settles concurrent misses; with etcd slow or down a miss proceeds unrecorded after this.
+CLAIM_WAIT_S = 1.0
+
+
+class MeshState:
+    def __init__(self, store: EtcdStore, registry: Registry, cache: ModelCache, runtime: Runtime,
+                 instance_id: str, clock: Callable[[], float] = time.time) -> None:
+        self.instance_id = instance_id
+        self._registry = registry
+        self._cache = cache
+        self._runtime = runtime
+        self._now = clock
+        self.instances: WatchedPrefix[NodeView] = WatchedPrefix(store, INSTANCES, decode_node)
+        self._views: dict[str, tuple[ModelRecord, ModelView]] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self.on_node_gone: list[Callable[[str], object]] = []
+        self._background = BackgroundTasks()
+
+    async def start(self) -> None:
+        self.instances.add_listener(self._on_instance)
+        await self.instances.start()
+        # A previous life of this node may be listed as holding copies it no longer has.
+        self._dirty.update(r.name for r in self._registry.records() if self.instance_id in r.copies)
+        self._flusher = asyncio.create_task(self._flush_forever(), name="copy-flusher")
+        self._reap(set(self.instances.view))
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._background.cancel()
+        await self.instances.stop()
+
+    # -- router.ports.MeshView ----------------------------------------------------------------
+    def nodes(self) -> Mapping[str, NodeView]:
+        return self.instances.view
+
+    def model(self, name: str) -> ModelView | None:
+        record = self._registry.get(name)
+        if record is None or not record.enabled:
+            return None
+        cached = self._views.get(name)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+        view = ModelView(
+            name=name, size_bytes=self._size_of(record),
+            copies=tuple(CopyView(node, c["state"], c["since"]) for node, c in record.copies.items()),
+            failures=tuple(FailureView(node, f["at"], f["message"]) for node, f in record.failures.items()),
+            last_used=record.last_used, runtime=record.runtime,
+        )
+        self._views[name] = (record, view)
+        return view
+
+    def _size_of(self, record: ModelRecord) -> int:
+        if record.size_bytes:
+            return record.size_bytes
+        if record.size_hint:
+            return record.size_hint
+        try:
+            return self._runtime.predict_size(model_source(record.name, Path(record.storage), ""))
+        except Exception:  # unreadable storage: the load will say why; size as small
+            return 0
+
+    async def claim_load(self, name: str, target: str, exclude: frozenset[str]) -> str:
+        holder = target
+        live = self.instances.view
+
+        def claim(record: ModelRecord | None) -> ModelRecord | None:
+            nonlocal holder
+            if record is None:
+                return None
+            for node in record.copies:
+                if node in live and node not in exclude:
+                    holder = node  # someone claimed or loaded it first: use that copy
+                    return record
+            holder = target
+            copies = {n: c for n, c in record.copies.items() if n in live}
+            copies[target] = Copy(state=LOADING, since=self._now())
+            return replace(record, copies=copies)
+
+        try:
+            await asyncio.wait_for(self._registry.update(name, claim), CLAIM_WAIT_S)
+        except (EtcdError, TimeoutError) as error:  # no etcd: load where placement said, unrecorded
+            log.warning("load claim for %s not recorded: %s", name, error or "etcd too slow")
+            return target
+        return holder
+
+    # -- this node's copies ----------------------------------------------------------------------
+    def copy_changed(self, name: str) -> None:
+        """The cache loaded, evicted, failed or unloaded a copy of `name`: record it soon."""
+        self._dirty.add(name)
+        self._wake.set()
+
+    def _local_copy(self, name: str) -> Copy | None:
+        entries = list(self._cache.entries(name))
+        if not entries:
+            return None
+        loaded = [e for e in entries if e.model is not None]
+        return Copy(state=LOADED if loaded else LOADING, since=min(e.loaded_at for e in loaded or entries))
+
+    async def _flush_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), LAST_USED_GRANULARITY_S / 3)
+            self._wake.clear()
+            self._mark_recently_used()
+            for name in list(self._dirty):
+                self._dirty.discard(name)
+                try:
+                    await self._registry.update(name, self._converge)
+                except EtcdError as error:
+                    log.warning("copy of %s not recorded yet: %s", name, error)
+                    self._dirty.add(name)
+                    await asyncio.sleep(1.0)
+                    break
+
+    def _converge(self, record: ModelRecord | None) -> ModelRecord | None:
+        if record is None:
+            return None
+        me, mine = self.instance_id, self._local_copy(record.name)
+        copies = dict(record.copies)
+        if mine is None:
+            copies.pop(me, None)
+        elif copies.get(me, {}).get("state") != mine["state"]:
+            copies[me] = mine
+        failures = dict(record.failures)
+        failure = self._cache.failures.newest(record.name)
+        if failure is not None:
+            failures[me] = failure
+        elif mine is not None and mine["state"] == LOADED:
+            failures.pop(me, None)
+        entry = next((e for e in self._cache.entries(record.name) if e.model is not None), None)
+        size = entry.size_bytes if entry is not None else record.size_bytes
+        last_used = record.last_used
+        if entry is not None and (last_used is None or entry.last_used - last_used >= LAST_USED_GRANULARITY_S):
+            last_used = entry.last_used
+        return replace(record, copies=copies, failures=failures, size_bytes=size, last_used=last_used)
+
+    def _mark_recently_used(self) -> None:
+        for entry in self._cache.loaded_entries():
+            record = self._registry.get(entry.name)
+            if record is not None and (record.last_used is None
+                                       or entry.last_used - record.last_used >= LAST_USED_GRANULARITY_S):
+                self._dirty.add(entry.name)
+
+    # -- janitor --------------------------------------------------------------------------------
+    def _on_instance(self, instance_id: str, node: NodeView | None) -> None:
+        if node is None and instance_id != self.instance_id:
+            log.info("node %s left the mesh", instance_id)
+            for callback in self.on_node_gone:
+                callback(instance_id)
+            self._reap(set(self.instances.view))
+
+    def _reap(self, live: set[str]) -> None:
+        stale = [r.name for r in self._registry.records() if any(n not in live for n in r.copies)]
+        if stale:
+            self._background.spawn(self._remove_dead_copies(stale))
+
+    async def _remove_dead_copies(self, names: list[str]) -> None:
+        def without_dead(record: ModelRecord | None) -> ModelRecord | None:
+            if record is None:
+                return None
+            live = self.instances.view
+            copies = {n: c for n, c in record.copies.items() if n in live or n == self.instance_id}
+            return replace(record, copies=copies) if copies != record.copies else record
+
+        for name in names:
+            try:
+                await self._registry.update(name, without_dead)
+            except EtcdError as error:
+                log.warning("dead copies of %s not removed yet: %s", name, error)

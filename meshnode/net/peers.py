@@ -1,0 +1,134 @@
+"""Forwarding to peer nodes over gRPC: one channel per peer, outstanding counts, suspects.
+
+A peer that fails to answer (connection refused, reset mid-request) is a suspect for a few
+seconds, so concurrent requests stop choosing it before its lease has even expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+
+from meshnode.background import BackgroundTasks
+from meshnode.control.model_control import PARAM_COPY
+from meshnode.net import transport
+from meshpb import pb
+from placement.types import NodeView
+from router.errors import NOT_HERE_PREFIX, RETRY_ELSEWHERE_CODES, PeerError
+from router.hop import PARAMETER_KEY, Hop, Mode
+
+SUSPECT_S = 3.0
+
+
+class GrpcPeers:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._stubs: dict[str, tuple[str, grpc.aio.Channel, transport.InferenceStub]] = {}
+        self._outstanding: dict[str, int] = {}
+        self._suspect_until: dict[str, float] = {}
+        self._gone: set[str] = set()  # left the mesh; channel closes when its last call ends
+        self._closing = BackgroundTasks()
+        self._now = clock
+
+    def outstanding(self) -> Mapping[str, int]:
+        return self._outstanding
+
+    def suspects(self) -> frozenset[str]:
+        if not self._suspect_until:
+            return frozenset()
+        now = self._now()
+        for peer in [p for p, until in self._suspect_until.items() if until <= now]:
+            del self._suspect_until[peer]
+        return frozenset(self._suspect_until)
+
+    def _stub(self, node: NodeView) -> transport.InferenceStub:
+        self._gone.discard(node.instance_id)  # back in the mesh (a restart under the same id)
+        found = self._stubs.get(node.instance_id)
+        if found is None or found[0] != node.endpoint:  # new, or restarted elsewhere under its id
+            if found is not None:
+                self._closing.spawn(found[1].close())
+            channel = transport.create_channel(node.endpoint)
+            found = (node.endpoint, channel, transport.InferenceStub(channel))
+            self._stubs[node.instance_id] = found
+        return found[2]
+
+    async def infer(self, node: NodeView, request: Any, hop: Hop, budget_s: float | None) -> Any:
+        peer = node.instance_id
+        self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
+        try:
+            request.parameters[PARAMETER_KEY].string_param = hop.encode()
+            # Only trace context goes as metadata, and only when the client sent some.
+            return await self._stub(node).ModelInfer(request, timeout=budget_s, metadata=hop.propagated or None)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our own caller went away: let the cancellation through
+            # The call was cancelled under us (its channel closed as the peer left): another node may
+            # serve it. Left as CancelledError, grpc.aio would drop our own client's call unanswered.
+            raise PeerError(grpc.StatusCode.UNAVAILABLE, f"node {peer} left while serving the request",
+                            retry_elsewhere=True) from None
+        except grpc.aio.AioRpcError as error:
+            code, details = error.code(), error.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and not details.startswith(NOT_HERE_PREFIX):
+                self._suspect_until[peer] = self._now() + SUSPECT_S
+            raise PeerError(code, f"node {peer}: {details}", retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
+        finally:
+            # The peer may have been forgotten (its lease ended) while this request was out.
+            left = self._outstanding.get(peer, 0) - 1
+            if left > 0:
+                self._outstanding[peer] = left
+            else:
+                self._outstanding.pop(peer, None)
+                self._close_if_gone(peer)
+
+    async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
+        """Ask `node` to load a copy of registered model `name`; raises PeerError."""
+        request = pb.RepositoryModelLoadRequest(
+            model_name=name, parameters={PARAM_COPY: pb.ModelRepositoryParameter(bool_param=True)})
+        try:
+            await self._stub(node).RepositoryModelLoad(request, timeout=budget_s)
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            raise PeerError(code, f"node {node.instance_id}: {error.details()}",
+                            retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
+
+    async def metadata(self, node: NodeView, name: str, version: str, budget_s: float = 5.0) -> Any:
+        """The model's metadata from the copy on `node` (marked as forwarded: it never loads there)."""
+        hop = Hop(hops=1, mode=Mode.COPY)
+        try:
+            return await self._stub(node).ModelMetadata(
+                pb.ModelMetadataRequest(name=name, version=version), timeout=budget_s, metadata=hop.to_metadata())
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(error.code(), f"node {node.instance_id}: {error.details()}",
+                            retry_elsewhere=True) from None
+
+    async def ready(self, node: NodeView, budget_s: float = 2.0) -> bool:
+        """Does the peer answer a readiness probe now? (before this node lets go of a copy)"""
+        try:
+            reply = await self._stub(node).ServerReady(pb.ServerReadyRequest(), timeout=budget_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.ready)
+
+    async def forget(self, instance_id: str) -> None:
+        """The peer left the mesh: close its channel once the calls still out on it have ended."""
+        self._suspect_until.pop(instance_id, None)
+        self._gone.add(instance_id)
+        self._close_if_gone(instance_id)
+
+    def _close_if_gone(self, instance_id: str) -> None:
+        if instance_id not in self._gone or self._outstanding.get(instance_id):
+            return
+        self._gone.discard(instance_id)
+        found = self._stubs.pop(instance_id, None)
+        if found is not None:
+            self._closing.spawn(found[1].close())
+
+    async def close(self) -> None:
+        for _, channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
+        await self._closing.wait()

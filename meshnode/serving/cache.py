@@ -1,0 +1,360 @@
+"""The node's cache of loaded models: byte capacity, LRU eviction, single-flight loads.
+
+Hot path: `ready` is a plain dict from (model name, requested version) to a loaded entry, and
+`release` is an OrderedDict.move_to_end, so a cache hit costs two dict operations. Everything
+else (loads, eviction, failures) happens on the miss path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from meshnode.background import BackgroundTasks
+from meshnode.errors import LoadFailed, MeshServeError, ModelNotFound, ResourceExhausted
+from meshnode.observability.metrics import NodeMetrics
+from meshnode.runtimes.base import LoadedModel, ModelSource, Runtime
+from meshnode.serving.load_failures import LoadFailures
+from meshnode.serving.load_queue import LoadQueue, priority
+from placement.eviction import Resident, plan_eviction
+
+log = logging.getLogger(__name__)
+REUSE_PROTECTED_FRACTION = 0.5  # chosen by `meshserve simulate` over the synthetic workloads
+
+
+@dataclass(eq=False, slots=True)
+class CachedModel:
+    key: str  # "name@version"
+    name: str
+    version: str
+    size_bytes: int  # predicted while loading, measured once loaded
+    last_used: float  # wall clock: cache age is shared with other nodes
+    loaded_at: float  # wall clock of the load's start, then of its completion
+    model: LoadedModel | None = None
+    loaded: asyncio.Future[None] | None = None
+    inflight: int = 0
+    requests: int = 0  # served here since loaded: per-copy load for extra-copy decisions
+    pinned: bool = False
+    discarded: bool = False
+    drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """How one model is loaded and kept, from its registration."""
+
+    predicted_bytes: int
+    timeout_s: float | None = None  # None: the node's default
+    pinned: bool = False  # never evicted
+    churn_guard: bool = False  # refuse to evict recently used models (another node may take it)
+    last_used: float | None = None  # orders background loads
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    capacity_bytes: int
+    used_bytes: int
+    models_loaded: int
+    loads_in_progress: int
+    lru_time_s: float | None  # last use of the least recently used loaded model
+
+
+class ModelCache:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        capacity_bytes: int,
+        metrics: NodeMetrics,
+        load_timeout_s: float,
+        failure_backoff_s: float,
+        load_concurrency: int = 2,
+        churn_guard_s: float = 0.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ready: dict[tuple[str, str], CachedModel] = {}
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self._runtime = runtime
+        self._metrics = metrics
+        self._load_timeout_s = load_timeout_s
+        self._churn_guard_s = churn_guard_s
+        # Eviction protects models used again since their load within this share of the capacity
+        # (placement.eviction): a model loaded for one request goes before one in steady use.
+        self._protect_reused_bytes = int(capacity_bytes * REUSE_PROTECTED_FRACTION)
+        self._reused_bytes = 0
+        self.loads = LoadQueue(load_concurrency)
+        self._now = wall_clock
+        self._lru: OrderedDict[str, CachedModel] = OrderedDict()  # oldest first
+        self._by_name: dict[str, set[str]] = {}
+        self.failures = LoadFailures(failure_backoff_s, wall_clock)
+        self._background = BackgroundTasks()
+        self._loading = 0  # entries whose load has not finished: read 4x a second, so counted
+        # Told the model name whenever a copy here starts loading, loads, fails or goes.
+        self.on_change: Callable[[str], None] = lambda name: None
+
+    # -- hot path -------------------------------------------------------------------------
+    def release(self, entry: CachedModel) -> None:
+        entry.inflight -= 1
+        entry.requests += 1
+        if entry.requests == 2 and not entry.discarded:  # used again since its load: now reuse-protected
+            self._reused_bytes += entry.size_bytes
+        entry.last_used = self._now()
+        if not entry.discarded:
+            self._lru.move_to_end(entry.key)
+        elif entry.inflight == 0 and entry.drained is not None:
+            entry.drained.set()
+
+    # -- miss path ------------------------------------------------------------------------
+    async def acquire(self, source: ModelSource, requested_version: str, options: LoadOptions) -> CachedModel:
+        """The loaded entry for `source`, loading it once however many callers wait.
+
+        The caller must `release` the entry. Raises the load's error to every waiter.
+        """
+        key = f"{source.name}@{source.version}"
+        entry = self._lru.get(key)
+        if entry is None:
+            try:
+                self.failures.check(source.name, source.version)
+                entry = self._start_load(key, source, options, waiting=True)
+            except MeshServeError:
+                # A claim for this node may already be in the model record: let it be corrected.
+                self.on_change(source.name)
+                raise
+        if entry.model is None:
+            assert entry.loaded is not None
+            started = time.perf_counter()
+            await asyncio.shield(entry.loaded)
+            self._metrics.cache_misses += 1
+            self._metrics.observe_cache_miss_ms((time.perf_counter() - started) * 1000.0)
+        else:
+            self._metrics.cache_hits += 1
+        if entry.discarded:
+            raise ModelNotFound.unknown(source.name)
+        entry.inflight += 1
+        alias = (source.name, requested_version)
+        if alias not in self.ready:
+            self.ready[alias] = entry
+            entry.aliases.append(alias)
+        return entry
+
+    def load_in_background(self, source: ModelSource, options: LoadOptions, *, evict: bool) -> bool:
+        """Start a load nobody waits for (extra copy, proactive load, drain hand-off).
+
+        False when a copy is here already, it failed recently, or there is no room (and `evict`
+        is off, or eviction would take what the churn guard protects).
+        """
+        key = f"{source.name}@{source.version}"
+        if key in self._lru or self.failures.active(source.name, source.version):
+            return False
+        if not evict and options.predicted_bytes > self.capacity_bytes - self.used_bytes:
+            return False
+        try:
+            self._start_load(key, source, options, waiting=False)
+        except ResourceExhausted:
+            return False
+        return True
+
+    def _start_load(self, key: str, source: ModelSource, options: LoadOptions, *, waiting: bool) -> CachedModel:
+        predicted_bytes = options.predicted_bytes
+        if predicted_bytes > self.capacity_bytes:
+            raise ResourceExhausted(
+                f"model '{source.name}' version {source.version} needs about {predicted_bytes} bytes, "
+                f"more than this node's whole capacity of {self.capacity_bytes} bytes"
+            )
+        self._make_room(predicted_bytes, source.name, guard=options.churn_guard)
+        now = self._now()
+        entry = CachedModel(key, source.name, source.version, predicted_bytes, now, now, pinned=options.pinned)
+        entry.loaded = asyncio.get_running_loop().create_future()
+        # Waiters may all have gone (deadline); the outcome is still consumed, never "unretrieved".
+        entry.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._lru[key] = entry
+        self._by_name.setdefault(source.name, set()).add(key)
+        self.used_bytes += predicted_bytes
+        self._loading += 1
+        rank = priority(waiting, options.last_used)
+        timeout_s = options.timeout_s or self._load_timeout_s
+        self._background.spawn(self.loads.run(rank, lambda: self._load(entry, source, timeout_s)))
+        self.on_change(source.name)
+        return entry
+
+    def _make_room(self, needed: int, for_model: str, keep: CachedModel | None = None, guard: bool = False) -> None:
+        residents = (
+            Resident(k, e.size_bytes, e.inflight > 0 or e.model is None or e is keep, last_used=e.last_used,
+                     pinned=e.pinned, reused=e.requests >= 2)
+            for k, e in self._lru.items()
+        )
+        idle = self._churn_guard_s if guard else 0.0
+        plan = plan_eviction(residents, needed_bytes=needed, free_bytes=self.capacity_bytes - self.used_bytes,
+                             now=self._now(), min_victim_idle_s=idle, reused_bytes=self._reused_bytes,
+                             protect_reused_bytes=self._protect_reused_bytes)
+        if plan is None:
+            protected = f", pinned, or used in the last {idle:g}s (churn guard)" if idle else " or pinned"
+            raise ResourceExhausted(
+                f"no room for model '{for_model}' ({needed} bytes) on this node: {self.used_bytes} of "
+                f"{self.capacity_bytes} bytes are held by models in use, loading{protected}"
+            )
+        for victim in plan.victims:
+            self._evict(self._lru[victim])
+
+    async def _load(self, entry: CachedModel, source: ModelSource, timeout_s: float) -> None:
+        assert entry.loaded is not None
+        if entry.discarded:  # unloaded while it queued
+            entry.loaded.set_result(None)
+            return
+        started = time.perf_counter()
+        load = asyncio.ensure_future(self._runtime.load(source))
+        try:
+            model = await asyncio.wait_for(asyncio.shield(load), timeout_s)
+        except TimeoutError:
+            load.add_done_callback(self._unload_when_done)
+            self._fail(entry, LoadFailed(
+                f"loading model '{entry.name}' version {entry.version} timed out after {timeout_s:g}s"))
+            return
+        except MeshServeError as error:
+            self._fail(entry, error)
+            return
+        except Exception as error:  # a runtime bug must fail this model, not the node
+            log.exception("load of %s failed", entry.key)
+            self._fail(entry, LoadFailed(f"failed to load model '{entry.name}' version {entry.version}: {error}"))
+            return
+        self._metrics.loads += 1
+        self._metrics.observe_load_ms((time.perf_counter() - started) * 1000.0)
+        if entry.discarded:
+            self._background.spawn(self._unload(model))
+            entry.loaded.set_result(None)
+            return
+        self.used_bytes += model.size_bytes - entry.size_bytes
+        entry.size_bytes = model.size_bytes
+        entry.model = model
+        self._loading -= 1
+        if model.size_bytes > self.capacity_bytes:
+            self._remove(entry)
+            self._background.spawn(self._unload(model))
+            self._fail(entry, ResourceExhausted(
+                f"model '{entry.name}' version {entry.version} measured {model.size_bytes} bytes once "
+                f"loaded, more than this node's whole capacity of {self.capacity_bytes} bytes"))
+            return
+        if self.used_bytes > self.capacity_bytes:
+            try:  # the measured size exceeded the prediction: evict others to get back in bounds
+                self._make_room(0, entry.name, keep=entry)
+            except ResourceExhausted:
+                log.warning("over capacity by %d bytes after loading %s", self.used_bytes - self.capacity_bytes,
+                            entry.key)
+        entry.loaded_at = self._now()
+        entry.loaded.set_result(None)
+        self.on_change(entry.name)
+
+    def _fail(self, entry: CachedModel, error: MeshServeError) -> None:
+        self._metrics.load_failures += 1
+        self._remove(entry)
+        self.failures.record(entry.name, entry.version, error)
+        assert entry.loaded is not None
+        if not entry.loaded.done():
+            entry.loaded.set_exception(error)
+
+    # -- eviction and unload ----------------------------------------------------------------
+    def _remove(self, entry: CachedModel) -> None:
+        if self._lru.pop(entry.key, None) is None:
+            return
+        if entry.model is None:
+            self._loading -= 1
+        self.used_bytes -= entry.size_bytes
+        if entry.requests >= 2:
+            self._reused_bytes -= entry.size_bytes
+        keys = self._by_name.get(entry.name)
+        if keys is not None:
+            keys.discard(entry.key)
+            if not keys:
+                del self._by_name[entry.name]
+        for alias in entry.aliases:
+            if self.ready.get(alias) is entry:
+                del self.ready[alias]
+        entry.aliases.clear()
+        entry.discarded = True
+        self.on_change(entry.name)
+
+    def _evict(self, entry: CachedModel) -> None:
+        self._metrics.evictions += 1
+        self._metrics.observe_eviction_age_ms(max(0.0, self._now() - entry.last_used) * 1000.0)
+        log.info("evicting %s (%d bytes, idle %.1fs)", entry.key, entry.size_bytes, self._now() - entry.last_used)
+        self._drop(entry)
+
+    def _drop(self, entry: CachedModel) -> None:
+        self._remove(entry)
+        if entry.model is not None:
+            self._background.spawn(self._unload(entry.model))
+
+    def forget(self, entry: CachedModel) -> None:
+        """The runtime lost this loaded model: stop counting on it; whatever the runtime still holds goes."""
+        if not entry.discarded:
+            log.warning("%s is gone from the runtime; it loads again when asked for", entry.key)
+            self._drop(entry)
+
+    async def unload_model(self, name: str, drain_timeout_s: float = 30.0) -> int:
+        """Stop serving every version of `name` here, wait for its requests, then unload."""
+        entries = [self._lru[k] for k in self._by_name.get(name, ())]
+        for entry in entries:
+            self._remove(entry)
+        for entry in entries:
+            if entry.inflight > 0:
+                entry.drained = asyncio.Event()
+                try:
+                    await asyncio.wait_for(entry.drained.wait(), drain_timeout_s)
+                except TimeoutError:
+                    log.warning("unloading %s with %d requests still in flight", entry.key, entry.inflight)
+            if entry.model is not None:
+                await self._unload(entry.model)
+        return len(entries)
+
+    async def _unload(self, model: LoadedModel) -> None:
+        started = time.perf_counter()
+        try:
+            await self._runtime.unload(model)
+        except Exception:
+            self._metrics.unload_failures += 1
+            log.exception("unload of %s@%s failed", model.name, model.version)
+            return
+        self._metrics.unloads += 1
+        self._metrics.observe_unload_ms((time.perf_counter() - started) * 1000.0)
+
+    def _unload_when_done(self, load: asyncio.Future[LoadedModel]) -> None:
+        if not load.cancelled() and load.exception() is None:
+            self._background.spawn(self._unload(load.result()))
+
+    # -- views ------------------------------------------------------------------------------
+    def has_entry(self, name: str, version: str) -> bool:
+        """A copy of the model here, loaded or loading ('' = any version)."""
+        if version:
+            return f"{name}@{version}" in self._lru
+        return name in self._by_name
+
+    def loaded_entries(self) -> Iterator[CachedModel]:
+        return (e for e in list(self._lru.values()) if e.model is not None)
+
+    def entries(self, name: str) -> Iterator[CachedModel]:
+        for key in sorted(self._by_name.get(name, ())):
+            yield self._lru[key]
+
+    def stats(self) -> CacheStats:
+        loading = self._loading
+        oldest = next((e for e in self._lru.values() if e.model is not None), None)
+        return CacheStats(
+            capacity_bytes=self.capacity_bytes,
+            used_bytes=self.used_bytes,
+            models_loaded=len(self._lru) - loading,
+            loads_in_progress=loading,
+            lru_time_s=oldest.last_used if oldest is not None else None,
+        )
+
+    async def close(self) -> None:
+        for entry in list(self._lru.values()):
+            self._remove(entry)
+            if entry.model is not None:
+                await self._unload(entry.model)
+        await self._background.cancel()
