@@ -11,17 +11,18 @@ import grpc
 from router.errors import MeshError
 
 
-class MeshServeError(MeshError):
-    """Root of the node's own errors (the router's MeshError is the root of all)."""
+class Internal(MeshError):
+    """The runtime failed in a way that says nothing about the input (a crashed session, Triton's
+    own INTERNAL)."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code = grpc.StatusCode.INTERNAL
 
 
-class InvalidInput(MeshServeError):
+class InvalidInput(MeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class ModelNotFound(MeshServeError):
+class ModelNotFound(MeshError):
     code = grpc.StatusCode.NOT_FOUND
 
     @classmethod
@@ -34,7 +35,7 @@ class ModelNotFound(MeshServeError):
         return cls(f"Request for unknown model: '{name}' version {version} is not found")
 
 
-class ModelUnavailable(MeshServeError):
+class ModelUnavailable(MeshError):
     """The model exists but cannot serve now (load failed recently, unloading, draining)."""
 
     code = grpc.StatusCode.UNAVAILABLE
@@ -46,39 +47,39 @@ class ModelLost(ModelUnavailable):
     forgets its copy, and the request is served by loading it again."""
 
 
-class LoadFailed(MeshServeError):
+class LoadFailed(MeshError):
     """A load failed; the message names the model and the cause. Another node may succeed."""
 
     code = grpc.StatusCode.INTERNAL
     retry_elsewhere = True
 
 
-class ResourceExhausted(MeshServeError):
+class ResourceExhausted(MeshError):
     """No room on this node; another node may have it."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retry_elsewhere = True
 
 
-class AlreadyExists(MeshServeError):
+class AlreadyExists(MeshError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class Unsupported(MeshServeError):
+class Unsupported(MeshError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
-class DeadlineExceeded(MeshServeError):
+class DeadlineExceeded(MeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class FailedPrecondition(MeshServeError):
+class FailedPrecondition(MeshError):
     """The request is valid but the mesh's state refuses it (e.g. unregistering an alias's model)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class Aborted(MeshServeError):
+class Aborted(MeshError):
     """A concurrent change won a compare-and-set; nothing was changed, the caller may try again."""
 
     code = grpc.StatusCode.ABORTED

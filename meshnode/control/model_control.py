@@ -19,7 +19,7 @@ from meshnode.errors import (
     FailedPrecondition,
     InvalidInput,
     LoadFailed,
-    MeshServeError,
+    MeshError,
     ModelNotFound,
 )
 from meshnode.mesh.state import MeshState
@@ -119,7 +119,7 @@ class ModelControl:
             return  # another runtime's model: the first request loads it on a node that runs it
         try:
             entry = await self._dataplane.acquire(name, "")
-        except MeshServeError as error:
+        except MeshError as error:
             raise LoadFailed(f"load failed for model '{name}': {error}") from error
         self._cache.release(entry)
 
@@ -127,7 +127,7 @@ class ModelControl:
         """A copy here of a registered model (drain hand-off, extra copies); its record is unchanged."""
         try:
             entry = await self._dataplane.acquire(name, "")
-        except MeshServeError as error:
+        except MeshError as error:
             raise LoadFailed(f"no copy of model '{name}' on this node: {error}") from error
         self._cache.release(entry)
 

@@ -7,12 +7,12 @@ from typing import Literal, NamedTuple
 
 import grpc
 
-from meshnode.errors import MeshServeError
+from router.errors import MeshError
 
 _TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-class EtcdError(MeshServeError):
+class EtcdError(MeshError):
     """etcd refused a request (too large, out of space, ...); etcd_status is its gRPC status."""
 
     def __init__(self, message: str, etcd_status: grpc.StatusCode | None = None) -> None:

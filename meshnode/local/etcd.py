@@ -14,15 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshnode.errors import MeshServeError
-from meshnode.local.process import HOST, ServerProcess
+from meshnode.local.process import HOST, LaunchError, ServerProcess
 
 _LOG_NAME = "etcd.log"
 # etcd warns about any foreign file in its data dir, so the log sits beside it, not inside.
 _STORE_NAME = "data"
 
 
-class EtcdProcessError(MeshServeError):
+class EtcdProcessError(LaunchError):
     """The local etcd server could not be found, started or stopped."""
 
 

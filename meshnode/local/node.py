@@ -14,7 +14,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from meshnode.local.process import terminate
+from meshnode.local.process import LaunchError, terminate
 from meshnode.node import READY_LINE
 
 _READY = re.compile(re.escape(READY_LINE) + r" grpc=(\S+):(\d+)(?: metrics=\S+:(\d+))? instance=(\S+)")
@@ -75,7 +75,7 @@ class NodeProcess:
         if not found:
             process.kill()
             process.wait()
-            raise RuntimeError("meshserve node did not become ready:\n" + "\n".join(tail))
+            raise LaunchError("meshserve node did not become ready:\n" + "\n".join(tail))
         match = found[0]
         return cls(process, match.group(1), int(match.group(2)),
                    int(match.group(3)) if match.group(3) else None, match.group(4), tail)

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from meshnode.errors import MeshServeError
-
 HOST = "127.0.0.1"
 PORT_ATTEMPTS = 3
 
@@ -47,11 +45,15 @@ def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
     proc.wait()
 
 
+class LaunchError(Exception):
+    """A server process (etcd, Triton, a node) did not start; the message carries its log's tail."""
+
+
 class ServerProcess(ABC):
     """One server child. Subclasses say how to run it, where it logs and how to ask whether it is ready."""
 
     NAME: ClassVar[str]  # in error messages: "etcd", "tritonserver"
-    ERROR: ClassVar[type[MeshServeError]]  # raised for a server that does not start
+    ERROR: ClassVar[type[LaunchError]]  # raised for a server that does not start
     TAIL_LINES: ClassVar[int] = 30  # of the log, in startup errors
 
     def __init__(self) -> None:

@@ -14,8 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshnode.errors import MeshServeError
-from meshnode.local.process import HOST, ServerProcess
+from meshnode.local.process import HOST, LaunchError, ServerProcess
 
 HOME_ENV = "MESHSERVE_TRITON_HOME"
 # `make triton` puts the venv at the repository's root, next to the meshnode package.
@@ -24,7 +23,7 @@ DEFAULT_HOME = Path(__file__).resolve().parents[2] / ".triton-venv"
 _EXIT_TIMEOUT_S = 5
 
 
-class TritonProcessError(MeshServeError):
+class TritonProcessError(LaunchError):
     """The local Triton server could not be found, started or stopped."""
 
 

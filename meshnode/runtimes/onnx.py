@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
+from meshnode.errors import Internal, InvalidInput, LoadFailed, ModelUnavailable
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
 from meshnode.runtimes.tensors import (
     SpecIndex,
@@ -43,6 +43,7 @@ from meshnode.runtimes.tensors import (
     requested_outputs,
 )
 from meshpb import pb
+from router.errors import MeshError
 
 if TYPE_CHECKING:
     from meshnode.settings import NodeSettings
@@ -191,7 +192,7 @@ class OnnxModel:
         except InvalidArgument as error:
             raise InvalidInput(f"model '{self.name}': {_first_line(error)}") from None
         except Exception as error:
-            raise MeshServeError(f"inference failed for model '{self.name}': {_first_line(error)}") from error
+            raise Internal(f"inference failed for model '{self.name}': {_first_line(error)}") from error
 
     def _timed_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         start = self._clock()
@@ -282,7 +283,7 @@ class OnnxRuntime:
                 self._inline_threshold_s,
                 self._clock,
             )
-        except MeshServeError as error:  # an input or output type the protocol cannot carry
+        except MeshError as error:  # an input or output type the protocol cannot carry
             raise LoadFailed(f"failed to load {where}: {error}") from None
 
     def _session_options(self) -> ort.SessionOptions:

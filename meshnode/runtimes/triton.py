@@ -26,9 +26,9 @@ from tritonclient.utils import InferenceServerException
 
 from meshnode.errors import (
     DeadlineExceeded,
+    Internal,
     InvalidInput,
     LoadFailed,
-    MeshServeError,
     ModelLost,
     ModelUnavailable,
 )
@@ -133,7 +133,7 @@ class TritonRuntime:
                 break
             except InferenceServerException as error:
                 if time.monotonic() > deadline:
-                    raise MeshServeError(f"Triton at {self.url} did not answer within {START_WAIT_S:g} s: "
+                    raise Internal(f"Triton at {self.url} did not answer within {START_WAIT_S:g} s: "
                                          f"{self._control_message(error)}") from None
                 await asyncio.sleep(PROBE_TIMEOUT_S / 4)
         leftovers = sorted({m.name for m in index.models if m.state == "READY"})
@@ -208,11 +208,11 @@ class TritonRuntime:
             try:
                 await self.client.unload_model(model.name, client_timeout=CONTROL_TIMEOUT_S)
             except InferenceServerException as error:
-                raise MeshServeError(f"failed to unload model '{model.name}' from Triton at {self.url}: "
+                raise Internal(f"failed to unload model '{model.name}' from Triton at {self.url}: "
                                      f"{self._control_message(error)}") from None
             self._unloaded.add(model.name)
 
-    def infer_error(self, name: str, error: grpc.aio.AioRpcError) -> MeshServeError:
+    def infer_error(self, name: str, error: grpc.aio.AioRpcError) -> Internal:
         code, details = error.code(), error.details() or ""
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(details)
@@ -222,7 +222,7 @@ class TritonRuntime:
             return DeadlineExceeded(f"model '{name}' on Triton at {self.url} ran out of time: {details}")
         if code == grpc.StatusCode.NOT_FOUND:
             return ModelLost(f"model '{name}' is not loaded on Triton at {self.url} any more: {details}")
-        return MeshServeError(f"inference failed for model '{name}' on Triton at {self.url}: {details}")
+        return Internal(f"inference failed for model '{name}' on Triton at {self.url}: {details}")
 
     def _control_message(self, error: InferenceServerException) -> str:
         if error.status() == str(grpc.StatusCode.UNAVAILABLE):

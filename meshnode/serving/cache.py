@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from meshnode.background import BackgroundTasks
-from meshnode.errors import LoadFailed, MeshServeError, ModelNotFound, ResourceExhausted
+from meshnode.errors import LoadFailed, ModelNotFound, ResourceExhausted
 from meshnode.observability.metrics import NodeMetrics
 from meshnode.runtimes.base import LoadedModel, ModelSource, Runtime
 from meshnode.serving.load_failures import LoadFailures
 from meshnode.serving.load_queue import LoadQueue, priority
 from placement.eviction import Resident, plan_eviction
+from router.errors import MeshError
 
 log = logging.getLogger(__name__)
 REUSE_PROTECTED_FRACTION = 0.5  # chosen by `meshserve simulate` over the synthetic workloads
@@ -122,7 +123,7 @@ class ModelCache:
             try:
                 self.failures.check(source.name, source.version)
                 entry = self._start_load(key, source, options, waiting=True)
-            except MeshServeError:
+            except MeshError:
                 # A claim for this node may already be in the model record: let it be corrected.
                 self.on_change(source.name)
                 raise
@@ -216,7 +217,7 @@ class ModelCache:
             self._fail(entry, LoadFailed(
                 f"loading model '{entry.name}' version {entry.version} timed out after {timeout_s:g}s"))
             return
-        except MeshServeError as error:
+        except MeshError as error:
             self._fail(entry, error)
             return
         except Exception as error:  # a runtime bug must fail this model, not the node
@@ -250,7 +251,7 @@ class ModelCache:
         entry.loaded.set_result(None)
         self.on_change(entry.name)
 
-    def _fail(self, entry: CachedModel, error: MeshServeError) -> None:
+    def _fail(self, entry: CachedModel, error: MeshError) -> None:
         self._metrics.load_failures += 1
         self._remove(entry)
         self.failures.record(entry.name, entry.version, error)

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from meshnode.errors import MeshServeError, ModelUnavailable
+from meshnode.errors import ModelUnavailable
 from meshnode.state.registry import Failure
+from router.errors import MeshError
 
 
 class LoadFailures:
     def __init__(self, backoff_s: float, clock: Callable[[], float]) -> None:
         self._backoff_s = backoff_s
         self._now = clock
-        self._by_name: dict[str, dict[str, tuple[float, MeshServeError]]] = {}  # name -> version -> failure
+        self._by_name: dict[str, dict[str, tuple[float, MeshError]]] = {}  # name -> version -> failure
 
-    def record(self, name: str, version: str, error: MeshServeError) -> None:
+    def record(self, name: str, version: str, error: MeshError) -> None:
         self._by_name.setdefault(name, {})[version] = (self._now(), error)
 
     def check(self, name: str, version: str) -> None:

@@ -19,11 +19,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deploy.local import models as examples
-from meshnode.errors import InvalidInput, LoadFailed, MeshServeError, ModelUnavailable
+from meshnode.errors import InvalidInput, LoadFailed, ModelUnavailable
 from meshnode.runtimes.base import ModelSource
 from meshnode.runtimes.onnx import PROBE_RUNS, OnnxModel, OnnxRuntime
 from meshnode.runtimes.tensors import DATATYPE_TO_NUMPY
 from meshpb import pb
+from router.errors import MeshError
 
 HAS_PROC = Path("/proc/self/task").is_dir()
 
@@ -245,7 +246,7 @@ async def test_run_errors_are_mapped(runtime: OnnxRuntime, tmp_path: Path) -> No
         "INPUT0": ("FP32", np.ones((2, 16), np.float32)),
         "INPUT1": ("FP32", np.ones((3, 16), np.float32)),
     }
-    with pytest.raises(MeshServeError) as caught:
+    with pytest.raises(MeshError) as caught:
         await infer(model, mismatched)
     assert caught.value.code == grpc.StatusCode.INTERNAL and "simple" in str(caught.value)
     # tensors.decode_inputs rejects wrong dtypes before ORT, so drive ORT's INVALID_ARGUMENT directly.
