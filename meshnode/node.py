@@ -1,15 +1,18 @@
-"""Composition root: builds the node's parts, wires them, starts and stops them."""
+"""The composition root: builds every part of a node in order, starts them, and drains and stops them.
+
+Each part gets its collaborators in its constructor; nothing is wired onto a part afterwards. Parts
+that follow state subscribe to it themselves (listeners), so the order below is the whole wiring.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import random
 import signal
 import socket
 import sys
-import time
 from importlib.metadata import PackageNotFoundError, version
 
 from meshnode.api.inference import InferenceServicer
@@ -18,27 +21,27 @@ from meshnode.background import BackgroundTasks
 from meshnode.control.alias_retirement import Retirement
 from meshnode.control.alias_switch import AliasSwitch
 from meshnode.control.management import Management
-from meshnode.control.model_control import PARAM_UNREGISTER, ModelControl
+from meshnode.control.model_control import ModelControl
 from meshnode.etcd.store import EtcdStore
 from meshnode.mesh.copy_manager import CopyManager
 from meshnode.mesh.drain import hand_off
+from meshnode.mesh.metadata import PeerMetadata
 from meshnode.mesh.state import MeshState
 from meshnode.net import transport
 from meshnode.net.peers import GrpcPeers
 from meshnode.observability.metrics import MetricsServer, NodeMetrics, NodeState, serve_metrics
+from meshnode.observability.rates import RequestRate, Smoothed
 from meshnode.runtimes import create_runtime
 from meshnode.serving.cache import ModelCache
-from meshnode.serving.dataplane import DataPlane, LocalCopies
+from meshnode.serving.dataplane import DataPlane
+from meshnode.serving.replica import LocalReplica
 from meshnode.settings import NodeSettings
 from meshnode.state.aliases import Aliases
 from meshnode.state.instances import InstancePublisher
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.repository import ModelRepository
-from meshpb import pb
 from placement.copies import CopyConfig
-from placement.policy import choose_load_target
-from placement.types import LOADED, NodeView
-from router.errors import MeshError
+from placement.types import NodeView
 from router.router import Router
 
 log = logging.getLogger("meshserve.node")
@@ -55,77 +58,82 @@ def software_version() -> str:
 
 
 class Node:
-    def __init__(self, settings: NodeSettings) -> None:
-        self.settings = settings
+    def __init__(self, settings: NodeSettings, store: EtcdStore) -> None:
+        s = self.settings = settings
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._store = store
+        self._background = BackgroundTasks()
         self.metrics = NodeMetrics()
         self.runtime = create_runtime(settings)
         self.cache = ModelCache(
-            self.runtime, capacity_bytes=settings.capacity, metrics=self.metrics,
-            load_timeout_s=settings.load_timeout_s, failure_backoff_s=settings.load_failure_backoff_s,
-            load_concurrency=settings.load_concurrency, churn_guard_s=settings.churn_guard_s,
+            self.runtime, capacity_bytes=s.capacity, metrics=self.metrics, load_timeout_s=s.load_timeout_s,
+            failure_backoff_s=s.load_failure_backoff_s, load_concurrency=s.load_concurrency,
+            churn_guard_s=s.churn_guard_s,
         )
-        self.port = 0
-        self.metrics_port: int | None = None
-        self._store: EtcdStore | None = None
-        self._server = transport.create_server()
-        self._metrics_server: MetricsServer | None = None
-        self._background = BackgroundTasks()
+        # state
+        self.registry = Registry(store)
+        self.registry.add_listener(self._on_registry_change)
+        self.aliases = Aliases(store)
+        # serving and the mesh
         self.peers = GrpcPeers()
+        self.mesh = MeshState(store, self.registry, self.cache, self.runtime, self.instance_id,
+                              on_node_gone=self.peers.forget)
+        self.replica = LocalReplica(instance_id=self.instance_id, registry=self.registry, cache=self.cache,
+                                    runtime=self.runtime, metrics=self.metrics)
+        self.dataplane = DataPlane(
+            replica=self.replica, router=Router(self.replica, self.mesh, self.peers), cache=self.cache,
+            registry=self.registry, alias_targets=self.aliases.targets,
+            metadata_elsewhere=PeerMetadata(mesh=self.mesh, registry=self.registry, peers=self.peers,
+                                            runtime=self.runtime.name),
+            metrics=self.metrics, version=software_version(),
+        )
+        self.copies = CopyManager(
+            cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, replica=self.replica,
+            config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
+        )
+        # control
+        self.control = ModelControl(registry=self.registry, repository=ModelRepository(s.model_repository),
+                                    cache=self.cache, replica=self.replica, mesh=self.mesh, aliases=self.aliases,
+                                    runtime=self.runtime.name)
+        self.retirement = Retirement(registry=self.registry, aliases=self.aliases,
+                                     unregister=functools.partial(self.control.unload, unregister=True),
+                                     grace_s=s.alias_retire_after_s)
+        management = Management(registry=self.registry, control=self.control, mesh=self.mesh, aliases=self.aliases,
+                                switch=AliasSwitch(aliases=self.aliases, registry=self.registry, mesh=self.mesh,
+                                                   copies=self.copies))
+        # api
+        self._server = transport.create_server()
+        transport.add_inference_service(self._server, InferenceServicer(self.dataplane, self.control).handlers())
+        transport.add_management_service(self._server, ManagementServicer(management).handlers())
+        self._health = transport.Health(self._server)
+        self.publisher = InstancePublisher(store, self._node_view)
         self._rate = RequestRate()
         self._inflight = Smoothed()
         self._draining = False
+        self.port = 0
+        self._metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     async def start(self) -> None:
         s = self.settings
         await self.runtime.start()
-        self._store = await EtcdStore.connect(s.etcd, s.etcd_prefix)
-        self.registry = Registry(self._store)
         await self.registry.start()
-        self.registry.add_listener(self._on_registry_change)
-        self.aliases = Aliases(self._store)
         await self.aliases.start()
-        repository = ModelRepository(s.model_repository)
-        self.dataplane = DataPlane(registry=self.registry, cache=self.cache, runtime=self.runtime,
-                                   metrics=self.metrics, version=software_version())
-        self.mesh = MeshState(self._store, self.registry, self.cache, self.runtime, self.instance_id)
-        self.control = ModelControl(registry=self.registry, repository=repository, cache=self.cache,
-                                    dataplane=self.dataplane, mesh=self.mesh, aliases=self.aliases,
-                                    runtime=self.runtime.name)
-        self.dataplane.alias_targets = self.aliases.targets
         added = await self.control.register_repository()
         log.info("registered %d new models from %s", added, s.model_repository)
-        self.copies = CopyManager(
-            cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, dataplane=self.dataplane,
-            config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
-        )
-        self.alias_switch = AliasSwitch(aliases=self.aliases, registry=self.registry, mesh=self.mesh,
-                                        copies=self.copies)
-        self.retirement = Retirement(registry=self.registry, aliases=self.aliases, unregister=self._unregister,
-                                     grace_s=s.alias_retire_after_s)
-        management = Management(registry=self.registry, control=self.control, mesh=self.mesh, aliases=self.aliases,
-                                switch=self.alias_switch)
-        transport.add_inference_service(self._server, InferenceServicer(self.dataplane, self.control).handlers())
-        transport.add_management_service(self._server, ManagementServicer(management).handlers())
-        self._health = transport.Health(self._server)
         self.port = transport.bind(self._server, s.host, s.port)
         await self._server.start()
         # Join the mesh only once this node can answer: peers route to it as soon as it is listed.
-        self.publisher = InstancePublisher(self._store, self._node_view)
         await self.publisher.start()
         await self.mesh.start()
-        self.mesh.on_node_gone.append(lambda peer: self._background.spawn(self.peers.forget(peer)))
-        self.cache.on_change = self.mesh.copy_changed
-        self.dataplane.router = Router(LocalCopies(self.dataplane, self.instance_id), self.mesh, self.peers)
-        self.dataplane.metadata_elsewhere = self._metadata_elsewhere
         self.copies.start()
         self.retirement.start()
         if s.metrics_port is not None:
-            self.metrics.set_state_source(self._state)
-            server = await serve_metrics(self.metrics, s.host, s.metrics_port)
-            self._metrics_server = server
-            self.metrics_port = server.port
-        self.dataplane.ready = True
+            self._metrics_server = await serve_metrics(self.metrics, s.host, s.metrics_port, self._state)
+        self.dataplane.set_ready(True)
         await self._health.serving()
 
     def _node_view(self) -> NodeView:
@@ -138,39 +146,12 @@ class Node:
             shutting_down=self._draining, version=software_version(), runtime=self.runtime.name,
         )
 
-    async def _metadata_elsewhere(self, name: str, version: str) -> pb.ModelMetadataResponse | None:
-        """Metadata from a copy on a live peer; None when there is none to ask."""
-        view, live = self.mesh.model(name), self.mesh.nodes()
-        # Loaded copies first; a loading one answers once its (single) load is done.
-        copies = sorted(view.copies, key=lambda c: c.state != LOADED) if view is not None else []
-        for copy in copies:
-            node = live.get(copy.instance_id)
-            if node is None or node.shutting_down or node.instance_id == self.instance_id:
-                continue
-            try:
-                return await self.peers.metadata(node, name, version)  # type: ignore[no-any-return]
-            except MeshError:
-                continue
-        record = self.registry.get(name)
-        if view is not None and record is not None and not record.runs_on(self.runtime.name):
-            # No copy, and this node cannot load one: a node that can loads it to answer.
-            target = choose_load_target(live.values(), size_bytes=view.size_bytes, now=time.time(),
-                                        rng=random.Random(), runtime=view.runtime)
-            if target is not None:
-                return await self.peers.metadata(live[target], name, version)  # type: ignore[no-any-return]
-        return None
-
-    async def _unregister(self, name: str) -> None:
-        await self.control.unload(name, {PARAM_UNREGISTER: True})
-
     def _state(self) -> NodeState:
-        if self._store is not None:
-            self.metrics.etcd_writes = self._store.writes
         stats = self.cache.stats()
         return NodeState(
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, models_loaded=stats.models_loaded,
             models_managed=len(self.registry.names()), models_with_failure=self.cache.failures.count(),
-            lru_time_s=stats.lru_time_s,
+            lru_time_s=stats.lru_time_s, etcd_writes=self._store.writes,
         )
 
     def _on_registry_change(self, name: str, record: ModelRecord | None) -> None:
@@ -180,11 +161,10 @@ class Node:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Drain (meshnode.mesh.drain), then leave: no request fails on the way out."""
-        self.dataplane.ready = False
-        if hasattr(self, "_health"):
-            await self._health.draining()  # balancers stop sending here
+        self.dataplane.set_ready(False)
+        await self._health.draining()  # balancers stop sending here
         self._draining = True
-        if hasattr(self, "publisher"):
+        if self.publisher.started:
             await self.copies.stop()
             await self.retirement.stop()
             await self.publisher.publish_now()  # placement elsewhere stops choosing this node
@@ -199,11 +179,10 @@ class Node:
             await self._metrics_server.close()
         await self.cache.close()
         await self.runtime.close()
-        if hasattr(self, "registry"):
-            await self.registry.stop()
-            await self.aliases.stop()
-        if self._store is not None:
-            await self._store.close()
+        await self.registry.stop()
+        await self.aliases.stop()
+        await self._background.cancel()
+        await self._store.close()
 
 
 def copy_config(settings: NodeSettings) -> CopyConfig:
@@ -214,43 +193,12 @@ def copy_config(settings: NodeSettings) -> CopyConfig:
                       max_copies=settings.max_copies, cool_rate_per_copy=cool)
 
 
-class RequestRate:
-    """Requests per second, smoothed over about ten seconds, from a growing counter."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._at = time.monotonic()
-        self.rate = 0.0
-
-    def update(self, count: int) -> float:
-        now = time.monotonic()
-        elapsed = now - self._at
-        if elapsed >= 0.2:
-            alpha = min(1.0, elapsed / 10.0)
-            self.rate += alpha * ((count - self._count) / elapsed - self.rate)
-            self._count, self._at = count, now
-        return round(self.rate, 1)
-
-
-class Smoothed:
-    """An in-flight count averaged over a few seconds: at full load it swings 0..N between samples,
-    and publishing every swing would spend the instance record's write budget on noise."""
-
-    def __init__(self, alpha: float = 0.1) -> None:
-        self._alpha = alpha
-        self._value = 0.0
-
-    def update(self, sample: int) -> int:
-        self._value += self._alpha * (sample - self._value)
-        return round(self._value)
-
-
 async def run_node(settings: NodeSettings) -> None:
-    node = Node(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    node = Node(settings, await EtcdStore.connect(settings.etcd, settings.etcd_prefix))
     await node.start()
     metrics = f" metrics={settings.host}:{node.metrics_port}" if node.metrics_port is not None else ""
     # Launchers (tests, `meshserve local`) read the bound ports from this line.

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from meshnode.control.model_control import ModelControl
+from meshnode.control.registration import read_load, read_unregister
 from meshnode.serving.dataplane import DataPlane
 from meshpb import pb
 from router.errors import MeshError
@@ -106,12 +107,12 @@ class InferenceServicer:
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self._control.load(request.model_name, _parameters(request.parameters))
+        await self._control.load(read_load(request.model_name, _parameters(request.parameters)))
         return pb.RepositoryModelLoadResponse()
 
     @maps_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._control.unload(request.model_name, _parameters(request.parameters))
+        await self._control.unload(request.model_name, read_unregister(_parameters(request.parameters)))
         return pb.RepositoryModelUnloadResponse()

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from meshnode.api.inference import maps_errors
-from meshnode.control.management import Management, ModelStatus, Registration
+from meshnode.control.management import Management, ModelStatus
+from meshnode.control.registration import Registration
 from meshnode.state.aliases import AliasRecord
 from meshpb import MANAGEMENT_METHODS, mpb
 from placement.types import NodeView
@@ -55,9 +56,10 @@ class ManagementServicer:
     @maps_errors
     async def RegisterModel(self, request: mpb.RegisterModelRequest, context: Any) -> mpb.ModelStatus:
         return _model(await self._management.register(Registration(
+            # Unset (zero) fields keep what an existing registration says, as an absent config key does.
             name=request.name, storage_uri=request.storage_uri, lazy=request.lazy,
-            size_hint_bytes=request.size_hint_bytes, pinned=request.pinned, min_copies=request.min_copies,
-            load_timeout_s=request.load_timeout_s,
+            size_hint_bytes=request.size_hint_bytes or None, pinned=request.pinned or None,
+            min_copies=request.min_copies or None, load_timeout_s=request.load_timeout_s or None,
             runtime=("" if request.runtime == "any" else request.runtime) if request.HasField("runtime") else None)))
 
     @maps_errors

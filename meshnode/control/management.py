@@ -7,13 +7,12 @@ paged in name order, with the last name of a page as the token for the next.
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from meshnode.control.alias_switch import AliasSwitch
-from meshnode.control.model_control import PARAM_LAZY, PARAM_SIZE_HINT, PARAM_UNREGISTER, ModelControl
+from meshnode.control.model_control import ModelControl
+from meshnode.control.registration import Registration
 from meshnode.errors import InvalidInput, ModelNotFound
 from meshnode.mesh.state import MeshState
 from meshnode.state.aliases import Aliases, AliasRecord
@@ -31,18 +30,6 @@ class ModelStatus:
     reason: str
     copies: dict[str, Copy]  # on live nodes
     aliases: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    name: str
-    storage_uri: str
-    lazy: bool = False
-    size_hint_bytes: int = 0
-    pinned: bool = False
-    min_copies: int = 0
-    load_timeout_s: float = 0.0
-    runtime: str | None = None  # None: the registering node's; "": any
 
 
 class SortedNames:
@@ -85,26 +72,14 @@ class Management:
 
     # --- models ---
 
-    async def register(self, request: Registration) -> ModelStatus:
-        if not request.storage_uri:
-            raise InvalidInput(f"registering '{request.name}' needs a storage_uri")
-        config: dict[str, Any] = {"storage_uri": request.storage_uri}
-        if request.pinned:
-            config["pinned"] = True
-        if request.min_copies:
-            config["min_copies"] = request.min_copies
-        if request.load_timeout_s:
-            config["load_timeout_s"] = request.load_timeout_s
-        if request.runtime is not None:
-            config["runtime"] = request.runtime
-        params: dict[str, object] = {"config": json.dumps(config), PARAM_LAZY: request.lazy}
-        if request.size_hint_bytes:
-            params[PARAM_SIZE_HINT] = request.size_hint_bytes
-        await self._control.load(request.name, params)
-        return self.status(request.name)
+    async def register(self, registration: Registration) -> ModelStatus:
+        if not registration.storage_uri:
+            raise InvalidInput(f"registering '{registration.name}' needs a storage_uri")
+        await self._control.register(registration)
+        return self.status(registration.name)
 
     async def unregister(self, name: str) -> None:
-        await self._control.unload(name, {PARAM_UNREGISTER: True})
+        await self._control.unload(name, unregister=True)
 
     def status(self, name: str) -> ModelStatus:
         record = self._registry.get(name)

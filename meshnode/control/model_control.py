@@ -7,37 +7,28 @@ RepositoryModelUnload disabled.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
+from meshnode.control.registration import CopyHere, Registration
 from meshnode.errors import (
     AlreadyExists,
     FailedPrecondition,
-    InvalidInput,
     LoadFailed,
-    MeshError,
     ModelNotFound,
 )
 from meshnode.mesh.state import MeshState
-from meshnode.runtimes import RUNTIMES
 from meshnode.serving.cache import ModelCache
-from meshnode.serving.dataplane import DataPlane
+from meshnode.serving.replica import LocalReplica
 from meshnode.state.aliases import Aliases
 from meshnode.state.registry import Copy, ModelRecord, Registry
 from meshnode.storage.repository import ModelRepository, check_model_name, resolve_storage_uri
 from placement.types import LOADED, LOADING
+from router.errors import MeshError
 
 log = logging.getLogger(__name__)
-
-# Repository parameters beyond Triton's `config` and `file:*`; Triton ignores unknown ones too.
-PARAM_LAZY = "meshserve.lazy"  # register without loading now
-PARAM_UNREGISTER = "meshserve.unregister"  # with unload: forget the model entirely
-PARAM_SIZE_HINT = "meshserve.size_hint"
-PARAM_COPY = "meshserve.copy"  # from a peer: load a copy of a registered model here, nothing else
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +41,7 @@ class IndexEntry:
 
 class ModelControl:
     def __init__(
-        self, *, registry: Registry, repository: ModelRepository, cache: ModelCache, dataplane: DataPlane,
+        self, *, registry: Registry, repository: ModelRepository, cache: ModelCache, replica: LocalReplica,
         mesh: MeshState, aliases: Aliases, runtime: str,
     ) -> None:
         self._runtime = runtime  # this node's: models it registers run on nodes like it unless told otherwise
@@ -58,7 +49,7 @@ class ModelControl:
         self._registry = registry
         self._repository = repository
         self._cache = cache
-        self._dataplane = dataplane
+        self._replica = replica
         self._mesh = mesh
 
     async def register_repository(self) -> int:
@@ -72,23 +63,25 @@ class ModelControl:
                 added += 1
         return added
 
-    async def load(self, name: str, params: dict[str, object]) -> None:
+    async def load(self, command: Registration | CopyHere) -> None:
+        """RepositoryModelLoad: register (or re-register) and load here, or load a peer's requested copy."""
+        if isinstance(command, CopyHere):
+            check_model_name(command.name)
+            await self.load_copy(command.name)
+        else:
+            await self.register(command)
+
+    async def register(self, registration: Registration) -> None:
+        name = registration.name
         check_model_name(name)
-        if params.get(PARAM_COPY) is True:
-            await self.load_copy(name)
-            return
         if name in self._aliases.targets:
             raise AlreadyExists(f"'{name}' is an alias; a model needs a name of its own")
-        files = {k[len("file:"):]: v for k, v in params.items() if k.startswith("file:")}
-        config = _parse_config(params.get("config"))
-        size_hint = params.get(PARAM_SIZE_HINT, config.get("size_hint"))
         existing = self._registry.get(name)
+        files = registration.files
         if files:
-            if not all(isinstance(v, bytes) for v in files.values()):
-                raise InvalidInput("file: parameters must carry bytes")
-            storage = self._repository.store_files(name, files)  # type: ignore[arg-type]
-        elif isinstance(config.get("storage_uri"), str):
-            storage = resolve_storage_uri(config["storage_uri"])
+            storage = self._repository.store_files(name, dict(files))
+        elif registration.storage_uri is not None:
+            storage = resolve_storage_uri(registration.storage_uri)
         elif existing is not None:
             storage = Path(existing.storage)
         elif (found := self._repository.scan().get(name)) is not None:
@@ -96,8 +89,7 @@ class ModelControl:
         else:
             raise ModelNotFound(
                 f"failed to load '{name}': not in the model repository and no storage_uri or files given")
-        hint = int(size_hint) if isinstance(size_hint, int | str) and str(size_hint).isdigit() else None
-        keeping = _keeping(config)
+        hint, keeping = registration.size_hint_bytes, registration.keeping()
         replaced = existing is not None and (bool(files) or existing.storage != str(storage))
 
         def register(old: ModelRecord | None) -> ModelRecord:
@@ -115,10 +107,10 @@ class ModelControl:
         self._cache.failures.clear(name)
         await self._registry.update(name, register)
         record = self._registry.get(name)
-        if params.get(PARAM_LAZY) is True or (record is not None and not record.runs_on(self._runtime)):
+        if registration.lazy or (record is not None and not record.runs_on(self._runtime)):
             return  # another runtime's model: the first request loads it on a node that runs it
         try:
-            entry = await self._dataplane.acquire(name, "")
+            entry = await self._replica.acquire(name, "")
         except MeshError as error:
             raise LoadFailed(f"load failed for model '{name}': {error}") from error
         self._cache.release(entry)
@@ -126,15 +118,16 @@ class ModelControl:
     async def load_copy(self, name: str) -> None:
         """A copy here of a registered model (drain hand-off, extra copies); its record is unchanged."""
         try:
-            entry = await self._dataplane.acquire(name, "")
+            entry = await self._replica.acquire(name, "")
         except MeshError as error:
             raise LoadFailed(f"no copy of model '{name}' on this node: {error}") from error
         self._cache.release(entry)
 
-    async def unload(self, name: str, params: dict[str, object]) -> None:
+    async def unload(self, name: str, unregister: bool = False) -> None:
+        """RepositoryModelUnload: stop serving the model here and in the mesh; with `unregister`, forget it."""
         if self._registry.get(name) is None:
             raise ModelNotFound(f"failed to unload '{name}': model is not registered")
-        if params.get(PARAM_UNREGISTER) is True:
+        if unregister:
             if pointing := self._aliases.pointing_at(name):
                 raise FailedPrecondition(f"model '{name}' is the target of alias {', '.join(pointing)}: "
                                          "point the alias elsewhere or delete it first")
@@ -151,8 +144,9 @@ class ModelControl:
     def copies(self, record: ModelRecord) -> dict[str, Copy]:
         """The model's copies on live nodes. Other nodes' as their records say; this node's from its
         own cache, which is ahead of its record (a claim that failed to load is gone here first)."""
-        live, me = self._mesh.nodes(), self._mesh.instance_id
-        copies = {n: c for n, c in record.copies.items() if n in live and n != me}
+        me = self._mesh.instance_id
+        copies = record.live_copies(self._mesh.nodes())
+        copies.pop(me, None)
         for e in self._cache.entries(record.name):
             mine = record.copies.get(me)
             copies[me] = Copy(state=LOADED if e.model else LOADING, since=mine["since"] if mine else time.time())
@@ -178,42 +172,3 @@ class ModelControl:
             node, failure = max(record.failures.items(), key=lambda f: f[1]["at"])
             return IndexEntry(record.name, "", "UNAVAILABLE", f"load failed on {node}: {failure['message']}")
         return IndexEntry(record.name, "", "", "registered; loads on first request")
-
-
-def _keeping(config: dict[str, object]) -> dict[str, Any]:
-    """How and where the mesh keeps the model, from the load's config JSON: pinned, min_copies,
-    load_timeout_s, runtime."""
-    keeping: dict[str, Any] = {}
-    runtime = config.get("runtime")
-    if runtime is not None:
-        if runtime != "" and runtime not in RUNTIMES:
-            raise InvalidInput(f"config 'runtime' must be one of {', '.join(RUNTIMES)}, or \"\" for any")
-        keeping["runtime"] = runtime
-    pinned, min_copies, timeout = config.get("pinned"), config.get("min_copies"), config.get("load_timeout_s")
-    if pinned is not None:
-        if not isinstance(pinned, bool):
-            raise InvalidInput("config 'pinned' must be true or false")
-        keeping["pinned"] = pinned
-    if min_copies is not None:
-        if not isinstance(min_copies, int) or isinstance(min_copies, bool) or not 1 <= min_copies <= 100:
-            raise InvalidInput("config 'min_copies' must be a whole number from 1 to 100")
-        keeping["min_copies"] = min_copies
-    if timeout is not None:
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-            raise InvalidInput("config 'load_timeout_s' must be a positive number of seconds")
-        keeping["load_timeout_s"] = float(timeout)
-    return keeping
-
-
-def _parse_config(raw: object) -> dict[str, object]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, str):
-        raise InvalidInput("the 'config' parameter must be a JSON string")
-    try:
-        config = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as error:
-        raise InvalidInput(f"the 'config' parameter is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise InvalidInput("the 'config' parameter must be a JSON object")
-    return config

@@ -22,7 +22,7 @@ from meshnode.etcd.types import EtcdError
 from meshnode.mesh.state import MeshState
 from meshnode.net.peers import GrpcPeers
 from meshnode.serving.cache import ModelCache
-from meshnode.serving.dataplane import DataPlane
+from meshnode.serving.replica import LocalReplica
 from meshnode.state.registry import Copy, ModelRecord, Registry
 from meshnode.storage.repository import model_source
 from placement.copies import CopyConfig, CopyLoad, plan_copy_changes, plan_proactive_loads
@@ -37,17 +37,16 @@ LOAD_BUDGET_S = 120.0
 
 class CopyManager:
     def __init__(self, *, cache: ModelCache, mesh: MeshState, registry: Registry, peers: GrpcPeers,
-                 dataplane: DataPlane, config: CopyConfig, interval_s: float, proactive: bool,
+                 replica: LocalReplica, config: CopyConfig, interval_s: float, proactive: bool,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self._cache, self._mesh, self._registry = cache, mesh, registry
-        self._peers, self._dataplane = peers, dataplane
+        self._peers, self._replica = peers, replica
         self._config, self._proactive = config, proactive
         self._now, self._rng = clock, rng or random.Random()
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (requests served, when counted)
         self._rounds = Periodic("copy-manager", interval_s, self._round)
         self._round_count = 0
         self._work = BackgroundTasks()
-        self.added = self.removed = self.proactive_loads = 0
 
     def start(self) -> None:
         self._rounds.start()
@@ -85,7 +84,7 @@ class CopyManager:
             served, counted_at = self._seen.get(entry.key, (entry.requests, entry.loaded_at))
             self._seen[entry.key] = (entry.requests, now)
             elapsed = max(now - counted_at, 1e-3)
-            copies = max(1, sum(1 for n in record.copies if n in live))
+            copies = max(1, len(record.live_copies(live)))
             # Only this copy's traffic is seen here; routing spreads a model's load over its copies.
             loads.append(CopyLoad(
                 name=entry.name, rate_per_s=(entry.requests - served) / elapsed * copies,
@@ -121,7 +120,6 @@ class CopyManager:
         results = await asyncio.gather(*(self._load_on(name, target, budget_s) for target in targets))
         why += [error for error in results if error is not None]
         loaded = results.count(None)
-        self.added += loaded
         return loaded, why
 
     async def _load_on(self, name: str, target: str, budget_s: float) -> str | None:
@@ -143,7 +141,7 @@ class CopyManager:
         def claim(record: ModelRecord | None) -> ModelRecord | None:
             nonlocal claimed
             claimed = False
-            if record is None or sum(1 for n in record.copies if n in live) >= wanted or target in record.copies:
+            if record is None or len(record.live_copies(live)) >= wanted or target in record.copies:
                 return record
             claimed = True
             return replace(record, copies={**record.copies, target: Copy(state=LOADING, since=self._now())})
@@ -179,7 +177,6 @@ class CopyManager:
             return
         if released:
             await self._cache.unload_model(name)
-            self.removed += 1
 
     async def _load_here(self, name: str) -> None:
         record = self._registry.get(name)
@@ -190,8 +187,6 @@ class CopyManager:
             source = model_source(name, Path(record.storage), "")
         except MeshError:
             return
-        if self._cache.load_in_background(source, self._dataplane.load_options(record, source), evict=False):
-            self.proactive_loads += 1
-        else:
+        if not self._cache.load_in_background(source, self._replica.load_options(record, source), evict=False):
             self._mesh.copy_changed(name)  # the claim stays unfulfilled: let the record be corrected
 

@@ -30,6 +30,7 @@ from meshnode.state.instances import decode_node
 from meshnode.state.registry import Copy, ModelRecord, Registry
 from meshnode.storage.repository import model_source
 from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView, NodeView
+from router.errors import MeshError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ CLAIM_WAIT_S = 1.0
 
 class MeshState:
     def __init__(self, store: EtcdStore, registry: Registry, cache: ModelCache, runtime: Runtime,
-                 instance_id: str, clock: Callable[[], float] = time.time) -> None:
+                 instance_id: str, on_node_gone: Callable[[str], None],
+                 clock: Callable[[], float] = time.time) -> None:
         self.instance_id = instance_id
         self._registry = registry
         self._cache = cache
@@ -51,10 +53,11 @@ class MeshState:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self.on_node_gone: list[Callable[[str], object]] = []
+        self._on_node_gone = on_node_gone
         self._background = BackgroundTasks()
 
     async def start(self) -> None:
+        self._cache.add_listener(self.copy_changed)
         self.instances.add_listener(self._on_instance)
         await self.instances.start()
         # A previous life of this node may be listed as holding copies it no longer has.
@@ -91,14 +94,13 @@ class MeshState:
         return view
 
     def _size_of(self, record: ModelRecord) -> int:
-        if record.size_bytes:
-            return record.size_bytes
-        if record.size_hint:
-            return record.size_hint
-        try:
-            return self._runtime.predict_size(model_source(record.name, Path(record.storage), ""))
-        except Exception:  # unreadable storage: the load will say why; size as small
-            return 0
+        def predicted() -> int:
+            try:
+                return self._runtime.predict_size(model_source(record.name, Path(record.storage), ""))
+            except (MeshError, OSError):  # nothing loadable there: the load will say why; size as small
+                return 0
+
+        return record.effective_size(predicted)
 
     async def claim_load(self, name: str, target: str, exclude: frozenset[str]) -> str:
         holder = target
@@ -113,7 +115,7 @@ class MeshState:
                     holder = node  # someone claimed or loaded it first: use that copy
                     return record
             holder = target
-            copies = {n: c for n, c in record.copies.items() if n in live}
+            copies = record.live_copies(live)
             copies[target] = Copy(state=LOADING, since=self._now())
             return replace(record, copies=copies)
 
@@ -186,8 +188,7 @@ class MeshState:
     def _on_instance(self, instance_id: str, node: NodeView | None) -> None:
         if node is None and instance_id != self.instance_id:
             log.info("node %s left the mesh", instance_id)
-            for callback in self.on_node_gone:
-                callback(instance_id)
+            self._on_node_gone(instance_id)
             self._reap(set(self.instances.view))
 
     def _reap(self, live: set[str]) -> None:

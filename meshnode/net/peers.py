@@ -14,14 +14,21 @@ from typing import Any
 import grpc
 
 from meshnode.background import BackgroundTasks
-from meshnode.control.model_control import PARAM_COPY
-from meshnode.net import transport
+from meshnode.net import params, transport
 from meshpb import pb
 from placement.types import NodeView
 from router.errors import NOT_HERE_PREFIX, RETRY_ELSEWHERE_CODES, PeerError
 from router.hop import PARAMETER_KEY, Hop, Mode
 
 SUSPECT_S = 3.0
+
+
+def peer_error(peer: str, error: grpc.aio.AioRpcError, *, retry_elsewhere: bool | None = None) -> PeerError:
+    """A peer's failed call as the router sees it: the peer's status and message, and whether another
+    node may succeed (by the status, unless the caller knows better)."""
+    code = error.code()
+    return PeerError(code, f"node {peer}: {error.details() or ''}",
+                     retry_elsewhere=code in RETRY_ELSEWHERE_CODES if retry_elsewhere is None else retry_elsewhere)
 
 
 class GrpcPeers:
@@ -71,10 +78,9 @@ class GrpcPeers:
             raise PeerError(grpc.StatusCode.UNAVAILABLE, f"node {peer} left while serving the request",
                             retry_elsewhere=True) from None
         except grpc.aio.AioRpcError as error:
-            code, details = error.code(), error.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE and not details.startswith(NOT_HERE_PREFIX):
+            if error.code() == grpc.StatusCode.UNAVAILABLE and not (error.details() or "").startswith(NOT_HERE_PREFIX):
                 self._suspect_until[peer] = self._now() + SUSPECT_S
-            raise PeerError(code, f"node {peer}: {details}", retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
+            raise peer_error(peer, error) from None
         finally:
             # The peer may have been forgotten (its lease ended) while this request was out.
             left = self._outstanding.get(peer, 0) - 1
@@ -87,13 +93,11 @@ class GrpcPeers:
     async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
         """Ask `node` to load a copy of registered model `name`; raises PeerError."""
         request = pb.RepositoryModelLoadRequest(
-            model_name=name, parameters={PARAM_COPY: pb.ModelRepositoryParameter(bool_param=True)})
+            model_name=name, parameters={params.COPY: pb.ModelRepositoryParameter(bool_param=True)})
         try:
             await self._stub(node).RepositoryModelLoad(request, timeout=budget_s)
         except grpc.aio.AioRpcError as error:
-            code = error.code()
-            raise PeerError(code, f"node {node.instance_id}: {error.details()}",
-                            retry_elsewhere=code in RETRY_ELSEWHERE_CODES) from None
+            raise peer_error(node.instance_id, error) from None
 
     async def metadata(self, node: NodeView, name: str, version: str, budget_s: float = 5.0) -> Any:
         """The model's metadata from the copy on `node` (marked as forwarded: it never loads there)."""
@@ -102,8 +106,8 @@ class GrpcPeers:
             return await self._stub(node).ModelMetadata(
                 pb.ModelMetadataRequest(name=name, version=version), timeout=budget_s, metadata=hop.to_metadata())
         except grpc.aio.AioRpcError as error:
-            raise PeerError(error.code(), f"node {node.instance_id}: {error.details()}",
-                            retry_elsewhere=True) from None
+            # Any copy answers metadata as well as another: whatever this one said, ask the next.
+            raise peer_error(node.instance_id, error, retry_elsewhere=True) from None
 
     async def ready(self, node: NodeView, budget_s: float = 2.0) -> bool:
         """Does the peer answer a readiness probe now? (before this node lets go of a copy)"""
@@ -113,7 +117,7 @@ class GrpcPeers:
             return False
         return bool(reply.ready)
 
-    async def forget(self, instance_id: str) -> None:
+    def forget(self, instance_id: str) -> None:
         """The peer left the mesh: close its channel once the calls still out on it have ended."""
         self._suspect_until.pop(instance_id, None)
         self._gone.add(instance_id)

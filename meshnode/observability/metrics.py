@@ -72,6 +72,7 @@ class NodeState:
     models_managed: int
     models_with_failure: int
     lru_time_s: float | None  # epoch seconds of the least recently used loaded copy; None if none loaded
+    etcd_writes: int = 0  # write requests sent to etcd since start
 
 
 def _lru_age_s(state: NodeState) -> float:
@@ -146,7 +147,7 @@ class NodeMetrics:
         self.unloads = 0
         self.unload_failures = 0
         self.evictions = 0
-        self.etcd_writes = 0  # mirrored from the etcd store when scraped
+        self.etcd_writes = 0  # the etcd store's count, as of the last scrape
 
         hist = _LocalHistogram
         self._invoke = hist(
@@ -162,7 +163,6 @@ class NodeMetrics:
             _AGE_BUCKETS_MS,
         )
 
-        self._state_source: Callable[[], NodeState] | None = None
         self._scrape_state: NodeState | None = None
 
         # Private registry and provider so several nodes (or tests) can coexist in one process.
@@ -205,15 +205,12 @@ class NodeMetrics:
     def observe_eviction_age_ms(self, ms: float) -> None:
         self._eviction_age.observe(ms)
 
-    def set_state_source(self, source: Callable[[], NodeState]) -> None:
-        """Gauges are omitted until a source is set; it is called once per render."""
-        self._state_source = source
-
-    def render(self) -> bytes:
-        """The Prometheus text exposition (format 0.0.4) of every metric of this node."""
-        # Snapshot once here rather than in each gauge callback: the source may walk every model
-        # record, and all gauges of one scrape should describe the same moment.
-        self._scrape_state = self._state_source() if self._state_source is not None else None
+    def render(self, state: NodeState | None = None) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric of this node; gauges only with
+        a `state` (one snapshot, so that all gauges of one scrape describe the same moment)."""
+        self._scrape_state = state
+        if state is not None:
+            self.etcd_writes = state.etcd_writes
         try:
             return generate_latest(self._registry)
         finally:
@@ -249,8 +246,10 @@ class MetricsServer:
         await self._server.wait_closed()
 
 
-async def serve_metrics(metrics: NodeMetrics, host: str, port: int) -> MetricsServer:
-    """Serve ``GET /metrics`` on host:port (0 picks a free port, see ``.port``).
+async def serve_metrics(metrics: NodeMetrics, host: str, port: int,
+                        state: Callable[[], NodeState] | None = None) -> MetricsServer:
+    """Serve ``GET /metrics`` on host:port (0 picks a free port, see ``.port``); `state` is read once
+    per scrape (it may walk every model record).
 
     Runs on the caller's loop: a render is pure Python, which a thread would not take off the loop
     under the GIL anyway, and staying on the loop keeps scrapes race-free with the hot path.
@@ -263,7 +262,7 @@ async def serve_metrics(metrics: NodeMetrics, host: str, port: int) -> MetricsSe
         connections.add(task)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
-            writer.write(_respond(metrics, head))
+            writer.write(_respond(metrics, state, head))
             await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
             pass  # the peer stalled, vanished or sent an oversized head: not a scraper worth answering
@@ -275,14 +274,14 @@ async def serve_metrics(metrics: NodeMetrics, host: str, port: int) -> MetricsSe
     return MetricsServer(server, connections)
 
 
-def _respond(metrics: NodeMetrics, head: bytes) -> bytes:
+def _respond(metrics: NodeMetrics, state: Callable[[], NodeState] | None, head: bytes) -> bytes:
     parts = head.split(b"\r\n", 1)[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         return _response("400 Bad Request", b"bad request\n")
     if parts[0] != b"GET" or parts[1].split(b"?", 1)[0] != b"/metrics":
         return _response("404 Not Found", b"not found\n")
     try:
-        return _response("200 OK", metrics.render(), CONTENT_TYPE_PLAIN_0_0_4)
+        return _response("200 OK", metrics.render(state() if state is not None else None), CONTENT_TYPE_PLAIN_0_0_4)
     except Exception:
         # A broken state source must cost one scrape, not the endpoint.
         _log.exception("rendering /metrics failed")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
+from meshnode.storage.repository import ModelSource
 from meshpb import pb
 
 CallerMetadata = Callable[[], Iterable[tuple[str, Any]] | None]
@@ -25,16 +25,6 @@ class TensorSpec:
     name: str
     datatype: str  # KServe name: FP32, INT64, BYTES, ...
     shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSource:
-    """Where a model version's files are: the version directory and the model file in it."""
-
-    name: str
-    version: str
-    directory: Path
-    model_file: Path
 
 
 class LoadedModel(Protocol):

@@ -33,7 +33,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from meshnode.errors import Internal, InvalidInput, LoadFailed, ModelUnavailable
-from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, TensorSpec
 from meshnode.runtimes.tensors import (
     SpecIndex,
     datatype_of_onnx,
@@ -42,6 +42,7 @@ from meshnode.runtimes.tensors import (
     index_specs,
     requested_outputs,
 )
+from meshnode.storage.repository import ModelSource, files_bytes
 from meshpb import pb
 from router.errors import MeshError
 
@@ -110,18 +111,6 @@ def _rss_bytes() -> int:
             return int(statm.read().split()[1]) * mmap.PAGESIZE
     except OSError:  # no procfs: the measured delta becomes 0 and the file-size floor decides
         return 0
-
-
-def _files_bytes(source: ModelSource) -> int:
-    """The model file, plus the rest of its Triton version directory, where external weights live.
-
-    A single model file's directory may hold anything (other models, a whole repository), so only a
-    numeric version directory is counted whole.
-    """
-    directory = source.directory
-    if source.model_file.parent == directory and directory.name.isdigit():
-        return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-    return source.model_file.stat().st_size
 
 
 def _specs(args: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
@@ -245,7 +234,7 @@ class OnnxRuntime:
 
     def predict_size(self, source: ModelSource) -> int:
         try:
-            return int(_files_bytes(source) * PREDICT_FACTOR) + PREDICT_OVERHEAD_BYTES
+            return int(files_bytes(source) * PREDICT_FACTOR) + PREDICT_OVERHEAD_BYTES
         except OSError:
             return PREDICT_OVERHEAD_BYTES
 
@@ -257,7 +246,7 @@ class OnnxRuntime:
         if not source.model_file.is_file():
             raise LoadFailed(f"failed to load {where}: file not found")
         try:
-            files_bytes = _files_bytes(source)
+            on_disk = files_bytes(source)
         except OSError as error:
             raise LoadFailed(f"failed to load {where}: {error}") from None
         options = self._session_options()
@@ -278,7 +267,7 @@ class OnnxRuntime:
             return OnnxModel(
                 source,
                 session,
-                max(measured, files_bytes),
+                max(measured, on_disk),
                 self._infer_pool,
                 self._inline_threshold_s,
                 self._clock,

@@ -33,7 +33,8 @@ from meshnode.errors import (
     ModelUnavailable,
 )
 from meshnode.net import transport
-from meshnode.runtimes.base import CallerMetadata, LoadedModel, ModelSource, TensorSpec
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, TensorSpec
+from meshnode.storage.repository import CONFIG_FILE, ModelSource, files_bytes, version_files
 from meshpb import pb
 from router.hop import trace_context
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 # here and get ONNX Runtime's in-process factor (meshnode.runtimes.onnx.PREDICT_FACTOR) on their files.
 BACKEND_OVERHEAD_BYTES = {"python": 44 * 2**20}
 UNMEASURED_FILE_FACTOR = 1.6
-CONFIG_FILE = "config.pbtxt"
 # After Triton's unload returns, the model stays UNLOADING for ~0.7 s; a reload polls that long.
 UNLOAD_POLL_S = 0.05
 UNLOAD_WAIT_S = 30.0
@@ -145,7 +145,7 @@ class TritonRuntime:
 
     def predict_size(self, source: ModelSource) -> int:
         try:
-            files = _files_bytes(source)
+            files = files_bytes(source)
         except OSError:
             files = 0
         return max(files + max(BACKEND_OVERHEAD_BYTES.values()), int(files * UNMEASURED_FILE_FACTOR))
@@ -159,7 +159,7 @@ class TritonRuntime:
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
                 upload = None if self._in_triton_repository(source) else _upload(source)
-                files = _files_bytes(source)
+                files = files_bytes(source)
             except (OSError, ValueError, text_format.ParseError) as error:
                 raise LoadFailed(f"failed to load {where}: {error}") from None
             if name in self._unloaded:
@@ -236,17 +236,6 @@ class TritonRuntime:
             await self._channel.close()
 
 
-def _version_files(directory: Path) -> list[Path]:
-    # The Python backend compiles model.py into __pycache__ beside it: Triton's output, not the model's.
-    return [p for p in sorted(directory.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
-
-
-def _files_bytes(source: ModelSource) -> int:
-    config = source.directory.parent / CONFIG_FILE
-    total = config.stat().st_size if config.is_file() else 0
-    return total + sum(p.stat().st_size for p in _version_files(source.directory))
-
-
 def _upload(source: ModelSource) -> _Upload:
     """The version's files as Triton's `file:` parameters, with config.pbtxt as the JSON `config`."""
     model_dir = source.directory.parent
@@ -256,7 +245,7 @@ def _upload(source: ModelSource) -> _Upload:
         text_format.Parse(config_file.read_text(), config)
     config.name = source.name  # a copy stored under another name keeps the config's old one
     files = {f"file:{source.version}/{p.relative_to(source.directory).as_posix()}": p.read_bytes()
-             for p in _version_files(source.directory)}
+             for p in version_files(source)}
     # Other top-level files (labels, ...) belong to every version.
     files |= {f"file:{p.name}": p.read_bytes() for p in model_dir.iterdir() if p.is_file() and p.name != CONFIG_FILE}
     return _Upload(json_format.MessageToJson(config), files)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from meshnode.background import BackgroundTasks
 from meshnode.errors import LoadFailed, ModelNotFound, ResourceExhausted
 from meshnode.observability.metrics import NodeMetrics
-from meshnode.runtimes.base import LoadedModel, ModelSource, Runtime
+from meshnode.runtimes.base import LoadedModel, Runtime
 from meshnode.serving.load_failures import LoadFailures
 from meshnode.serving.load_queue import LoadQueue, priority
+from meshnode.storage.repository import ModelSource
 from placement.eviction import Resident, plan_eviction
 from router.errors import MeshError
 
@@ -96,8 +97,15 @@ class ModelCache:
         self.failures = LoadFailures(failure_backoff_s, wall_clock)
         self._background = BackgroundTasks()
         self._loading = 0  # entries whose load has not finished: read 4x a second, so counted
-        # Told the model name whenever a copy here starts loading, loads, fails or goes.
-        self.on_change: Callable[[str], None] = lambda name: None
+        self._listeners: list[Callable[[str], None]] = []
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        """callback(model name) whenever a copy here starts loading, loads, fails or goes."""
+        self._listeners.append(callback)
+
+    def _changed(self, name: str) -> None:
+        for callback in self._listeners:
+            callback(name)
 
     # -- hot path -------------------------------------------------------------------------
     def release(self, entry: CachedModel) -> None:
@@ -125,7 +133,7 @@ class ModelCache:
                 entry = self._start_load(key, source, options, waiting=True)
             except MeshError:
                 # A claim for this node may already be in the model record: let it be corrected.
-                self.on_change(source.name)
+                self._changed(source.name)
                 raise
         if entry.model is None:
             assert entry.loaded is not None
@@ -181,7 +189,7 @@ class ModelCache:
         rank = priority(waiting, options.last_used)
         timeout_s = options.timeout_s or self._load_timeout_s
         self._background.spawn(self.loads.run(rank, lambda: self._load(entry, source, timeout_s)))
-        self.on_change(source.name)
+        self._changed(source.name)
         return entry
 
     def _make_room(self, needed: int, for_model: str, keep: CachedModel | None = None, guard: bool = False) -> None:
@@ -249,7 +257,7 @@ class ModelCache:
                             entry.key)
         entry.loaded_at = self._now()
         entry.loaded.set_result(None)
-        self.on_change(entry.name)
+        self._changed(entry.name)
 
     def _fail(self, entry: CachedModel, error: MeshError) -> None:
         self._metrics.load_failures += 1
@@ -278,7 +286,7 @@ class ModelCache:
                 del self.ready[alias]
         entry.aliases.clear()
         entry.discarded = True
-        self.on_change(entry.name)
+        self._changed(entry.name)
 
     def _evict(self, entry: CachedModel) -> None:
         self._metrics.evictions += 1

@@ -82,6 +82,11 @@ class InstancePublisher:
         self._published_at = 0.0
         self.writes = 0
 
+    @property
+    def started(self) -> bool:
+        """Whether this node has joined the mesh (and so has something to leave)."""
+        return self._task is not None
+
     async def start(self) -> None:
         self._lease = await self._store.grant_lease(self._ttl)
         self._keepalive = self._store.keep_alive(self._lease, on_lost=self._lease_lost)

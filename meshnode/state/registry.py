@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -53,6 +53,15 @@ class ModelRecord(JsonRecord):
     def runs_on(self, runtime: str) -> bool:
         """Whether a node running `runtime` may load it."""
         return self.runtime in ("", runtime)
+
+    def effective_size(self, predicted: Callable[[], int]) -> int:
+        """The bytes the mesh counts for the model: the registered hint (its owner knows what its code
+        pulls in), else what a node measured once loaded, else `predicted()` from its files."""
+        return self.size_hint or self.size_bytes or predicted()
+
+    def live_copies(self, live: Container[str]) -> dict[str, Copy]:
+        """Its copies on nodes in `live`: a dead node's entry lingers until a janitor removes it."""
+        return {node: copy for node, copy in self.copies.items() if node in live}
 
 
 def key_of(name: str) -> str:

@@ -7,13 +7,41 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from meshnode.errors import InvalidInput, ModelNotFound
-from meshnode.runtimes.base import ModelSource
 
 MODEL_FILENAMES = ("model.onnx",)
+CONFIG_FILE = "config.pbtxt"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model version's files are: the version directory and the model file in it."""
+
+    name: str
+    version: str
+    directory: Path
+    model_file: Path
+
+
+def version_files(source: ModelSource) -> list[Path]:
+    """The files of one version: a version directory's whole tree, or a single model file alone (its
+    directory may hold anything, other models or a whole repository)."""
+    directory = source.directory
+    if source.model_file.parent != directory or not directory.name.isdigit():
+        return [source.model_file]
+    # The Python backend compiles model.py into __pycache__ beside it: Triton's output, not the model's.
+    return [p for p in sorted(directory.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
+
+
+def files_bytes(source: ModelSource) -> int:
+    """Bytes on disk of one version and its model's config.pbtxt; raises OSError when unreadable."""
+    config = source.directory.parent / CONFIG_FILE
+    total = config.stat().st_size if source.directory.name.isdigit() and config.is_file() else 0
+    return total + sum(p.stat().st_size for p in version_files(source))
 
 
 def resolve_storage_uri(uri: str) -> Path:

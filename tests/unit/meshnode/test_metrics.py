@@ -75,9 +75,7 @@ def test_render_has_every_name_with_its_value() -> None:
     m.observe_unload_ms(7)
     m.observe_eviction_age_ms(45_000)
     lru = time.time() - 90
-    m.set_state_source(lambda: replace(state(), lru_time_s=lru))
-
-    families = parse(m.render())
+    families = parse(m.render(replace(state(), lru_time_s=lru, etcd_writes=m.etcd_writes)))
 
     assert set(families) == HISTOGRAMS | set(COUNTERS) | GAUGES
     for i, (name, _attr) in enumerate(COUNTERS.items(), start=1):
@@ -111,8 +109,7 @@ def test_render_has_every_name_with_its_value() -> None:
 
 def test_sample_names_have_no_doubled_suffixes() -> None:
     m = NodeMetrics()
-    m.set_state_source(state)
-    names = {s.name for family in parse(m.render()).values() for s in family.samples}
+    names = {s.name for family in parse(m.render(state())).values() for s in family.samples}
 
     expected = {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     expected |= {c + "_total" for c in COUNTERS} | GAUGES
@@ -161,7 +158,8 @@ def test_eviction_age_uses_modelmesh_age_buckets() -> None:
     assert buckets["14400000.0"] == 2
 
 
-def test_gauges_follow_the_state_source() -> None:
+@pytest.mark.timeout(20)
+async def test_gauges_follow_the_state_source() -> None:
     m = NodeMetrics()
     assert not GAUGES & set(parse(m.render()))
 
@@ -172,8 +170,11 @@ def test_gauges_follow_the_state_source() -> None:
         calls += 1
         return replace(state(), capacity_bytes=0, used_bytes=0, lru_time_s=None)
 
-    m.set_state_source(source)
-    families = parse(m.render())
+    server = await serve_metrics(m, "127.0.0.1", 0, source)
+    try:
+        families = parse((await _get(f"http://127.0.0.1:{server.port}/metrics"))[2])
+    finally:
+        await server.close()
 
     assert calls == 1  # one snapshot per scrape, however many gauges read it
     assert "modelmesh_instance_lru_seconds" not in families
@@ -226,8 +227,7 @@ async def test_http_endpoint_serves_render_on_loopback() -> None:
     m = NodeMetrics()
     m.cache_hits = 3
     m.observe_invoke_ms(2)
-    m.set_state_source(state)
-    server = await serve_metrics(m, "127.0.0.1", 0)
+    server = await serve_metrics(m, "127.0.0.1", 0, state)
     try:
         assert server.port > 0
         status, content_type, body = await _get(f"http://127.0.0.1:{server.port}/metrics")
@@ -276,8 +276,7 @@ async def test_failing_state_source_costs_one_scrape_and_close_drops_idle_peers(
             raise RuntimeError("node state unavailable")
         return state()
 
-    m.set_state_source(source)
-    server = await serve_metrics(m, "127.0.0.1", 0)
+    server = await serve_metrics(m, "127.0.0.1", 0, source)
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         assert (await _get(f"http://127.0.0.1:{server.port}/metrics"))[0] == 500
@@ -293,7 +292,6 @@ async def test_failing_state_source_costs_one_scrape_and_close_drops_idle_peers(
 
 def test_hot_path_cost() -> None:
     m = NodeMetrics()
-    m.set_state_source(state)
     n, repeat = 100_000, 5
 
     def best_us(stmt: str) -> float:

@@ -1,0 +1,124 @@
+"""Typed commands for model control, and their reading from Triton's repository parameters.
+
+RepositoryModelLoad carries a `config` JSON string and `file:` uploads (Triton's wire format) plus
+meshserve's own parameters (meshnode.net.params); every transport reads them here, once, into a
+Registration or a CopyHere. The management service builds a Registration directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshnode.errors import InvalidInput
+from meshnode.net import params as wire
+from meshnode.runtimes import RUNTIMES
+
+# What each keeping field must be, as InvalidInput says it, whether the value has the wrong type or range.
+_RULES = {
+    "runtime": f"config 'runtime' must be one of {', '.join(RUNTIMES)}, or \"\" for any",
+    "min_copies": "config 'min_copies' must be a whole number from 1 to 100",
+    "load_timeout_s": "config 'load_timeout_s' must be a positive number of seconds",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Register a model (or change its registration) and, unless lazy, load it here.
+
+    A field left None keeps what the model's registration says (a default for a new model)."""
+
+    name: str
+    storage_uri: str | None = None  # None: the upload, else the current registration, else the repository's
+    files: Mapping[str, bytes] = field(default_factory=dict)  # uploads: '1/model.onnx' -> bytes
+    lazy: bool = False
+    size_hint_bytes: int | None = None  # replaced on every registration: None clears it
+    pinned: bool | None = None
+    min_copies: int | None = None
+    load_timeout_s: float | None = None
+    runtime: str | None = None  # "" for any; None: the registering node's for a new model
+
+    def __post_init__(self) -> None:
+        # Every way in (RepositoryModelLoad's config JSON, the management service) is held to the same rules.
+        if self.runtime not in (None, "") and self.runtime not in RUNTIMES:
+            raise InvalidInput(_RULES["runtime"])
+        if self.min_copies is not None and not 1 <= self.min_copies <= 100:
+            raise InvalidInput(_RULES["min_copies"])
+        if self.load_timeout_s is not None and self.load_timeout_s <= 0:
+            raise InvalidInput(_RULES["load_timeout_s"])
+
+    def keeping(self) -> dict[str, Any]:
+        """The record fields this registration sets about how and where the mesh keeps the model."""
+        fields = {"pinned": self.pinned, "min_copies": self.min_copies, "load_timeout_s": self.load_timeout_s,
+                  "runtime": self.runtime}
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class CopyHere:
+    """From a peer: load a copy of a registered model on this node; its registration is unchanged."""
+
+    name: str
+
+
+def read_load(name: str, parameters: Mapping[str, object]) -> Registration | CopyHere:
+    """RepositoryModelLoad's parameters as a command; InvalidInput names what is wrong."""
+    if parameters.get(wire.COPY) is True:
+        return CopyHere(name)
+    files = {k[len("file:"):]: v for k, v in parameters.items() if k.startswith("file:")}
+    if not all(isinstance(v, bytes) for v in files.values()):
+        raise InvalidInput("file: parameters must carry bytes")
+    config = _config(parameters.get("config"))
+    size_hint = parameters.get(wire.SIZE_HINT, config.get("size_hint"))
+    storage_uri = config.get("storage_uri")
+    return Registration(
+        name=name, storage_uri=storage_uri if isinstance(storage_uri, str) else None,
+        files={k: v for k, v in files.items() if isinstance(v, bytes)},
+        lazy=parameters.get(wire.LAZY) is True,
+        size_hint_bytes=int(size_hint) if isinstance(size_hint, int | str) and str(size_hint).isdigit() else None,
+        **_keeping(config),
+    )
+
+
+def read_unregister(parameters: Mapping[str, object]) -> bool:
+    """Whether RepositoryModelUnload's parameters ask to forget the model, not just unload it."""
+    return parameters.get(wire.UNREGISTER) is True
+
+
+def _keeping(config: Mapping[str, object]) -> dict[str, Any]:
+    keeping: dict[str, Any] = {}
+    runtime = config.get("runtime")
+    if runtime is not None:
+        if not isinstance(runtime, str):
+            raise InvalidInput(_RULES["runtime"])
+        keeping["runtime"] = runtime
+    pinned, min_copies, timeout = config.get("pinned"), config.get("min_copies"), config.get("load_timeout_s")
+    if pinned is not None:
+        if not isinstance(pinned, bool):
+            raise InvalidInput("config 'pinned' must be true or false")
+        keeping["pinned"] = pinned
+    if min_copies is not None:
+        if not isinstance(min_copies, int) or isinstance(min_copies, bool):
+            raise InvalidInput(_RULES["min_copies"])
+        keeping["min_copies"] = min_copies
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+            raise InvalidInput(_RULES["load_timeout_s"])
+        keeping["load_timeout_s"] = float(timeout)
+    return keeping
+
+
+def _config(raw: object) -> dict[str, object]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, str):
+        raise InvalidInput("the 'config' parameter must be a JSON string")
+    try:
+        config = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as error:
+        raise InvalidInput(f"the 'config' parameter is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise InvalidInput("the 'config' parameter must be a JSON object")
+    return config

@@ -1,0 +1,74 @@
+"""This node's copies of models: acquire one (loading it here when needed) and run a request on it.
+
+Both ways into a copy here use this one part: the dataplane runs cache hits on it directly, and the
+router (router.ports.LocalNode) sends it the misses that placement serves on this node.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from meshnode.errors import ModelLost, ModelNotFound, ModelUnavailable
+from meshnode.observability.metrics import NodeMetrics
+from meshnode.runtimes.base import CallerMetadata, Runtime
+from meshnode.serving.cache import CachedModel, LoadOptions, ModelCache
+from meshnode.state.registry import ModelRecord, Registry
+from meshnode.storage.repository import ModelSource, model_source
+from meshpb import pb
+
+
+class LocalReplica:
+    def __init__(self, *, instance_id: str, registry: Registry, cache: ModelCache, runtime: Runtime,
+                 metrics: NodeMetrics) -> None:
+        self.instance_id = instance_id
+        self._registry = registry
+        self._cache = cache
+        self._runtime = runtime
+        self._metrics = metrics
+
+    def has_copy(self, name: str, version: str) -> bool:
+        return self._cache.has_entry(name, version)
+
+    async def infer(self, request: pb.ModelInferRequest, churn_guard: bool = False) -> pb.ModelInferResponse:
+        """Serve here, loading the model into this node's cache if needed.
+
+        With `churn_guard`, a load that would evict recently used models is refused (another node
+        may take it) rather than flushing this node's hot set.
+        """
+        started = time.perf_counter()
+        entry = await self.acquire(request.model_name, request.model_version, churn_guard)
+        return await self.run(entry, request, started)
+
+    async def run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float,
+                  timeout_s: float | None = None, metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
+        """Run one request on an acquired entry, and release it."""
+        metrics = self._metrics
+        assert entry.model is not None  # acquired entries are loaded
+        try:
+            return await entry.model.infer(request, timeout_s, metadata)
+        except BaseException as error:
+            metrics.invoke_failures += 1
+            if isinstance(error, ModelLost):
+                self._cache.forget(entry)
+            raise
+        finally:
+            self._cache.release(entry)
+            metrics.invoke_count += 1
+            metrics.observe_invoke_ms((time.perf_counter() - started) * 1000.0)
+
+    async def acquire(self, name: str, version: str, churn_guard: bool = False) -> CachedModel:
+        """A loaded entry for the model (loading it here if needed); the caller releases it."""
+        record = self._registry.get(name)
+        if record is None or not record.enabled:
+            raise ModelNotFound.unknown(name)
+        if not record.runs_on(self._runtime.name):
+            raise ModelUnavailable(f"model '{name}' runs on {record.runtime} nodes; this node runs "
+                                   f"{self._runtime.name}")
+        source = model_source(name, Path(record.storage), version)
+        return await self._cache.acquire(source, version, self.load_options(record, source, churn_guard))
+
+    def load_options(self, record: ModelRecord, source: ModelSource, churn_guard: bool = False) -> LoadOptions:
+        return LoadOptions(predicted_bytes=record.effective_size(lambda: self._runtime.predict_size(source)),
+                           timeout_s=record.load_timeout_s, pinned=record.pinned, churn_guard=churn_guard,
+                           last_used=record.last_used)
