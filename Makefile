@@ -22,7 +22,7 @@ install: $(STAMP) $(TRITON_STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,plot]'
 	touch $(STAMP)
 
 triton: $(TRITON_STAMP)
