@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -61,6 +62,10 @@ def main(argv: Sequence[str] | None = None, *, parse_size: Callable[[str], int] 
         config = _config(args, trace, parse_size)
     except (TraceError, ValueError, OSError) as error:
         print(f"meshserve simulate: {error}", file=stderr)
+        return 2
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # An optional extra: only plots need it, so a node's install does not carry it.
+        print("meshserve simulate: --plot needs matplotlib: pip install 'meshserve[plot]'", file=stderr)
         return 2
     progress = Progress(stderr, len(trace)) if len(trace) >= LONG_RUN else None
     results = compare(trace, config, progress.update if progress else None)

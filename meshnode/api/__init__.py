@@ -1,1 +1,6 @@
-"""TODO"""
+"""gRPC servicers: the inference protocol (Triton's wire path) and meshserve's management service.
+
+Handlers only convert protobuf messages to and from the transport-neutral core (serving.dataplane,
+control) and map errors to statuses in one place (api.status). A second transport (REST) belongs
+beside them and calls the same core. May import control, serving, state, and the leaves (net, errors).
+"""

@@ -1,1 +1,5 @@
-"""TODO"""
+"""Launchers of local processes for development, tests and benches: etcd, Triton, meshserve nodes,
+and `meshserve local` (a whole mesh on loopback). Each raises LaunchError when its server does not start.
+
+At the top beside cli; nothing on a node's request path imports it.
+"""
