@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from meshnode.local.etcd import EtcdProcess
+
+TESTS = Path(__file__).parent
+KINDS = ("unit", "integration")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test by its directory, so `-m unit` / `-m integration` need no marker in the test files."""
+    for item in items:
+        for kind in KINDS:
+            if item.path.is_relative_to(TESTS / kind):
+                item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")

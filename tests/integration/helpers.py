@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,32 @@ from meshnode.local.node import NodeProcess
 from meshnode.net import transport
 
 ROOT = Path(__file__).resolve().parents[2]
+POLL_S = 0.05  # often enough that a wait ends close to the event, rarely enough to add no load of its own
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str) -> None:
+    """Polls `condition` (plain or async) until it holds; fails naming `what` once `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not await _holds(condition()):
+        _fail_after(deadline, timeout_s, what)
+        await asyncio.sleep(POLL_S)
+
+
+def wait_until_blocking(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """wait_until for synchronous tests."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        _fail_after(deadline, timeout_s, what)
+        time.sleep(POLL_S)
+
+
+async def _holds(result: bool | Awaitable[bool]) -> bool:
+    return await result if inspect.isawaitable(result) else result
+
+
+def _fail_after(deadline: float, timeout_s: float, what: str) -> None:
+    if time.monotonic() >= deadline:
+        pytest.fail(f"gave up waiting for {what} after {timeout_s:g} s")
 
 
 def metric(node: NodeProcess, name: str) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import pytest
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from deploy.local.models import mlp_reference, write_mlp
+from deploy.local.models import mlp_reference, write_matmul_chain, write_mlp
 from meshnode.local.etcd import EtcdProcess
 from meshnode.local.node import NodeProcess
 from meshpb import mpb
 from tests.integration.conftest import start_nodes, write_broken
-from tests.integration.helpers import manage
+from tests.integration.helpers import manage, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)
@@ -64,6 +63,17 @@ async def status(target: str, model: str) -> mpb.ModelStatus:
     return found
 
 
+async def get_alias(target: str, alias: str) -> mpb.Alias:
+    found = await manage(target, "GetAlias", mpb.GetAliasRequest(alias=alias))
+    assert isinstance(found, mpb.Alias)
+    return found
+
+
+async def model_names(target: str, prefix: str = "") -> set[str]:
+    listed = await manage(target, "ListModels", mpb.ListModelsRequest(prefix=prefix))
+    return {m.name for m in listed.models}
+
+
 async def test_requests_to_an_alias_are_served_by_its_model_through_every_node(
         mesh: list[NodeProcess], repo: Path) -> None:
     alias = await set_alias(mesh[0].target, "tenant-a", "m1")
@@ -102,7 +112,7 @@ async def test_switching_under_load_fails_no_request_and_loads_as_many_copies_fi
                 (after_switch if switched.is_set() else served).append(name)
 
     callers = [asyncio.create_task(caller(node.target)) for node in mesh for _ in range(2)]
-    await asyncio.sleep(0.5)
+    await wait_until(lambda: len(served) >= 20, 10, "20 answers through tenant-b before the switch")
     result = await set_alias(mesh[1].target, "tenant-b", "m3")
     switched.set()
     await asyncio.wait_for(asyncio.gather(*callers), 30)
@@ -121,8 +131,7 @@ async def test_a_failed_target_load_leaves_the_alias_where_it_was_and_says_why(m
         await set_alias(mesh[0].target, "tenant-c", "broken")
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "stays on 'm4'" in raised.value.details() and "broken" in raised.value.details()
-    got = await manage(mesh[1].target, "GetAlias", mpb.GetAliasRequest(alias="tenant-c"))
-    assert isinstance(got, mpb.Alias)
+    got = await get_alias(mesh[1].target, "tenant-c")
     assert got.model == "m4" and got.switching_to == "" and "broken" in got.last_error
     async with aioclient.InferenceServerClient(mesh[1].target) as client:
         assert (await answer(client, "tenant-c"))[0] == "m4"
@@ -140,15 +149,12 @@ async def test_auto_delete_unregisters_the_old_model_once_no_alias_points_at_it(
     assert (await status(target, "old")).aliases == ["tenant-e"]
     await manage(target, "DeleteAlias", mpb.DeleteAliasRequest(alias="tenant-e"))
     await manage(target, "DeleteAlias", mpb.DeleteAliasRequest(alias="tenant-d"))  # m5 was marked by it too
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        listed = await manage(mesh[1].target, "ListModels", mpb.ListModelsRequest())
-        names = {m.name for m in listed.models}
-        if not names & {"old", "m5"}:
-            break
-        await asyncio.sleep(0.2)
-    assert not names & {"old", "m5"}, names
-    assert {"m1", "m2", "m3", "m4"} <= names
+
+    async def both_retired() -> bool:
+        return not await model_names(mesh[1].target) & {"old", "m5"}
+
+    await wait_until(both_retired, 10, "'old' and 'm5' to be unregistered once unaliased")
+    assert {"m1", "m2", "m3", "m4"} <= await model_names(mesh[1].target)
 
 
 @pytest.mark.parametrize(("method", "request_", "code", "words"), [
@@ -180,16 +186,27 @@ async def test_an_aliased_model_cannot_be_unregistered_nor_an_alias_name_registe
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is an alias" in raised.value.details()
 
 
-async def test_concurrent_switches_of_one_alias_never_both_half_win(mesh: list[NodeProcess]) -> None:
+async def test_a_switch_overtaken_by_another_switch_of_its_alias_aborts_and_the_other_one_stands(
+        mesh: list[NodeProcess], tmp_path: Path) -> None:
+    # Ten thousand tiny MatMuls: a small file whose load takes about a second, while the other switch is done in
+    # a fraction of one: the two switches overlap whatever the timing of the calls.
+    slow = write_matmul_chain(tmp_path, "slow", width=4, depth=10_000)
+    await manage(mesh[0].target, "RegisterModel", mpb.RegisterModelRequest(name="slow", storage_uri=str(slow),
+                                                                           lazy=True))
     await set_alias(mesh[0].target, "tenant-h", "m1")
-    outcomes = await asyncio.gather(set_alias(mesh[0].target, "tenant-h", "m2"),
-                                    set_alias(mesh[1].target, "tenant-h", "m4"), return_exceptions=True)
-    won = [o.model for o in outcomes if isinstance(o, mpb.Alias)]
-    lost = [o for o in outcomes if not isinstance(o, mpb.Alias)]
-    assert won, outcomes
-    assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.ABORTED for e in lost), lost
-    final = await manage(mesh[1].target, "GetAlias", mpb.GetAliasRequest(alias="tenant-h"))
-    assert final.model in won and final.switching_to == ""
+    first = asyncio.create_task(set_alias(mesh[0].target, "tenant-h", "slow"))
+
+    async def first_is_switching() -> bool:
+        return (await get_alias(mesh[1].target, "tenant-h")).switching_to == "slow"
+
+    await wait_until(first_is_switching, 10, "the switch of tenant-h to 'slow' to mark the alias")
+    second = await set_alias(mesh[1].target, "tenant-h", "m4")
+    assert second.model == "m4" and second.previous_model == "m1"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await first
+    assert raised.value.code() == grpc.StatusCode.ABORTED and "changed by another call" in raised.value.details()
+    final = await get_alias(mesh[0].target, "tenant-h")
+    assert final.model == "m4" and final.switching_to == ""
 
 
 async def test_a_marked_model_is_retired_even_when_the_node_that_moved_its_alias_dies(
@@ -199,14 +216,12 @@ async def test_a_marked_model_is_retired_even_when_the_node_that_moved_its_alias
         await set_alias(nodes[0].target, "tenant-x", "m1", auto_delete=True)
         await set_alias(nodes[0].target, "tenant-x", "m2")  # m1: marked, and no alias points at it now
         nodes[0].kill()  # before its grace period ends
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            listed = await manage(nodes[1].target, "ListModels", mpb.ListModelsRequest(prefix="m"))
-            names = {m.name for m in listed.models}
-            if "m1" not in names:
-                break
-            await asyncio.sleep(0.3)
-        assert "m1" not in names and "m2" in names
+
+        async def m1_retired() -> bool:
+            return "m1" not in await model_names(nodes[1].target, prefix="m")
+
+        await wait_until(m1_retired, 15, "the surviving node to unregister the marked 'm1'")
+        assert "m2" in await model_names(nodes[1].target, prefix="m")
     finally:
         for node in nodes:
             node.stop()
@@ -221,8 +236,9 @@ async def test_a_switch_the_caller_gives_up_on_leaves_no_switching_marker(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await manage(mesh[0].target, "SetAlias", mpb.SetAliasRequest(alias="tenant-i", model="big"), deadline_s=0.05)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while (got := await manage(mesh[1].target, "GetAlias", mpb.GetAliasRequest(alias="tenant-i"))).switching_to:
-        assert time.monotonic() < deadline, "the abandoned switch left its marker"
-        await asyncio.sleep(0.1)
-    assert got.model == "m1"
+
+    async def marker_cleared() -> bool:
+        return (await get_alias(mesh[1].target, "tenant-i")).switching_to == ""
+
+    await wait_until(marker_cleared, 10, "the abandoned switch of tenant-i to clear its switching marker")
+    assert (await get_alias(mesh[1].target, "tenant-i")).model == "m1"

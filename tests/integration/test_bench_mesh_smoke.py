@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bench.mesh_hop import PATHS
@@ -16,8 +18,12 @@ def test_quick_mesh_hop_reports_every_figure() -> None:
     summary = result["summary"]
     assert_every_path_figure(summary, PATHS, no_hop={"A"})
     assert set(summary["added_p50_ms"]) == {"B", "C"}
-    # The ratio's sign and size are noise in a one-round run: only its presence is checked.
-    assert isinstance(summary["hop_ratio"]["median"], float) and isinstance(summary["hop_ratio"]["pass"], bool)
+    # Noise in a one-round run, but that round's: (B - A) / (C - A) of the p50s, inf if the bare hop measured free.
+    p50 = {path: summary["p50_ms"][path]["median"] for path in PATHS}
+    ratio = summary["hop_ratio"]
+    hop_ratio = (p50["B"] - p50["A"]) / (p50["C"] - p50["A"]) if p50["C"] > p50["A"] else math.inf
+    assert ratio["median"] == pytest.approx(hop_ratio), (ratio, p50)
+    assert ratio["pass"] == (ratio["median"] <= 1.10)
     assert all(positive(v) for v in summary["b_over_c"].values())
     config = result["config"]
     assert config["owner"] != config["forwarder"] and {config["owner"], config["forwarder"]} == {"node-0", "node-1"}
@@ -26,4 +32,6 @@ def test_quick_mesh_hop_reports_every_figure() -> None:
     assert set(loaded["nodes"]) == {"node-0", "node-1"}
     for node in loaded["nodes"].values():
         assert positive(node["api_requests_per_s"])
-        assert node["etcd_writes_per_s"] >= 0  # zero writes in a short window is a fine answer
+        # None in a short window is a fine answer. At most an instance record a second and a last-use write per
+        # model per 30 s, by design, whatever the request rate: a write per request would be hundreds.
+        assert node["etcd_writes_per_s"] * loaded["seconds"] <= loaded["seconds"] + 2, node

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from unittest.mock import ANY
 
 import pytest
 
 from meshnode.etcd.store import EtcdStore, EtcdUnavailable, Lease, WatchEvent, WatchResync
 from meshnode.local.etcd import EtcdProcess
+from tests.integration.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,13 +31,6 @@ def increment(raw: bytes | None) -> bytes:
 async def collect(store: EtcdStore, prefix: str, start: int, into: list[WatchEvent]) -> None:
     async for ev in store.watch_prefix(prefix, start):
         into.append(ev)
-
-
-async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_get_put_delete_and_json(store: EtcdStore) -> None:
@@ -121,7 +115,7 @@ async def test_watch_sees_puts_and_deletes_after_listing(store: EtcdStore) -> No
         await store.put("w/x", b"2")
         await store.put("other", b"not watched")
         r_del = await store.delete("w/x")
-        await eventually(lambda: len(events) == 3)
+        await wait_until(lambda: len(events) == 3, 5, "the watch to report the gap's put, a put and a delete")
         assert [(e.type, e.key, e.value) for e in events] == [
             ("put", "w/gap", b"1"),
             ("put", "w/x", b"2"),
@@ -140,10 +134,11 @@ async def test_lease_expires_after_keep_alive_stops(store: EtcdStore) -> None:
     await asyncio.sleep(2.5)  # well past the TTL: only the keep-alive holds it
     assert await store.get("leased") is not None
     await keeper.stop()
-    stopped = time.monotonic()
-    while await store.get("leased") is not None:
-        assert time.monotonic() - stopped < 5, "leased key outlived its lease"
-        await asyncio.sleep(0.1)
+
+    async def expired() -> bool:
+        return await store.get("leased") is None
+
+    await wait_until(expired, 5, "the leased key to go with its lease")
     assert await store.refresh_lease(lease) == 0
 
 
@@ -159,7 +154,7 @@ async def test_keep_alive_regrants_a_lost_lease(store: EtcdStore) -> None:
     keeper = store.keep_alive(lease, interval=0.2, on_lost=on_lost)
     try:
         await store.revoke_lease(lease)  # as if it had expired while etcd was unreachable
-        await eventually(lambda: bool(regranted))
+        await wait_until(lambda: bool(regranted), 5, "the keep-alive to regrant the revoked lease")
         assert keeper.lease == regranted[0] and keeper.lease.id != lease.id
         assert await store.get("node") is not None
     finally:
@@ -190,10 +185,9 @@ async def test_operations_across_an_etcd_restart(private_etcd: EtcdProcess, etcd
     events: list[WatchEvent] = []
     watch = asyncio.create_task(collect(s, "r/", 1, events))
     try:
-        await eventually(lambda: len(events) == 1)
+        await wait_until(lambda: len(events) == 1, 5, "the watch to report r/1")
         restart = asyncio.create_task(asyncio.to_thread(private_etcd.restart_after, 3.0))
-        await asyncio.sleep(0.5)
-        assert not private_etcd.running
+        await wait_until(lambda: not private_etcd.running, 5, "etcd to stop")
 
         started = time.monotonic()
         with pytest.raises(EtcdUnavailable):
@@ -204,11 +198,11 @@ async def test_operations_across_an_etcd_restart(private_etcd: EtcdProcess, etcd
         assert await s.update("r/2", lambda raw: b"during") == b"during"
         await restart
         await s.put("r/3", b"after")
-        await eventually(lambda: len(events) == 3)
+        await wait_until(lambda: len(events) == 3, 5, "the watch to report r/2 and r/3 after the restart")
         assert [(e.type, e.key) for e in events] == [("put", "r/1"), ("put", "r/2"), ("put", "r/3")]
         assert (await impatient.get("r/2")) is not None
         # etcd renews leases when it restarts: a short outage costs no lease.
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # two keep-alive rounds: a lost lease would have been reported by now
         assert await s.get("leased") is not None and not lost
         assert keeper.lease == lease
     finally:
@@ -236,7 +230,7 @@ async def test_watch_reports_etcd_data_loss(private_etcd: EtcdProcess, etcd_pref
         _, revision = await s.snapshot_prefix("d/")
         watch = asyncio.create_task(collect(s, "d/", revision + 1, events))
         await s.put("d/new", b"1")
-        await eventually(lambda: len(events) == 1)
+        await wait_until(lambda: len(events) == 1, 5, "the fresh watch to report d/new")
         watch.cancel()
     finally:
         await s.close()

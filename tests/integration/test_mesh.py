@@ -13,7 +13,7 @@ import tritonclient.grpc.aio as aioclient
 
 from deploy.local.models import mlp_reference, write_mlp
 from meshnode.local.mesh import LocalMesh
-from tests.integration.helpers import metric
+from tests.integration.helpers import metric, wait_until
 
 MODELS = [f"m{i}" for i in range(6)]
 
@@ -119,7 +119,7 @@ async def test_kill_minus_nine_of_a_node_under_load_loses_no_request(mesh: Local
     errors: list[str] = []
     answered = [0]
     load = asyncio.ensure_future(_steady_load(survivors, 8.0, errors, answered))
-    await asyncio.sleep(2.0)
+    await wait_until(lambda: answered[0] >= 50, 5, "the survivors to answer 50 requests before the kill")
     victim.kill()
     await load
     assert errors == []
@@ -132,7 +132,7 @@ async def test_etcd_restart_loses_no_request_for_loaded_models_and_no_registrati
     errors: list[str] = []
     answered = [0]
     load = asyncio.ensure_future(_steady_load(mesh.targets(), 8.0, errors, answered))
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: answered[0] >= 50, 5, "the nodes to answer 50 requests before etcd goes")
     await asyncio.to_thread(mesh.etcd.restart_after, 3.0)
     await load
     assert errors == []
@@ -174,6 +174,7 @@ async def test_a_rolling_restart_of_every_node_loses_no_request(mesh: LocalMesh)
         i: _balancer_connection(t) for i, t in enumerate(mesh.targets())}
 
     in_flight = dict.fromkeys(pool, 0)
+    answered_by = dict.fromkeys(pool, 0)
 
     async def worker(w: int) -> None:
         n = w
@@ -186,6 +187,7 @@ async def test_a_rolling_restart_of_every_node_loses_no_request(mesh: LocalMesh)
             try:
                 await client.infer(name, x_input(x), client_timeout=20, request_id=f"w{w}-{n}")
                 answered[0] += 1
+                answered_by[node] += 1
             except Exception as error:
                 errors.append(f"node-{node} {name} w{w}-{n} at {time.monotonic() - began:.1f}s: {error}")
             finally:
@@ -195,14 +197,15 @@ async def test_a_rolling_restart_of_every_node_loses_no_request(mesh: LocalMesh)
     try:
         for i in range(len(mesh.nodes)):
             leaving = pool.pop(i)  # out of rotation before the node is told to stop
-            for _ in range(200):  # connection draining: its calls finish before it closes
-                if in_flight[i] == 0:
-                    break
-                await asyncio.sleep(0.1)
+            # Connection draining: its calls finish before it closes.
+            await wait_until(lambda node=i: in_flight[node] == 0, 20, f"node-{i}'s calls to finish")
             await leaving.close()
             await asyncio.to_thread(mesh.restart, i)
+            answered_by[i] = 0
             pool[i] = await _ready_client(mesh.nodes[i].target)
-            await asyncio.sleep(1.0)
+            # Back in rotation and serving before the next node leaves, as a rolling update waits for.
+            await wait_until(lambda node=i: answered_by[node] >= 50, 20,
+                             f"the restarted node-{i} to answer 50 requests")
     finally:
         stop.set()
         await asyncio.gather(*workers)

@@ -15,7 +15,7 @@ from deploy.local.models import write_mlp
 from meshnode.local.etcd import EtcdProcess
 from meshnode.local.mesh import LocalMesh
 from tests.integration.conftest import start_node
-from tests.integration.helpers import metric
+from tests.integration.helpers import metric, wait_until
 
 
 def x_input() -> list[aioclient.InferInput]:
@@ -31,14 +31,11 @@ async def copies_of(target: str, name: str) -> str:
 
 
 async def wait_for_copies(target: str, name: str, count: int, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    reason = ""
-    while time.monotonic() < deadline:
-        reason = await copies_of(target, name)
-        if reason.count("(loaded)") >= count:
-            return reason
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"{name} did not reach {count} loaded copies: {reason}")
+    async def enough() -> bool:
+        return (await copies_of(target, name)).count("(loaded)") >= count
+
+    await wait_until(enough, timeout_s, f"{count} loaded copies of {name}")
+    return await copies_of(target, name)
 
 
 async def test_a_hot_model_gets_extra_copies_and_min_copies_holds(tmp_path: Path) -> None:
@@ -55,7 +52,7 @@ async def test_a_hot_model_gets_extra_copies_and_min_copies_holds(tmp_path: Path
             stop = time.monotonic() + 6.0
             while time.monotonic() < stop:  # about 100 req/s: five times one copy's threshold
                 await asyncio.gather(*(client.infer("hot", x_input()) for _ in range(4)))
-                await asyncio.sleep(0.03)
+                await asyncio.sleep(0.03)  # paces the load to that rate
             reason = await wait_for_copies(target, "hot", 2, timeout_s=10)
             assert "node-" in reason
             assert (await copies_of(target, "cold")).count("(loaded)") == 1  # one use: one copy

@@ -91,7 +91,8 @@ def test_load_registers_from_storage_uri_and_uploaded_files_and_it_survives_rest
             for inp in inputs:
                 inp.set_data_from_numpy(np.ones((1, 16), np.float32))
             assert client.infer("single", inputs).as_numpy("OUTPUT0")[0, 0] == 2.0
-            assert client.infer("uploaded", [ones_input()]).as_numpy("OUTPUT0").shape == (1, 4)
+            np.testing.assert_allclose(client.infer("uploaded", [ones_input()]).as_numpy("OUTPUT0"),
+                                       mlp_reference(upload_src, x), rtol=1e-4, atol=1e-5)
     finally:
         node.stop()
 

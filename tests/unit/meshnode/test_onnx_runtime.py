@@ -20,9 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploy.local import models as examples
 from meshnode.errors import InvalidInput, LoadFailed, ModelUnavailable
-from meshnode.runtimes.base import ModelSource
 from meshnode.runtimes.onnx import PROBE_RUNS, OnnxModel, OnnxRuntime
 from meshnode.runtimes.tensors import DATATYPE_TO_NUMPY
+from meshnode.storage.repository import ModelSource
 from meshpb import pb
 from router.errors import MeshError
 
@@ -281,7 +281,7 @@ def test_more_intra_op_threads_share_the_global_pool(tmp_path: Path) -> None:
 import asyncio, os
 from pathlib import Path
 import numpy as np
-from meshnode.runtimes.base import ModelSource
+from meshnode.storage.repository import ModelSource
 from meshnode.runtimes.onnx import OnnxRuntime
 
 async def main():
