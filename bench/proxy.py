@@ -28,12 +28,13 @@ if TYPE_CHECKING:
 
 READY_PREFIX = "proxy ready port="
 
-UnaryHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
-StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]
+Context = grpc.aio.ServicerContext[bytes, bytes]
+UnaryHandler = Callable[[bytes, Context], Awaitable[bytes]]
+StreamHandler = Callable[[AsyncIterator[bytes], Context], AsyncIterator[bytes]]
 
 
-def _unary(call: grpc.aio.UnaryUnaryMultiCallable) -> UnaryHandler:
-    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+def _unary(call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> UnaryHandler:
+    async def handler(request: bytes, context: Context) -> bytes:
         try:
             response: bytes = await call(request, timeout=context.time_remaining())
             return response
@@ -44,8 +45,8 @@ def _unary(call: grpc.aio.UnaryUnaryMultiCallable) -> UnaryHandler:
     return handler
 
 
-def _streaming(call: grpc.aio.StreamStreamMultiCallable) -> StreamHandler:
-    async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+def _streaming(call: grpc.aio.StreamStreamMultiCallable[bytes, bytes]) -> StreamHandler:
+    async def handler(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
         try:
             async for response in call(requests, timeout=context.time_remaining()):
                 yield response
@@ -55,9 +56,9 @@ def _streaming(call: grpc.aio.StreamStreamMultiCallable) -> StreamHandler:
     return handler
 
 
-def method_handlers(channel: grpc.aio.Channel) -> dict[str, grpc.RpcMethodHandler]:
+def method_handlers(channel: grpc.aio.Channel) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
     """Every method of the service, request and response left as bytes (no (de)serializers)."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
     for method, (_, _, client_streams, server_streams) in INFERENCE_METHODS.items():
         path = f"/{INFERENCE_SERVICE}/{method}"
         if client_streams and server_streams:
@@ -72,7 +73,7 @@ async def serve(upstream: str, host: str, port: int) -> None:
     server = transport.create_server()
     handlers = method_handlers(channel)
     # Registered as the node registers its own (transport.add_inference_service), so lookup costs match.
-    server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
+    transport.add_registered_method_handlers(server, INFERENCE_SERVICE, handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),))
     bound = transport.bind(server, host, port)
     await server.start()

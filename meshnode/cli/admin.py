@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -25,10 +25,15 @@ from meshpb import mpb
 DEFAULT_TARGET = "127.0.0.1:8033"
 TIMEOUT_S = 120.0
 
+# What a command answers: one message, a listing, or nothing (unregister, delete).
+Result: TypeAlias = (
+    "mpb.ModelStatus | mpb.Alias | list[mpb.ModelStatus] | list[mpb.Alias] | list[mpb.Node] | None")
 
-def add_admin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    def command(parent: Any, name: str, text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=text)
+
+def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def command(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                text: str) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=text)
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"any node, HOST:PORT (default {DEFAULT_TARGET})")
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
         return p
@@ -75,9 +80,9 @@ async def _pages(call: Callable[..., Any], request: Any, field: str) -> AsyncIte
         request.page_token = response.next_page_token
 
 
-async def _call(args: argparse.Namespace) -> Message | list[Message] | None:
+async def _call(args: argparse.Namespace) -> Result:
     async with transport.create_channel(args.target) as channel:
-        stub: Any = transport.ManagementStub(channel)
+        stub = transport.ManagementStub(channel)
         kind, action = args.command, getattr(args, "action", "")
         if kind == "nodes":
             return list((await stub.ListNodes(mpb.ListNodesRequest(), timeout=TIMEOUT_S)).nodes)
@@ -169,15 +174,17 @@ def _model_detail(m: Any, now: float) -> str:
     return "\n".join(lines)
 
 
-def render(args: argparse.Namespace, result: Message | list[Message] | None) -> str:
+def render(args: argparse.Namespace, result: Result) -> str:
     if args.json:
-        as_dict = (lambda m: MessageToDict(m, preserving_proto_field_name=True,  # noqa: E731
-                                           always_print_fields_with_no_presence=True))
+        def as_dict(m: Message) -> dict[str, Any]:
+            return MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
         return json.dumps([as_dict(r) for r in result] if isinstance(result, list) else
                           as_dict(result) if result is not None else {"ok": True}, indent=2)
     now, action = time.time(), getattr(args, "action", "")
     if args.command == "nodes":
-        return table([_node_row(n, now) for n in result or []], "(no nodes)")
+        # `nodes` answers a list of nodes
+        return table([_node_row(n, now) for n in cast("list[mpb.Node]", result or [])], "(no nodes)")
     if result is None:
         return f"{action}: done"
     if isinstance(result, list):
@@ -186,8 +193,8 @@ def render(args: argparse.Namespace, result: Message | list[Message] | None) -> 
     if isinstance(result, mpb.ModelStatus):
         return _model_detail(result, now)
     if action == "set":
-        was = f" (was {result.previous_model})" if result.previous_model else ""  # type: ignore[attr-defined]
-        return f"{result.alias} -> {result.model}{was}"  # type: ignore[attr-defined]
+        was = f" (was {result.previous_model})" if result.previous_model else ""
+        return f"{result.alias} -> {result.model}{was}"
     return table([_alias_row(result, now)], "")
 
 

@@ -13,7 +13,7 @@ from meshnode.runtimes import RUNTIMES
 from meshnode.settings import NodeSettings, parse_size
 
 
-def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node = sub.add_parser("node", help="run a mesh node (every flag also reads MESHSERVE_<FLAG>)")
     # Defaults are None so that an unset flag leaves the environment variable or default in force.
     node.add_argument("--etcd", help="etcd endpoint HOST:PORT (MESHSERVE_ETCD)")
@@ -47,7 +47,7 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                       help="Triton's --model-repository: its models load by name, others are uploaded")
 
 
-def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _local_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     local = sub.add_parser("local", help="start an etcd and N nodes on loopback for development")
     local.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
     local.add_argument("--model-repository", required=True, help="Triton-layout model repository directory")
@@ -57,7 +57,7 @@ def _local_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                        help="run each node beside a Triton server of its own (`make triton` installs it)")
 
 
-def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     simulate = sub.add_parser("simulate", add_help=False,
                               help="run the placement and cache policies over a workload, against baselines")
     simulate.add_argument("args", nargs=argparse.REMAINDER, help="see `meshserve simulate --help`")

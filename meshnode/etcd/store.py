@@ -15,7 +15,7 @@ import json
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import aetcd
 import grpc
@@ -40,6 +40,11 @@ __all__ = ["Entry", "EtcdConflict", "EtcdError", "EtcdStore", "EtcdUnavailable",
 __all__ += ["Lease", "WatchEvent", "WatchResync"]
 
 T = TypeVar("T")
+
+# aetcd.Client.transaction's answer (aetcd has no type information): whether the compares held, and a result
+# per operation run: etcd's ResponseOp for a put or a delete; for a get, the key's (value, aetcd.rtypes.Get)
+# pairs, empty when it is absent.
+_TxnResult = tuple[bool, list[Any]]
 
 PAGE_SIZE = 1000
 # grpc's default reconnect backoff grows to 120 s: after an etcd restart the node would sit idle
@@ -107,7 +112,7 @@ class EtcdStore:
         """The client's gRPC channel, for the streaming calls in meshnode.etcd_streams."""
         await self._client.connect()
         assert self._client.channel is not None
-        return self._client.channel
+        return cast(grpc.aio.Channel, self._client.channel)
 
     async def retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run op, retrying transient failures with backoff until retry_window has passed."""
@@ -221,21 +226,21 @@ class EtcdStore:
         values = {self.full_key(k): encode(v) for k, v in puts.items()}
         tries = 0
 
-        async def attempt() -> tuple[bool, list[object]]:
+        async def attempt() -> _TxnResult:
             nonlocal tries
             tries += 1
             self.writes += 1
-            return await self._client.transaction(  # type: ignore[no-any-return]
+            return await self._transaction(
                 compare=compare, success=[tx.put(k, v) for k, v in values.items()],
                 failure=[tx.get(k) for k in values])
 
         ok, responses = await self.retrying(f"commit {', '.join(puts)}", attempt)
         if ok:
-            return self._seen(responses[0].response_put.header.revision)  # type: ignore[attr-defined]
-        found = [r[0][1] if r else None for r in responses]  # type: ignore[index]
+            return self._seen(responses[0].response_put.header.revision)
+        found = [r[0][1] if r else None for r in responses]
         if tries > 1 and all(kv is not None and kv.value == v for kv, v in zip(found, values.values(), strict=True)):
             # An earlier attempt whose answer was lost wrote exactly this: it was ours.
-            return self._seen(max(kv.mod_revision for kv in found))  # type: ignore[union-attr]
+            return self._seen(max(kv.mod_revision for kv in found if kv is not None))
         return None
 
     async def update(
@@ -304,23 +309,28 @@ class EtcdStore:
         write = tx.delete(k) if value is None else tx.put(k, value, lease.id if lease is not None else None)
         tries = 0
 
-        async def attempt() -> tuple[bool, list[object]]:
+        async def attempt() -> _TxnResult:
             nonlocal tries
             tries += 1
             self.writes += 1
-            return await self._client.transaction(compare=[compare], success=[write], failure=[tx.get(k)])  # type: ignore[no-any-return]
+            return await self._transaction(compare=[compare], success=[write], failure=[tx.get(k)])
 
         ok, responses = await self.retrying(f"write {key}", attempt)
         if ok:
             done = responses[0]
-            inner = done.response_delete_range if value is None else done.response_put  # type: ignore[attr-defined]
+            inner = done.response_delete_range if value is None else done.response_put
             return True, None, self._seen(inner.header.revision)
         found = responses[0]
-        current = (found[0][1].value, found[0][1].mod_revision) if found else None  # type: ignore[index]
+        current = (found[0][1].value, found[0][1].mod_revision) if found else None
         if tries > 1 and value is not None and current is not None and current[0] == value:
             # An earlier attempt whose answer was lost wrote exactly this: it was ours.
             return True, None, current[1]
         return False, current, 0
+
+    async def _transaction(self, compare: list[Any], success: list[Any], failure: list[Any]) -> _TxnResult:
+        """aetcd's transaction, typed."""
+        result: _TxnResult = await self._client.transaction(compare=compare, success=success, failure=failure)
+        return result
 
     # --- leases and watches (meshnode.etcd.streams) ---
 

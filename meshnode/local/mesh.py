@@ -7,15 +7,24 @@ import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TypedDict
 
 from meshnode.local.etcd import EtcdProcess
 from meshnode.local.node import NodeProcess
 from meshnode.local.triton import TritonProcess
 
 
+class _StartArgs(TypedDict):
+    """NodeProcess.start's arguments that every node of the mesh shares."""
+
+    etcd: str
+    model_repository: Path
+    capacity: str
+    etcd_prefix: str
+
+
 class LocalMesh:
-    def __init__(self, etcd: EtcdProcess, nodes: list[NodeProcess], log_dir: Path, start_args: dict[str, Any],
+    def __init__(self, etcd: EtcdProcess, nodes: list[NodeProcess], log_dir: Path, start_args: _StartArgs,
                  node_args: list[list[str]], tritons: list[TritonProcess]) -> None:
         self.etcd = etcd
         self.nodes = nodes
@@ -38,8 +47,8 @@ class LocalMesh:
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="meshserve-local-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         etcd = EtcdProcess.start()
-        common = {"etcd": etcd.endpoint, "model_repository": model_repository, "capacity": capacity,
-                  "etcd_prefix": etcd_prefix}
+        common: _StartArgs = {"etcd": etcd.endpoint, "model_repository": model_repository, "capacity": capacity,
+                              "etcd_prefix": etcd_prefix}
         started: list[NodeProcess] = []
         tritons: list[TritonProcess] = []
         node_args: list[list[str]] = []

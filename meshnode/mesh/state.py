@@ -27,7 +27,7 @@ from meshnode.runtimes.base import Runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.state.instances import PREFIX as INSTANCES
 from meshnode.state.instances import decode_node
-from meshnode.state.registry import Copy, ModelRecord, Registry
+from meshnode.state.registry import NO_COPY, Copy, ModelRecord, Registry
 from meshnode.storage.repository import model_source
 from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView, NodeView
 from router.errors import MeshError
@@ -162,7 +162,7 @@ class MeshState:
         copies = dict(record.copies)
         if mine is None:
             copies.pop(me, None)
-        elif copies.get(me, {}).get("state") != mine["state"]:
+        elif copies.get(me, NO_COPY).get("state") != mine["state"]:
             copies[me] = mine
         failures = dict(record.failures)
         failure = self._cache.failures.newest(record.name)

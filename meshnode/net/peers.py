@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import grpc
 
@@ -62,7 +61,8 @@ class GrpcPeers:
             self._stubs[node.instance_id] = found
         return found[2]
 
-    async def infer(self, node: NodeView, request: Any, hop: Hop, budget_s: float | None) -> Any:
+    async def infer(self, node: NodeView, request: pb.ModelInferRequest, hop: Hop,
+                    budget_s: float | None) -> pb.ModelInferResponse:
         peer = node.instance_id
         self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
         try:
@@ -99,7 +99,8 @@ class GrpcPeers:
         except grpc.aio.AioRpcError as error:
             raise peer_error(node.instance_id, error) from None
 
-    async def metadata(self, node: NodeView, name: str, version: str, budget_s: float = 5.0) -> Any:
+    async def metadata(self, node: NodeView, name: str, version: str,
+                       budget_s: float = 5.0) -> pb.ModelMetadataResponse:
         """The model's metadata from the copy on `node` (marked as forwarded: it never loads there)."""
         hop = Hop(hops=1, mode=Mode.COPY)
         try:

@@ -6,13 +6,15 @@ TLS/mTLS, interceptors (tracing) and message-size limits plug in here and nowher
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 import grpc
+from google.protobuf.message import Message
+from grpc.aio import StreamStreamMultiCallable, UnaryUnaryMultiCallable
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MANAGEMENT_SERVICE, Methods
+from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MANAGEMENT_SERVICE, Methods, mpb, pb
 
 # Tensors are large and Triton sets no practical limit; 2 GiB is protobuf's own ceiling.
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -26,6 +28,28 @@ _OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+# method -> (request class, response class, client streams, server streams), as meshpb.Methods with the classes
+# typed as what they are: meshpb's message classes.
+_MessageMethods = Mapping[str, tuple[type[Message], type[Message], bool, bool]]
+
+
+def _message_methods(methods: Methods) -> _MessageMethods:
+    # meshpb.Methods types its classes as plain `type`; they come from GetMessageClass.
+    return cast(_MessageMethods, methods)
+
+
+class _RegistersMethodHandlers(Protocol):
+    # grpc.aio.Server has this method at run time (grpcio 1.81), but types-grpcio 1.82 does not declare it.
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None: ...
+
+
+def add_registered_method_handlers(server: grpc.aio.Server, service: str,
+                                   method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+    """`server.add_registered_method_handlers(service, method_handlers)`, typed."""
+    cast(_RegistersMethodHandlers, server).add_registered_method_handlers(service, method_handlers)
 
 
 def create_server(interceptors: list[Any] | None = None) -> grpc.aio.Server:
@@ -43,8 +67,8 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
 def add_service(server: grpc.aio.Server, service: str, methods: Methods,
                 handlers: Mapping[str, Callable[..., Any]]) -> None:
     """Serve `handlers` (method name -> coroutine or async generator) under the service path `service`."""
-    method_handlers = {}
-    for method, (request_cls, response_cls, client_streams, server_streams) in methods.items():
+    method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method, (request_cls, response_cls, client_streams, server_streams) in _message_methods(methods).items():
         handler = handlers.get(method)
         if handler is None:
             continue
@@ -61,7 +85,7 @@ def add_service(server: grpc.aio.Server, service: str, methods: Methods,
             request_deserializer=request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )
-    server.add_registered_method_handlers(service, method_handlers)
+    add_registered_method_handlers(server, service, method_handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, method_handlers),))
 
 
@@ -98,10 +122,12 @@ def create_channel(target: str) -> grpc.aio.Channel:
 
 
 class Stub:
-    """Client of one service: an attribute per method, taking and returning meshserve's messages."""
+    """Client of one service: an attribute per method, taking and returning meshserve's messages.
+
+    Subclasses declare the attributes' types, one per method of their service."""
 
     def __init__(self, channel: grpc.aio.Channel, service: str, methods: Methods) -> None:
-        for method, (request_cls, response_cls, client_streams, server_streams) in methods.items():
+        for method, (request_cls, response_cls, client_streams, server_streams) in _message_methods(methods).items():
             make = channel.stream_stream if client_streams and server_streams else channel.unary_unary
             setattr(self, method, make(
                 f"/{service}/{method}",
@@ -113,10 +139,31 @@ class Stub:
 class InferenceStub(Stub):
     """Triton's service path with meshserve's messages (CLI, peers, tests, the Triton runtime)."""
 
+    ServerLive: UnaryUnaryMultiCallable[pb.ServerLiveRequest, pb.ServerLiveResponse]
+    ServerReady: UnaryUnaryMultiCallable[pb.ServerReadyRequest, pb.ServerReadyResponse]
+    ModelReady: UnaryUnaryMultiCallable[pb.ModelReadyRequest, pb.ModelReadyResponse]
+    ServerMetadata: UnaryUnaryMultiCallable[pb.ServerMetadataRequest, pb.ServerMetadataResponse]
+    ModelMetadata: UnaryUnaryMultiCallable[pb.ModelMetadataRequest, pb.ModelMetadataResponse]
+    ModelInfer: UnaryUnaryMultiCallable[pb.ModelInferRequest, pb.ModelInferResponse]
+    ModelStreamInfer: StreamStreamMultiCallable[pb.ModelInferRequest, pb.ModelStreamInferResponse]
+    RepositoryIndex: UnaryUnaryMultiCallable[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse]
+    RepositoryModelLoad: UnaryUnaryMultiCallable[pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse]
+    RepositoryModelUnload: UnaryUnaryMultiCallable[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse]
+
     def __init__(self, channel: grpc.aio.Channel) -> None:
         super().__init__(channel, INFERENCE_SERVICE, INFERENCE_METHODS)
 
 
 class ManagementStub(Stub):
+    RegisterModel: UnaryUnaryMultiCallable[mpb.RegisterModelRequest, mpb.ModelStatus]
+    UnregisterModel: UnaryUnaryMultiCallable[mpb.UnregisterModelRequest, mpb.UnregisterModelResponse]
+    GetModelStatus: UnaryUnaryMultiCallable[mpb.GetModelStatusRequest, mpb.ModelStatus]
+    ListModels: UnaryUnaryMultiCallable[mpb.ListModelsRequest, mpb.ListModelsResponse]
+    SetAlias: UnaryUnaryMultiCallable[mpb.SetAliasRequest, mpb.Alias]
+    GetAlias: UnaryUnaryMultiCallable[mpb.GetAliasRequest, mpb.Alias]
+    DeleteAlias: UnaryUnaryMultiCallable[mpb.DeleteAliasRequest, mpb.DeleteAliasResponse]
+    ListAliases: UnaryUnaryMultiCallable[mpb.ListAliasesRequest, mpb.ListAliasesResponse]
+    ListNodes: UnaryUnaryMultiCallable[mpb.ListNodesRequest, mpb.ListNodesResponse]
+
     def __init__(self, channel: grpc.aio.Channel) -> None:
         super().__init__(channel, MANAGEMENT_SERVICE, MANAGEMENT_METHODS)

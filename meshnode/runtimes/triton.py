@@ -36,6 +36,7 @@ from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, TensorSpec
 from meshnode.storage.repository import CONFIG_FILE, ModelSource, files_bytes, version_files
 from meshpb import pb
+from router.errors import MeshError
 from router.hop import trace_context
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ class TritonRuntime:
         return self._client
 
     @property
-    def stub(self) -> Any:
+    def stub(self) -> transport.InferenceStub:
         if self._stub is None:
             self._channel = transport.create_channel(self.url)
             self._stub = transport.InferenceStub(self._channel)
@@ -212,7 +213,7 @@ class TritonRuntime:
                                      f"{self._control_message(error)}") from None
             self._unloaded.add(model.name)
 
-    def infer_error(self, name: str, error: grpc.aio.AioRpcError) -> Internal:
+    def infer_error(self, name: str, error: grpc.aio.AioRpcError) -> MeshError:
         code, details = error.code(), error.details() or ""
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(details)

@@ -88,7 +88,10 @@ class DataPlane:
             sent = request.parameters.get(PARAMETER_KEY)
             if sent is not None:  # from a peer: the hop rides in the request (router.hop)
                 hop = Hop.decode(sent.string_param, hop.propagated)
-            return await self._router.route(request, hop, time_remaining() if time_remaining is not None else None)
+            # The router knows no protocol (router.ports): it answers what this node or a peer answered.
+            response: pb.ModelInferResponse = await self._router.route(
+                request, hop, time_remaining() if time_remaining is not None else None)
+            return response
         finally:
             self.inflight -= 1
             metrics.observe_api_ms((time.perf_counter() - started) * 1000.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 log = logging.getLogger(__name__)
 
@@ -16,16 +16,18 @@ class JsonRecord:
     older node does not drop them."""
 
     extra: dict[str, Any]
+    # Set by @dataclass on each record class; declared so that dataclasses.fields() accepts this base.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_json(self) -> bytes:
-        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        fields = dataclasses.fields(self)
         data = {f.name: getattr(self, f.name) for f in fields if f.name != "extra"}
         return json.dumps({**self.extra, **data}, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Self:
         """Raises ValueError or TypeError for a record that is not one of these."""
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        fields = dataclasses.fields(cls)
         data = json.loads(raw)
         key = fields[0].name
         if not isinstance(data, dict) or not isinstance(data.get(key), str):

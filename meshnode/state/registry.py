@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -27,6 +27,10 @@ class Failure(TypedDict):
 class Copy(TypedDict):
     state: str  # placement.types.LOADING or LOADED
     since: float
+
+
+# The default of `copies.get(instance_id, NO_COPY)`: no copy there, so no state.
+NO_COPY: Mapping[str, object] = {}
 
 
 @dataclass
