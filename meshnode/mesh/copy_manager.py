@@ -27,7 +27,7 @@ from meshnode.state.registry import NO_COPY, Copy, ModelRecord, Registry
 from meshnode.storage.repository import model_source
 from placement.copies import CopyConfig, CopyLoad, plan_copy_changes, plan_proactive_loads
 from placement.policy import active_failures, choose_load_target, load_exclusions
-from placement.types import LOADED, LOADING
+from placement.types import LOADED, LOADING, NodeView
 from router.errors import MeshError
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,7 @@ class CopyManager:
         view = self._mesh.model(name)
         others = [c.instance_id for c in view.copies if c.instance_id != me and c.state == LOADED
                   and c.instance_id in live and not live[c.instance_id].shutting_down] if view else []
-        # Known bug, left for a fix of its own: the `await` makes this an async generator, which next() refuses
-        # (TypeError), so this task always fails and no extra copy is ever removed; `await anext(...)` is meant.
-        confirmed = next((o for o in others if await self._peers.ready(live[o])), None)  # type: ignore[call-overload]
+        confirmed = await _first_ready(self._peers, [live[o] for o in others])
         if confirmed is None:
             return
         released = False
@@ -192,3 +190,10 @@ class CopyManager:
         if not self._cache.load_in_background(source, self._replica.load_options(record, source), evict=False):
             self._mesh.copy_changed(name)  # the claim stays unfulfilled: let the record be corrected
 
+
+async def _first_ready(peers: GrpcPeers, nodes: list[NodeView]) -> str | None:
+    """The first of `nodes` that answers a readiness probe, asked one at a time."""
+    for node in nodes:
+        if await peers.ready(node):
+            return node.instance_id
+    return None
