@@ -2,7 +2,7 @@
 
 Sub-packages are layers, each importing only those below it (tests/unit/test_architecture.py checks):
 
-    node.py, cli, local   composition root, the `meshserve` command, process launchers
+    cli, local, node.py   the `meshserve` command, process launchers, the composition root
     api                   gRPC servicers: convert messages, call one core, map errors to statuses
     control               model control (Triton's repository API), management, aliases' switch and retirement
     mesh                  this node in the mesh: shared copies and claims, copy manager, drain, peer metadata

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import grpc
 from aetcd import rpc
@@ -19,8 +19,19 @@ from aetcd.utils import prefix_range_end
 
 from meshnode.etcd.types import EtcdError, EtcdUnavailable, Lease, WatchEvent, WatchResync, is_transient
 
-if TYPE_CHECKING:
-    from meshnode.etcd.store import EtcdStore
+
+class StreamHost(Protocol):
+    """What the streams need of the store that owns them (meshnode.etcd.store.EtcdStore): its keys,
+    its channel, the newest revision it has seen, and its lease calls."""
+
+    highest_revision: int
+
+    def full_key(self, key: str) -> bytes: ...
+    def relative_key(self, full: bytes) -> str: ...
+    async def channel(self) -> grpc.aio.Channel: ...
+    async def refresh_lease(self, lease: Lease) -> int: ...
+    async def grant_lease(self, ttl: int) -> Lease: ...
+    async def revoke_lease(self, lease: Lease) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +42,7 @@ class _StreamEnded(Exception):
     """etcd closed the watch stream without an error status (it is shutting down)."""
 
 
-async def watch_prefix(store: EtcdStore, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+async def watch_prefix(store: StreamHost, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
     """Yield every change under key_prefix from start_revision on, in revision order, forever.
 
     A lost connection is retried without end (the caller cancels to stop) and the stream resumes
@@ -116,7 +127,7 @@ class KeepAlive:
 
     def __init__(
         self,
-        store: EtcdStore,
+        store: StreamHost,
         lease: Lease,
         interval: float,
         on_lost: Callable[[Lease], Awaitable[None]] | None,

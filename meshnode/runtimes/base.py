@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from meshnode.storage.repository import ModelSource
@@ -65,3 +66,23 @@ class Runtime(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class RuntimeSettings(Protocol):
+    """What a runtime is made from: the node's settings (meshnode.settings.NodeSettings) as runtimes read
+    them, so that runtimes depend on no layer above them."""
+
+    @property
+    def runtime(self) -> str: ...
+    @property
+    def load_concurrency(self) -> int: ...
+    @property
+    def infer_workers(self) -> int: ...
+    @property
+    def inline_threshold_ms(self) -> float: ...
+    @property
+    def intra_op_threads(self) -> int: ...
+    @property
+    def triton_url(self) -> str | None: ...
+    @property
+    def triton_model_repository(self) -> Path | None: ...

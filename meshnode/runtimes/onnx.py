@@ -26,14 +26,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from meshnode.errors import Internal, InvalidInput, LoadFailed, ModelUnavailable
-from meshnode.runtimes.base import CallerMetadata, LoadedModel, TensorSpec
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, RuntimeSettings, TensorSpec
 from meshnode.runtimes.tensors import (
     SpecIndex,
     datatype_of_onnx,
@@ -45,9 +44,6 @@ from meshnode.runtimes.tensors import (
 from meshnode.storage.repository import ModelSource, files_bytes
 from meshpb import pb
 from router.errors import MeshError
-
-if TYPE_CHECKING:
-    from meshnode.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +300,7 @@ class OnnxRuntime:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
-def create(settings: NodeSettings) -> OnnxRuntime:
+def create(settings: RuntimeSettings) -> OnnxRuntime:
     return OnnxRuntime(
         intra_op_threads=settings.intra_op_threads, load_workers=settings.load_concurrency,
         infer_workers=settings.infer_workers, inline_threshold_ms=settings.inline_threshold_ms,

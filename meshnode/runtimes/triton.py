@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import tritonclient.grpc.aio as triton_aio
@@ -33,14 +33,11 @@ from meshnode.errors import (
     ModelUnavailable,
 )
 from meshnode.net import transport
-from meshnode.runtimes.base import CallerMetadata, LoadedModel, TensorSpec
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, RuntimeSettings, TensorSpec
 from meshnode.storage.repository import CONFIG_FILE, ModelSource, files_bytes, version_files
 from meshpb import pb
 from router.errors import MeshError
 from router.hop import trace_context
-
-if TYPE_CHECKING:
-    from meshnode.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +249,7 @@ def _upload(source: ModelSource) -> _Upload:
     return _Upload(json_format.MessageToJson(config), files)
 
 
-def create(settings: NodeSettings) -> TritonRuntime:
+def create(settings: RuntimeSettings) -> TritonRuntime:
     if not settings.triton_url:
         raise ValueError("the triton runtime needs triton_url")
     return TritonRuntime(settings.triton_url, settings.triton_model_repository)
