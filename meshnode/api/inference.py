@@ -1,45 +1,16 @@
-"""Thin gRPC handlers: convert, call the dataplane or model control, map errors in one place."""
+"""Thin gRPC handlers of Triton's inference protocol: convert, call the dataplane or model control."""
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-import grpc
-
+from meshnode.api.status import maps_errors, status_of
 from meshnode.control.model_control import ModelControl
 from meshnode.control.registration import read_load, read_unregister
 from meshnode.serving.dataplane import DataPlane
 from meshpb import pb
-from router.errors import MeshError
 from router.hop import Hop
-
-log = logging.getLogger(__name__)
-R = TypeVar("R")
-
-
-def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, MeshError):
-        return error.code, str(error)
-    log.exception("unexpected error", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
-
-
-def maps_errors(
-    handler: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]:
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
-        try:
-            return await handler(self, request, context)
-        except Exception as error:
-            code, message = _status_of(error)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
-
-    return wrapper
 
 
 def _parameters(params: Any) -> dict[str, object]:
@@ -92,7 +63,7 @@ class InferenceServicer:
                 response = await self._dataplane.infer(request, context.invocation_metadata,
                                                         context.time_remaining)
             except Exception as error:
-                yield pb.ModelStreamInferResponse(error_message=_status_of(error)[1])
+                yield pb.ModelStreamInferResponse(error_message=status_of(error)[1])
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
 

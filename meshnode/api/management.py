@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from meshnode.api.inference import maps_errors
+from meshnode.api.status import maps_errors
 from meshnode.control.management import Management, ModelStatus
 from meshnode.control.registration import Registration
 from meshnode.state.aliases import AliasRecord
