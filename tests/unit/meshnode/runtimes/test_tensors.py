@@ -26,7 +26,7 @@ from meshnode.runtimes.tensors import (
     requested_outputs,
 )
 from meshpb import pb
-from tests.unit.meshnode.tensor_cases import (
+from tests.unit.meshnode.runtimes.tensor_cases import (
     DATATYPES,
     MODEL,
     TYPED_DATATYPES,

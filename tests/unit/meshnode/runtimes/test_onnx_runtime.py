@@ -296,7 +296,7 @@ async def main():
 
 asyncio.run(main())
 """
-    repo_root = Path(__file__).resolve().parents[3]
+    repo_root = Path(__file__).resolve().parents[4]
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo_root)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) <= 2

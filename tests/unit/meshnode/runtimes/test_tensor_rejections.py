@@ -12,7 +12,7 @@ from meshnode.runtimes.tensors import (
     decode_inputs,
 )
 from meshpb import pb
-from tests.unit.meshnode.tensor_cases import (
+from tests.unit.meshnode.runtimes.tensor_cases import (
     MODEL,
     FP32_1x16,
     client_request,
