@@ -1,0 +1,256 @@
+"""ModelControl over the real registry, aliases, cache, replica and mesh state (fake etcd, fake runtime)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from meshnode.control.model_control import IndexEntry
+from meshnode.control.registration import CopyHere, Registration
+from meshnode.errors import AlreadyExists, FailedPrecondition, InvalidInput, LoadFailed, ModelNotFound
+from meshnode.state.aliases import AliasRecord
+from meshnode.state.registry import Copy, Failure
+from placement.types import LOADED, LOADING
+from tests.unit.meshnode.fakes import ME, NOW, FakeStore, LoadPlan, NodeParts, node_view, write_model
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[NodeParts]:
+    store = FakeStore()
+    store.publish(node_view(ME), node_view("n2"))
+    parts = await NodeParts(store, tmp_path / "repo").start()
+    yield parts
+    await parts.stop()
+
+
+def elsewhere(tmp_path: Path, name: str, versions: tuple[str, ...] = ("1",)) -> Path:
+    """A model directory outside the repository, for storage_uri."""
+    return write_model(tmp_path / "elsewhere", name, versions)
+
+
+# -- registering --------------------------------------------------------------------------------------
+
+
+async def test_uploaded_files_are_stored_in_the_repository_registered_and_loaded_here(node: NodeParts) -> None:
+    await node.control.load(Registration("up", files={"1/model.onnx": b"weights", "config.pbtxt": b"cfg"}))
+    assert (node.repository / "up" / "1" / "model.onnx").read_bytes() == b"weights"
+    assert (node.repository / "up" / "config.pbtxt").read_bytes() == b"cfg"
+    record = node.record("up")
+    assert (record.storage, record.runtime, record.enabled, record.size_hint) == \
+        (str(node.repository.resolve() / "up"), "onnxruntime", True, None)
+    assert node.runtime.loads == ["up@1"]
+    assert [e.inflight for e in node.cache.entries("up")] == [0]  # loaded and released
+
+
+async def test_a_storage_uri_is_registered_resolved_and_its_latest_version_loaded(node: NodeParts,
+                                                                                  tmp_path: Path) -> None:
+    directory = elsewhere(tmp_path, "m", ("1", "2"))
+    await node.control.register(Registration("m", storage_uri=f"file://{directory}"))
+    assert node.record("m").storage == str(directory.resolve())
+    assert node.runtime.loads == ["m@2"]
+
+
+async def test_a_model_in_the_repository_is_registered_by_name(node: NodeParts) -> None:
+    write_model(node.repository, "scanned")
+    await node.control.register(Registration("scanned"))
+    assert node.record("scanned").storage == str(node.repository.resolve() / "scanned")
+    assert node.runtime.loads == ["scanned@1"]
+
+
+async def test_a_model_found_nowhere_is_not_found(node: NodeParts) -> None:
+    with pytest.raises(ModelNotFound) as raised:
+        await node.control.register(Registration("ghost"))
+    assert str(raised.value) == ("failed to load 'ghost': not in the model repository and no storage_uri or files "
+                                 "given")
+    assert node.registry.get("ghost") is None
+
+
+async def test_loading_a_registered_model_again_keeps_its_storage_and_copies_and_forgets_failures(
+        node: NodeParts, tmp_path: Path) -> None:
+    directory = elsewhere(tmp_path, "m")
+    await node.control.register(Registration("m", storage_uri=str(directory), lazy=True))
+    failed = {"n2": Failure(at=NOW, message="corrupt")}
+    await node.registry.update("m", lambda r: replace(r, enabled=False, copies={"n2": Copy(state=LOADED, since=NOW)},
+                                                      size_bytes=123, failures=failed) if r else None)
+    await node.control.register(Registration("m", lazy=True))  # no files, no uri: the registration stands
+    record = node.record("m")
+    assert (record.storage, record.enabled, record.size_bytes, record.failures) == \
+        (str(directory.resolve()), True, 123, {})
+    assert record.copies == {"n2": Copy(state=LOADED, since=NOW)} and node.runtime.unloads == []
+
+
+async def test_new_files_replace_the_model_unloading_its_copies_and_forgetting_copies_and_size(
+        node: NodeParts) -> None:
+    await node.control.register(Registration("m", files={"1/model.onnx": b"old"}))
+    await node.recorded("m", lambda r: ME in r.copies and r.size_bytes == 100)
+    await node.registry.update("m", lambda r: replace(r, copies={**r.copies, "n2": Copy(state=LOADED, since=NOW)})
+                               if r else None)
+    await node.control.register(Registration("m", files={"1/model.onnx": b"new"}, lazy=True))
+    assert node.runtime.unloads == ["m@1"] and not node.cache.has_entry("m", "")
+    record = node.record("m")
+    assert (record.copies, record.size_bytes) == ({}, None)  # every copy in the mesh is stale now
+    assert (node.repository / "m" / "1" / "model.onnx").read_bytes() == b"new"
+
+
+async def test_a_new_storage_uri_replaces_the_model_and_the_new_one_is_loaded(node: NodeParts,
+                                                                              tmp_path: Path) -> None:
+    await node.control.register(Registration("m", storage_uri=str(elsewhere(tmp_path / "a", "m", ("1",)))))
+    await node.control.register(Registration("m", storage_uri=str(elsewhere(tmp_path / "b", "m", ("1", "2")))))
+    assert node.runtime.loads == ["m@1", "m@2"] and node.runtime.unloads == ["m@1"]
+    assert [e.key for e in node.cache.entries("m")] == ["m@2"]
+
+
+async def test_a_lazy_registration_loads_nothing_and_a_model_for_another_runtime_loads_nowhere_here(
+        node: NodeParts, tmp_path: Path) -> None:
+    await node.control.register(Registration("lazy", storage_uri=str(elsewhere(tmp_path, "lazy")), lazy=True))
+    await node.control.register(Registration("t", storage_uri=str(elsewhere(tmp_path, "t")), runtime="triton"))
+    assert node.record("lazy").runtime == "onnxruntime" and node.record("t").runtime == "triton"
+    assert node.runtime.loads == []
+
+
+async def test_keeping_fields_are_set_by_a_registration_and_kept_by_the_next_unless_it_says(
+        node: NodeParts, tmp_path: Path) -> None:
+    uri = str(elsewhere(tmp_path, "m"))
+    await node.control.register(Registration("m", storage_uri=uri, lazy=True, size_hint_bytes=500, pinned=True,
+                                             min_copies=2, load_timeout_s=9.0))
+    record = node.record("m")
+    assert (record.size_hint, record.pinned, record.min_copies, record.load_timeout_s) == (500, True, 2, 9.0)
+    await node.control.register(Registration("m", lazy=True, min_copies=3))
+    record = node.record("m")  # the size hint is replaced by every registration; the rest kept unless given
+    assert (record.size_hint, record.pinned, record.min_copies, record.load_timeout_s) == (None, True, 3, 9.0)
+
+
+async def test_an_alias_name_cannot_be_registered_as_a_model(node: NodeParts, tmp_path: Path) -> None:
+    assert await node.aliases.write(AliasRecord(alias="front", model="m"), 0) is not None
+    with pytest.raises(AlreadyExists, match="^'front' is an alias; a model needs a name of its own$"):
+        await node.control.register(Registration("front", storage_uri=str(elsewhere(tmp_path, "front"))))
+    with pytest.raises(InvalidInput, match="^invalid model name '../x'$"):
+        await node.control.register(Registration("../x"))
+
+
+async def test_a_registered_model_that_fails_to_load_stays_registered_and_the_load_fails(
+        node: NodeParts, tmp_path: Path) -> None:
+    node.runtime.plan("bad", LoadPlan(error=LoadFailed("model 'bad' is corrupt")))
+    with pytest.raises(LoadFailed, match="^load failed for model 'bad': model 'bad' is corrupt$"):
+        await node.control.register(Registration("bad", storage_uri=str(elsewhere(tmp_path, "bad"))))
+    assert node.record("bad").enabled
+    # Loading again is a retry now, whatever the backoff: a reload forgets failures.
+    await node.control.register(Registration("bad"))
+    assert node.runtime.loads == ["bad@1", "bad@1"]
+
+
+async def test_a_peers_copy_request_loads_a_copy_here_and_changes_no_registration(node: NodeParts) -> None:
+    await node.register("m", size_hint=300)
+    await node.control.load(CopyHere("m"))
+    assert node.runtime.loads == ["m@1"] and node.record("m").size_hint == 300
+    with pytest.raises(LoadFailed, match="^no copy of model 'ghost' on this node: Request for unknown model: "
+                                         "'ghost' is not found$"):
+        await node.control.load(CopyHere("ghost"))
+    with pytest.raises(InvalidInput):
+        await node.control.load(CopyHere("a/b"))
+
+
+async def test_the_repository_scan_registers_new_model_directories_lazily_once(node: NodeParts) -> None:
+    for name in ("a", "b", ".hidden"):
+        write_model(node.repository, name)
+    (node.repository / "not-a-model").mkdir()
+    assert await node.control.register_repository() == 2
+    assert sorted(node.registry.names()) == ["a", "b"] and node.runtime.loads == []
+    assert node.record("a").runtime == "onnxruntime"
+    await node.control.unload("a")
+    assert await node.control.register_repository() == 0
+    assert node.record("a").enabled is False  # the scan never re-enables what an unload disabled
+
+
+# -- unloading -----------------------------------------------------------------------------------------
+
+
+async def test_unload_disables_the_model_in_the_mesh_and_unloads_it_here(node: NodeParts) -> None:
+    await node.register("m")
+    await node.use("m")
+    await node.control.unload("m")
+    assert node.record("m").enabled is False
+    assert node.runtime.unloads == ["m@1"] and not node.cache.has_entry("m", "")
+
+
+async def test_unregister_forgets_the_model(node: NodeParts) -> None:
+    await node.register("m")
+    await node.use("m")
+    await node.control.unload("m", unregister=True)
+    assert node.registry.get("m") is None and "models/m" not in node.store.data
+    assert node.runtime.unloads == ["m@1"]
+
+
+@pytest.mark.parametrize("alias", [AliasRecord(alias="front", model="m"),
+                                   AliasRecord(alias="front", model="other", switching_to="m")])
+async def test_a_model_an_alias_points_or_switches_to_cannot_be_unregistered(node: NodeParts,
+                                                                             alias: AliasRecord) -> None:
+    await node.register("m")
+    await node.use("m")
+    assert await node.aliases.write(alias, 0) is not None
+    with pytest.raises(FailedPrecondition) as raised:
+        await node.control.unload("m", unregister=True)
+    assert str(raised.value) == ("model 'm' is the target of alias front: point the alias elsewhere or delete it "
+                                 "first")
+    assert node.record("m").enabled and node.cache.has_entry("m", "") and node.runtime.unloads == []
+
+
+async def test_unloading_an_unregistered_model_is_not_found(node: NodeParts) -> None:
+    for unregister in (False, True):
+        with pytest.raises(ModelNotFound, match="^failed to unload 'ghost': model is not registered$"):
+            await node.control.unload("ghost", unregister=unregister)
+
+
+# -- the index -----------------------------------------------------------------------------------------
+
+
+async def test_the_index_gives_each_models_state_in_the_mesh_in_name_order(node: NodeParts) -> None:
+    def at(state: str) -> Copy:
+        return Copy(state=state, since=NOW)
+
+    await node.register("a-ready", copies={"n2": at(LOADED)})
+    await node.register("b-loading", copies={"n2": at(LOADING)})
+    await node.register("c-off", enabled=False, copies={"n2": at(LOADED)})
+    await node.register("d-failed-on-n2", failures={"n2": Failure(at=NOW - 5, message="corrupt")})
+    await node.register("e-idle")
+    await node.register("f-dead-copy", copies={"gone": at(LOADED)})
+    await node.register("g-here")
+    await node.use("g-here")
+    await node.register("h-failed-here")
+    node.runtime.plan("h-failed-here", LoadPlan(error=LoadFailed("corrupt here")))
+    with pytest.raises(LoadFailed):
+        await node.use("h-failed-here")
+    await node.register("i-loading-here", versions=("1", "2"))
+    gate = asyncio.Event()
+    node.runtime.plan("i-loading-here", LoadPlan(gate=gate))
+    loading = asyncio.create_task(node.use("i-loading-here"))
+    await node.runtime.loads.wait(lambda loads: "i-loading-here@2" in loads)
+    assert node.control.index(ready_only=False) == [
+        IndexEntry("a-ready", "", "READY", "copies: n2 (loaded)"),
+        IndexEntry("b-loading", "", "LOADING", "copies: n2 (loading)"),
+        IndexEntry("c-off", "", "UNAVAILABLE", "unloaded"),
+        IndexEntry("d-failed-on-n2", "", "UNAVAILABLE", "load failed on n2: corrupt"),
+        IndexEntry("e-idle", "", "", "registered; loads on first request"),
+        IndexEntry("f-dead-copy", "", "", "registered; loads on first request"),  # its node left the mesh
+        IndexEntry("g-here", "1", "READY", "copies: me (loaded)"),
+        IndexEntry("h-failed-here", "", "UNAVAILABLE", "load failed: corrupt here"),
+        IndexEntry("i-loading-here", "2", "LOADING", "copies: me (loading)"),
+    ]
+    assert [e.name for e in node.control.index(ready_only=True)] == ["a-ready", "g-here"]
+    gate.set()
+    await loading
+
+
+async def test_this_nodes_copies_come_from_its_cache_which_is_ahead_of_its_record(node: NodeParts) -> None:
+    claimed = await node.register("m", copies={ME: Copy(state=LOADING, since=NOW - 9),
+                                               "n2": Copy(state=LOADED, since=NOW)})
+    assert node.control.copies(claimed) == {"n2": Copy(state=LOADED, since=NOW)}  # the claim failed here
+    await node.use("m")
+    assert node.control.copies(claimed) == {"n2": Copy(state=LOADED, since=NOW),  # loaded here before recorded
+                                            ME: Copy(state=LOADED, since=NOW - 9)}

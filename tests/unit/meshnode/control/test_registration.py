@@ -1,0 +1,113 @@
+"""read_load / read_unregister: RepositoryModelLoad's wire parameters as typed commands, and what they refuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshnode.control.registration import CopyHere, Registration, read_load, read_unregister
+from meshnode.errors import InvalidInput
+from meshnode.net import params as wire
+
+RUNTIME_RULE = 'config \'runtime\' must be one of onnxruntime, triton, or "" for any'
+MIN_COPIES_RULE = "config 'min_copies' must be a whole number from 1 to 100"
+TIMEOUT_RULE = "config 'load_timeout_s' must be a positive number of seconds"
+
+
+def config(**fields: object) -> str:
+    return json.dumps(fields)
+
+
+def test_a_peers_copy_request_is_a_copy_here_whatever_else_it_carries() -> None:
+    assert read_load("m", {wire.COPY: True, "config": "not even json", wire.LAZY: True}) == CopyHere("m")
+
+
+def test_no_parameters_register_the_model_by_name_and_load_it() -> None:
+    assert read_load("m", {}) == Registration("m")
+    assert read_load("m", {"config": "  "}) == Registration("m")  # an empty config is no config
+
+
+def test_every_parameter_is_read_into_the_registration() -> None:
+    parameters: dict[str, object] = {
+        "file:1/model.onnx": b"weights", "file:config.pbtxt": b"name: 'm'", wire.LAZY: True, wire.SIZE_HINT: 123,
+        "config": config(storage_uri="/models/m", runtime="triton", pinned=True, min_copies=2, load_timeout_s=30),
+        "unrelated": "ignored",
+    }
+    assert read_load("m", parameters) == Registration(
+        "m", storage_uri="/models/m", files={"1/model.onnx": b"weights", "config.pbtxt": b"name: 'm'"}, lazy=True,
+        size_hint_bytes=123, pinned=True, min_copies=2, load_timeout_s=30.0, runtime="triton")
+
+
+@pytest.mark.parametrize(("parameters", "size_hint"), [
+    ({wire.SIZE_HINT: 456}, 456),
+    ({wire.SIZE_HINT: "456"}, 456),  # as a string parameter
+    ({"config": config(size_hint=789)}, 789),
+    ({wire.SIZE_HINT: 1, "config": config(size_hint=2)}, 1),  # the parameter beats the config
+    ({wire.SIZE_HINT: -5}, None),
+    ({wire.SIZE_HINT: "12MB"}, None),
+    ({wire.SIZE_HINT: 1.5}, None),
+    ({wire.SIZE_HINT: True}, None),
+])
+def test_a_size_hint_is_a_whole_number_of_bytes_or_none(parameters: dict[str, object], size_hint: int | None) -> None:
+    registration = read_load("m", parameters)
+    assert isinstance(registration, Registration) and registration.size_hint_bytes == size_hint
+
+
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_lazy_and_unregister_are_set_only_by_a_true_bool(value: object) -> None:
+    assert read_load("m", {wire.LAZY: value}) == Registration("m", lazy=False)
+    assert read_unregister({wire.UNREGISTER: value}) is False
+
+
+def test_unregister_is_read_from_unloads_parameters() -> None:
+    assert read_unregister({wire.UNREGISTER: True}) is True
+    assert read_unregister({}) is False
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"runtime": ""}, Registration("m", runtime="")),  # any runtime
+    ({"min_copies": 1}, Registration("m", min_copies=1)),
+    ({"min_copies": 100}, Registration("m", min_copies=100)),
+    ({"load_timeout_s": 0.5}, Registration("m", load_timeout_s=0.5)),
+    ({"pinned": False}, Registration("m", pinned=False)),
+])
+def test_keeping_fields_at_their_bounds_are_accepted(fields: dict[str, object], expected: Registration) -> None:
+    assert read_load("m", {"config": json.dumps(fields)}) == expected
+
+
+@pytest.mark.parametrize(("parameters", "message"), [
+    ({"file:1/model.onnx": "text"}, "file: parameters must carry bytes"),
+    ({"config": b"{}"}, "the 'config' parameter must be a JSON string"),
+    ({"config": "[1, 2]"}, "the 'config' parameter must be a JSON object"),
+    ({"config": config(runtime=5)}, RUNTIME_RULE),
+    ({"config": config(runtime="tpu")}, RUNTIME_RULE),
+    ({"config": config(pinned="yes")}, "config 'pinned' must be true or false"),
+    ({"config": config(min_copies=0)}, MIN_COPIES_RULE),
+    ({"config": config(min_copies=101)}, MIN_COPIES_RULE),
+    ({"config": config(min_copies=1.5)}, MIN_COPIES_RULE),
+    ({"config": config(min_copies=True)}, MIN_COPIES_RULE),
+    ({"config": config(min_copies="2")}, MIN_COPIES_RULE),
+    ({"config": config(load_timeout_s=0)}, TIMEOUT_RULE),
+    ({"config": config(load_timeout_s=-1.0)}, TIMEOUT_RULE),
+    ({"config": config(load_timeout_s=True)}, TIMEOUT_RULE),
+    ({"config": config(load_timeout_s="5")}, TIMEOUT_RULE),
+])
+def test_bad_parameters_are_invalid_input_saying_what_is_wrong(parameters: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        read_load("m", parameters)
+    assert str(raised.value) == message
+
+
+def test_config_that_is_not_json_says_where_it_fails() -> None:
+    with pytest.raises(InvalidInput) as raised:
+        read_load("m", {"config": '{"pinned": tru}'})
+    assert str(raised.value) == ("the 'config' parameter is not valid JSON: Expecting value: line 1 column 12 "
+                                 "(char 11)")
+
+
+def test_a_registration_built_directly_is_held_to_the_same_rules() -> None:
+    with pytest.raises(InvalidInput, match="^config 'min_copies' must be a whole number from 1 to 100$"):
+        Registration("m", min_copies=0)
+    assert Registration("m", pinned=True, runtime="").keeping() == {"pinned": True, "runtime": ""}
+    assert Registration("m").keeping() == {}

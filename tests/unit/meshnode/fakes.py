@@ -1,0 +1,535 @@
+"""Fakes under the node's parts, so the real parts run in-process: an in-memory etcd, a runtime, peers, a clock.
+
+- FakeStore implements the EtcdStore methods the state classes call (reads, compare-and-set writes,
+  transactions, snapshots, watches) over a dict with etcd's revisions, so the real Registry, Aliases
+  and WatchedPrefix run on it. Several "nodes" may share one FakeStore as they share one etcd.
+- FakeRuntime / FakeLoadedModel: loads with scripted sizes, errors and gates; every load and unload logged.
+- FakePeers: what GrpcPeers does for the copy manager, the drain and metadata, scripted per node.
+- NodeParts: the parts of one node built as meshnode.node.Node builds them, over these fakes.
+
+Nothing here sleeps for a fixed time: a test waits for what it expects with Log.wait / FakeStore.settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from meshnode.control.model_control import ModelControl
+from meshnode.etcd.store import EtcdStore, encode
+from meshnode.etcd.types import Entry, EtcdConflict, EtcdUnavailable, Lease, WatchEvent
+from meshnode.mesh.copy_manager import CopyManager
+from meshnode.mesh.state import MeshState
+from meshnode.net.peers import GrpcPeers
+from meshnode.observability.metrics import NodeMetrics
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, TensorSpec
+from meshnode.serving.cache import ModelCache
+from meshnode.serving.replica import LocalReplica
+from meshnode.state.aliases import Aliases
+from meshnode.state.instances import PREFIX as INSTANCES
+from meshnode.state.instances import encode_node
+from meshnode.state.registry import ModelRecord, Registry
+from meshnode.storage.repository import ModelRepository, ModelSource
+from meshpb import pb
+from placement.copies import CopyConfig
+from placement.types import NodeView
+from router.errors import MeshError, PeerError
+from router.hop import Hop
+from router.router import Router
+
+T = TypeVar("T")
+
+ME = "me"
+NOW = 1_700_000_000.0
+SIZE = 100  # bytes of a fake model, predicted and measured, unless a test says otherwise
+WAIT_S = 2.0  # how long a test waits for something it expects (tests fail fast, never hang)
+
+
+class ManualClock:
+    """A wall clock that moves only when the test moves it."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Log(list[T]):
+    """Things that happened, in order (a list), and a way to wait until enough of them did."""
+
+    def __init__(self, items: Iterable[T] = ()) -> None:
+        super().__init__(items)
+        self._changed = asyncio.Event()
+
+    def append(self, item: T) -> None:
+        super().append(item)
+        self._changed.set()
+
+    async def wait(self, predicate: Callable[[list[T]], bool], timeout: float = WAIT_S) -> None:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_len(self, n: int, timeout: float = WAIT_S) -> None:  # noqa: ASYNC109
+        await self.wait(lambda items: len(items) >= n, timeout)
+
+
+# -- etcd -----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Watch:
+    prefix: str
+    queue: asyncio.Queue[WatchEvent] = field(default_factory=asyncio.Queue)
+    idle: bool = False  # its consumer handled every event and asked for the next
+
+
+class FakeStore:
+    """One in-memory etcd: keys with mod revisions, one revision counter, history for watches.
+
+    `down` makes every call fail as EtcdStore does after its retry window. `interleave(key, write)` runs
+    `write` once inside the next update of `key`, between its read and its write: another node's write
+    winning the compare-and-set race.
+    """
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.data: dict[str, tuple[bytes, int]] = {}
+        self.history: list[WatchEvent] = []
+        self.writes = 0
+        self.highest_revision = 0
+        self.conflicts = 0  # compare-and-set rounds an update lost
+        self.down = False
+        self.refusals: Log[str] = Log()  # calls refused while down
+        self._interleaved: dict[str, Callable[[], Awaitable[object]]] = {}
+        self._watches: list[_Watch] = []
+        self._quiet = asyncio.Event()
+
+    @property
+    def etcd(self) -> EtcdStore:
+        """This fake where the parts' signatures say EtcdStore."""
+        return cast(EtcdStore, self)
+
+    # -- test helpers --
+
+    def publish(self, *nodes: NodeView) -> None:
+        """Nodes join the mesh: their instance records, as InstancePublisher writes them."""
+        for view in nodes:
+            self._write(INSTANCES + view.instance_id, encode_node(view))
+
+    def leave(self, instance_id: str) -> None:
+        """A node's lease ended: its instance record goes."""
+        self._write(INSTANCES + instance_id, None)
+
+    def interleave(self, key: str, write: Callable[[], Awaitable[object]]) -> None:
+        self._interleaved[key] = write
+
+    def record(self, key: str) -> dict[str, Any]:
+        """The JSON record etcd holds at `key` (which must be there)."""
+        return cast(dict[str, Any], json.loads(self.data[key][0]))
+
+    def values_written(self, key: str) -> list[dict[str, Any] | None]:
+        """Every value `key` was set to, oldest first (None: deleted)."""
+        return [json.loads(e.value) if e.type == "put" else None for e in self.history if e.key == key]
+
+    async def settle(self, timeout: float = WAIT_S) -> None:  # noqa: ASYNC109
+        """Until every watch delivered every event and its consumer came back for the next one."""
+        await asyncio.sleep(0)  # a watch task created just now registers on its first step
+        async with asyncio.timeout(timeout):
+            while not all(w.idle for w in self._watches):
+                self._quiet.clear()
+                await self._quiet.wait()
+
+    # -- the EtcdStore methods the state classes use --
+
+    def _check(self) -> None:
+        if self.down:
+            self.refusals.append("refused")
+            raise EtcdUnavailable("etcd at fake:2379 unavailable for 5 s (fake outage)")
+
+    def _mod(self, key: str) -> int:
+        found = self.data.get(key)
+        return 0 if found is None else found[1]
+
+    def _write(self, key: str, value: bytes | None) -> int:
+        return self._write_all({key: value})
+
+    def _write_all(self, values: Mapping[str, bytes | None]) -> int:
+        self.revision += 1
+        self.writes += 1
+        for key, value in values.items():
+            if value is None:
+                self.data.pop(key, None)
+                event = WatchEvent("delete", key, b"", self.revision)
+            else:
+                self.data[key] = (value, self.revision)
+                event = WatchEvent("put", key, value, self.revision)
+            self.history.append(event)
+            for watch in self._watches:
+                if key.startswith(watch.prefix):
+                    watch.queue.put_nowait(event)
+                    watch.idle = False
+        self.highest_revision = self.revision
+        return self.revision
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        self._check()
+        return self.data.get(key)
+
+    async def put(self, key: str, value: object, lease: Lease | None = None) -> int:
+        self._check()
+        return self._write(key, encode(value))
+
+    async def delete(self, key: str) -> int | None:
+        self._check()
+        return None if key not in self.data else self._write(key, None)
+
+    async def create(self, key: str, value: object, lease: Lease | None = None) -> int | None:
+        self._check()
+        return None if key in self.data else self._write(key, encode(value))
+
+    async def compare_and_put(self, key: str, value: object, expected_mod_revision: int,
+                              lease: Lease | None = None) -> int | None:
+        self._check()
+        return self._write(key, encode(value)) if self._mod(key) == expected_mod_revision else None
+
+    async def compare_and_delete(self, key: str, expected_mod_revision: int) -> int | None:
+        self._check()
+        return self._write(key, None) if key in self.data and self._mod(key) == expected_mod_revision else None
+
+    async def commit(self, puts: Mapping[str, object], unchanged: Mapping[str, int],
+                     present: Sequence[str] = ()) -> int | None:
+        self._check()
+        if any(self._mod(k) != revision for k, revision in unchanged.items()) or any(
+                k not in self.data for k in present):
+            return None
+        return self._write_all({k: encode(v) for k, v in puts.items()})
+
+    async def update(self, key: str, fn: Callable[[bytes | None], bytes | None], attempts: int = 1000,
+                     lease: Lease | None = None) -> bytes | None:
+        return (await self.update_versioned(key, fn, attempts, lease))[0]
+
+    async def update_versioned(self, key: str, fn: Callable[[bytes | None], bytes | None], attempts: int = 1000,
+                               lease: Lease | None = None) -> tuple[bytes | None, int]:
+        self._check()
+        current = self.data.get(key)
+        interleaved = self._interleaved.pop(key, None)
+        if interleaved is not None:
+            await interleaved()
+        for _ in range(attempts):
+            old, revision = current if current is not None else (None, 0)
+            new = fn(old)
+            if new == old:
+                return old, revision
+            if self._mod(key) == revision:
+                return new, self._write(key, new)
+            self.conflicts += 1
+            current = self.data.get(key)  # a failed transaction brings the winner's value
+        raise EtcdConflict(f"update of {key} lost the compare-and-set race {attempts} times")
+
+    async def snapshot_prefix(self, key_prefix: str) -> tuple[list[Entry], int]:
+        self._check()
+        entries = [Entry(k, v, rev) for k, (v, rev) in sorted(self.data.items()) if k.startswith(key_prefix)]
+        return entries, self.revision
+
+    async def list_prefix(self, key_prefix: str) -> list[Entry]:
+        return (await self.snapshot_prefix(key_prefix))[0]
+
+    def watch_prefix(self, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        return self._follow(key_prefix, start_revision)
+
+    async def _follow(self, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        self._check()
+        watch = _Watch(key_prefix)
+        for event in self.history:
+            if event.mod_revision >= start_revision and event.key.startswith(key_prefix):
+                watch.queue.put_nowait(event)
+        self._watches.append(watch)
+        try:
+            while True:
+                if watch.queue.empty():
+                    watch.idle = True
+                    self._quiet.set()
+                event = await watch.queue.get()
+                yield event
+        finally:
+            self._watches.remove(watch)
+
+    async def close(self) -> None:
+        pass
+
+
+# -- the runtime ----------------------------------------------------------------------------------
+
+INPUTS = (TensorSpec("INPUT0", "FP32", (-1, 16)),)
+OUTPUTS = (TensorSpec("OUTPUT0", "FP32", (-1, 4)),)
+
+
+@dataclass(eq=False)
+class FakeLoadedModel:
+    name: str
+    version: str
+    size_bytes: int
+    platform: str = "onnxruntime_onnx"
+    inputs: tuple[TensorSpec, ...] = INPUTS
+    outputs: tuple[TensorSpec, ...] = OUTPUTS
+    errors: list[BaseException] = field(default_factory=list)  # raised by the next requests, in order
+    requests: Log[tuple[str, float | None]] = field(default_factory=Log)  # (model name asked for, timeout_s)
+
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
+                    caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
+        self.requests.append((request.model_name, timeout_s))
+        if self.errors:
+            raise self.errors.pop(0)
+        return pb.ModelInferResponse(model_name=self.name, model_version=self.version, id=request.id)
+
+
+@dataclass
+class LoadPlan:
+    """How the next load of a model goes."""
+
+    size_bytes: int = SIZE
+    error: BaseException | None = None
+    gate: asyncio.Event | None = None  # the load finishes only once this is set
+
+
+class FakeRuntime:
+    def __init__(self, name: str = "onnxruntime", *, predicted: int = SIZE, size: int = SIZE) -> None:
+        self.name = name
+        self.predicted: dict[str, int] = {}  # by model name; else `predicted`
+        self.sizes: dict[str, int] = {}  # measured, by model name; else `size`
+        self._default_predicted = predicted
+        self._default_size = size
+        self._plans: dict[str, list[LoadPlan]] = {}
+        self.predictions: list[str] = []
+        self.loads: Log[str] = Log()  # "name@version" as each load starts
+        self.unloads: Log[str] = Log()
+        self.models: dict[str, FakeLoadedModel] = {}  # the last model loaded, by "name@version"
+
+    def plan(self, name: str, *plans: LoadPlan) -> None:
+        """The next loads of `name` go as planned, in order; then as `sizes` says."""
+        self._plans.setdefault(name, []).extend(plans)
+
+    async def start(self) -> None:
+        pass
+
+    def predict_size(self, source: ModelSource) -> int:
+        self.predictions.append(source.name)
+        return self.predicted.get(source.name, self._default_predicted)
+
+    async def load(self, source: ModelSource) -> LoadedModel:
+        key = f"{source.name}@{source.version}"
+        self.loads.append(key)
+        plans = self._plans.get(source.name)
+        plan = plans.pop(0) if plans else LoadPlan(self.sizes.get(source.name, self._default_size))
+        if plan.gate is not None:
+            await plan.gate.wait()
+        if plan.error is not None:
+            raise plan.error
+        model = FakeLoadedModel(source.name, source.version, plan.size_bytes)
+        self.models[key] = model
+        return model
+
+    async def unload(self, model: LoadedModel) -> None:
+        self.unloads.append(f"{model.name}@{model.version}")
+
+    async def close(self) -> None:
+        pass
+
+
+def source(name: str, version: str = "1") -> ModelSource:
+    """A model version's files, as the cache sees them (it never reads them: the runtime does)."""
+    directory = Path("/models") / name / version
+    return ModelSource(name, version, directory, directory / "model.onnx")
+
+
+def write_model(root: Path, name: str, versions: Iterable[str] = ("1",), content: bytes = b"onnx") -> Path:
+    """A Triton-layout model directory ROOT/NAME/VERSION/model.onnx; returns ROOT/NAME."""
+    for version in versions:
+        directory = root / name / version
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "model.onnx").write_bytes(content)
+    return root / name
+
+
+# -- peers and the router -------------------------------------------------------------------------
+
+
+def peer_error(node: str, why: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> PeerError:
+    return PeerError(code, f"node {node}: {why}", retry_elsewhere=True)
+
+
+class FakePeers:
+    """GrpcPeers' calls to other nodes, scripted per node, each call logged."""
+
+    def __init__(self) -> None:
+        self.loads: Log[tuple[str, str]] = Log()  # (node, model) per load_copy
+        self.load_errors: dict[str, list[MeshError]] = {}  # per node: raised by its next load_copy calls
+        # What the peer does once it loaded (its copy flusher records the copy): (node, model) -> None.
+        self.on_load: Callable[[str, str], Awaitable[None]] | None = None
+        self.ready_answers: dict[str, bool] = {}  # per node; True unless said
+        self.on_ready: Callable[[str], Awaitable[None]] | None = None  # what happens while a node answers
+        self.ready_calls: Log[str] = Log()
+        self.metadata_answers: dict[str, pb.ModelMetadataResponse | MeshError] = {}
+        self.metadata_calls: Log[tuple[str, str, str]] = Log()  # (node, model, version)
+        self.forgotten: list[str] = []
+
+    @property
+    def grpc(self) -> GrpcPeers:
+        """This fake where the parts' signatures say GrpcPeers."""
+        return cast(GrpcPeers, self)
+
+    async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
+        self.loads.append((node.instance_id, name))
+        errors = self.load_errors.get(node.instance_id)
+        if errors:
+            raise errors.pop(0) if len(errors) > 1 else errors[0]
+        if self.on_load is not None:
+            await self.on_load(node.instance_id, name)
+
+    async def ready(self, node: NodeView, budget_s: float = 2.0) -> bool:
+        self.ready_calls.append(node.instance_id)
+        if self.on_ready is not None:
+            await self.on_ready(node.instance_id)
+        return self.ready_answers.get(node.instance_id, True)
+
+    async def metadata(self, node: NodeView, name: str, version: str, budget_s: float = 5.0) -> Any:
+        self.metadata_calls.append((node.instance_id, name, version))
+        answer = self.metadata_answers.get(node.instance_id)
+        if answer is None:
+            raise peer_error(node.instance_id, "connection refused")
+        if isinstance(answer, MeshError):
+            raise answer
+        return answer
+
+    def forget(self, instance_id: str) -> None:
+        self.forgotten.append(instance_id)
+
+
+@dataclass(frozen=True)
+class Routed:
+    model_name: str
+    model_version: str
+    hop: Hop
+    budget_s: float | None
+
+
+class FakeRouter:
+    """router.router.Router as the dataplane calls it: logs each miss and answers for the mesh."""
+
+    def __init__(self) -> None:
+        self.routed: list[Routed] = []
+
+    @property
+    def router(self) -> Router:
+        """This fake where the parts' signatures say Router."""
+        return cast(Router, self)
+
+    async def route(self, request: pb.ModelInferRequest, hop: Hop, budget_s: float | None) -> pb.ModelInferResponse:
+        self.routed.append(Routed(request.model_name, request.model_version, hop, budget_s))
+        return pb.ModelInferResponse(model_name=request.model_name, id="routed")
+
+
+# -- one node -------------------------------------------------------------------------------------
+
+
+def copy_state(record: ModelRecord, instance_id: str) -> str | None:
+    """The state of the node's copy in the record (placement.types.LOADING or LOADED), None without one."""
+    copy = record.copies.get(instance_id)
+    return None if copy is None else copy["state"]
+
+
+def node_view(instance_id: str, *, capacity: int = 10_000, used: int = 0, shutting_down: bool = False,
+              runtime: str = "") -> NodeView:
+    return NodeView(instance_id=instance_id, endpoint=f"{instance_id}:8033", capacity_bytes=capacity, used_bytes=used,
+                    shutting_down=shutting_down, runtime=runtime)
+
+
+class NodeParts:
+    """The parts of one node as meshnode.node.Node builds them, over fakes: no etcd, network or runtime.
+
+    Its aliases are created and started too, so its control refuses what an alias needs.
+    """
+
+    def __init__(self, store: FakeStore, repository: Path, *, instance_id: str = ME, capacity: int = 1_000,
+                 runtime: FakeRuntime | None = None, clock: ManualClock | None = None,
+                 load_timeout_s: float = 5.0, failure_backoff_s: float = 30.0, churn_guard_s: float = 0.0,
+                 copy_config: CopyConfig | None = None) -> None:
+        self.store = store
+        self.instance_id = instance_id
+        self.clock = clock or ManualClock()
+        self.runtime = runtime or FakeRuntime()
+        self.metrics = NodeMetrics()
+        self.cache = ModelCache(self.runtime, capacity_bytes=capacity, metrics=self.metrics,
+                                load_timeout_s=load_timeout_s, failure_backoff_s=failure_backoff_s,
+                                churn_guard_s=churn_guard_s, wall_clock=self.clock)
+        self.registry = Registry(store.etcd)
+        self.aliases = Aliases(store.etcd)
+        self.peers = FakePeers()
+        self.mesh = MeshState(store.etcd, self.registry, self.cache, self.runtime, instance_id,
+                              on_node_gone=self.peers.forget, clock=self.clock)
+        self.replica = LocalReplica(instance_id=instance_id, registry=self.registry, cache=self.cache,
+                                    runtime=self.runtime, metrics=self.metrics)
+        self.copies = CopyManager(cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers.grpc,
+                                  replica=self.replica, config=copy_config or CopyConfig(), interval_s=3600.0,
+                                  proactive=False, clock=self.clock, rng=random.Random(7))
+        self.repository = repository
+        self.control = ModelControl(registry=self.registry, repository=ModelRepository(repository), cache=self.cache,
+                                    replica=self.replica, mesh=self.mesh, aliases=self.aliases,
+                                    runtime=self.runtime.name)
+        self._mesh_started = False
+
+    async def start(self, *, mesh: bool = True) -> NodeParts:
+        await self.registry.start()
+        await self.aliases.start()
+        if mesh:
+            await self.mesh.start()
+            self._mesh_started = True
+        return self
+
+    async def stop(self) -> None:
+        await self.copies.stop()
+        if self._mesh_started:
+            await self.mesh.stop()
+        await self.cache.close()
+        await self.registry.stop()
+        await self.aliases.stop()
+
+    async def register(self, name: str, *, versions: Iterable[str] = ("1",), **fields: Any) -> ModelRecord:
+        """A model with files in the repository, registered (as the startup scan or a load does)."""
+        record = ModelRecord(name=name, storage=str(write_model(self.repository, name, versions)), **fields)
+        await self.registry.put(record)
+        found = self.registry.get(name)
+        assert found is not None
+        return found
+
+    async def use(self, name: str, version: str = "", times: int = 1) -> None:
+        """Requests served here (loading the model if needed): acquire and release."""
+        for _ in range(times):
+            entry = await self.replica.acquire(name, version)
+            self.cache.release(entry)
+
+    def record(self, name: str) -> ModelRecord:
+        """The model's record in this node's view (which must have it)."""
+        found = self.registry.get(name)
+        assert found is not None, f"model '{name}' is not registered"
+        return found
+
+    async def recorded(self, name: str, predicate: Callable[[ModelRecord], bool],
+                       timeout: float = WAIT_S) -> ModelRecord:  # noqa: ASYNC109
+        """The model's record once the registry view satisfies `predicate`."""
+        found = await self.registry.wait_for(name, lambda r: r is not None and predicate(r), timeout)
+        assert found is not None
+        return found
