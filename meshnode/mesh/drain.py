@@ -32,16 +32,16 @@ HANDOFF_PARALLEL = 2
 def models_to_hand_off(cache: ModelCache, mesh: MeshState, now: float) -> list[str]:
     """Recently used models loaded here and nowhere else that is staying."""
     staying = {n for n, v in mesh.nodes().items() if not v.shutting_down and n != mesh.instance_id}
-    names = []
+    names: dict[str, None] = {}  # a model with several versions loaded here is handed off once
     for entry in sorted(cache.loaded_entries(), key=lambda e: -e.last_used):
-        if now - entry.last_used > RECENT_S:
+        if now - entry.last_used > RECENT_S or entry.name in names:
             continue
         view = mesh.model(entry.name)
         if view is None:
             continue
         if not any(c.instance_id in staying and c.state == LOADED for c in view.copies):
-            names.append(entry.name)
-    return names
+            names[entry.name] = None
+    return list(names)
 
 
 async def hand_off(cache: ModelCache, mesh: MeshState, peers: GrpcPeers, *, rng: random.Random | None = None,

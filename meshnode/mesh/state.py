@@ -62,6 +62,7 @@ class MeshState:
         await self.instances.start()
         # A previous life of this node may be listed as holding copies it no longer has.
         self._dirty.update(r.name for r in self._registry.records() if self.instance_id in r.copies)
+        self._wake.set()
         self._flusher = asyncio.create_task(self._flush_forever(), name="copy-flusher")
         self._reap(set(self.instances.view))
 
@@ -141,8 +142,11 @@ class MeshState:
 
     async def _flush_forever(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives
+            # as the wait completes, and stop() would wait for this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), LAST_USED_GRANULARITY_S / 3)
+                async with asyncio.timeout(LAST_USED_GRANULARITY_S / 3):
+                    await self._wake.wait()
             self._wake.clear()
             self._mark_recently_used()
             for name in list(self._dirty):

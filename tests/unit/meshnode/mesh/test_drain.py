@@ -67,9 +67,6 @@ async def test_only_recently_used_models_held_nowhere_else_that_stays_are_handed
     assert models_to_hand_off(node.cache, node.mesh, NOW) == ["loaded-on-leaving-n3", "loading-on-n2", "only-here"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models_to_hand_off appends a model's name once per loaded version: a model with two versions loaded here is "
-    "listed (and handed off, and counted as moved) twice"))
 async def test_a_model_with_two_versions_loaded_here_is_handed_off_once(make: Make) -> None:
     node = await make(node_view("n2"))
     await used_at(node, "multi", NOW - 10, versions=("1", "2"))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from meshnode.errors import DeadlineExceeded, LoadFailed
+from meshnode.errors import LoadFailed
 from meshnode.state.registry import Copy, Failure, ModelRecord
 from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView
 from tests.unit.meshnode.fakes import ME, NOW, FakeRuntime, FakeStore, LoadPlan, NodeParts, copy_state, node_view
@@ -171,9 +170,6 @@ async def test_a_claimed_load_that_fails_here_becomes_a_failure_in_the_record(ma
     assert (record.copies, record.failures) == ({ME: loaded(NOW + 31.0)}, {})
 
 
-@pytest.mark.xfail(strict=True, raises=DeadlineExceeded, reason=(
-    "MeshState.start() marks the models a previous life of this node is listed for as dirty but never sets _wake: "
-    "the flusher first looks at them after LAST_USED_GRANULARITY_S / 3 = 10 s, not at start"))
 async def test_a_copy_listed_for_this_node_that_it_does_not_hold_is_removed_when_it_starts(make: Make,
                                                                                            tmp_path: Path) -> None:
     stale = ModelRecord(name="a", storage=str(tmp_path), copies={ME: loading(1.0), "n2": loaded(2.0)})
@@ -196,10 +192,6 @@ async def test_copies_recorded_during_an_etcd_outage_converge_once_it_is_back(ma
         assert record.copies == {ME: loaded()}
 
 
-@pytest.mark.xfail(sys.version_info < (3, 12), strict=True, raises=AssertionError, reason=(
-    "MeshState.stop() can hang forever on Python 3.11: the flusher waits in asyncio.wait_for(self._wake.wait(), ...), "
-    "and 3.11's wait_for swallows a cancellation that arrives as its inner wait completes (it returns the result), "
-    "so a copy change in the same loop iteration as stop() leaves the flusher running and stop() awaiting it"))
 async def test_stop_ends_the_flusher_even_when_a_copy_change_arrives_as_it_stops(make: Make) -> None:
     node = await make()
     await node.store.settle()  # the flusher is waiting for a change
