@@ -141,9 +141,6 @@ class EtcdStore:
         self._seen(got.header.revision)
         return got.value, got.mod_revision
 
-    async def list_prefix(self, key_prefix: str) -> list[Entry]:
-        return (await self.snapshot_prefix(key_prefix))[0]
-
     async def snapshot_prefix(self, key_prefix: str) -> tuple[list[Entry], int]:
         """All entries under key_prefix at one revision R, and R: watch from R + 1 to miss nothing."""
         while True:
@@ -208,12 +205,6 @@ class EtcdStore:
         k = self.full_key(key)
         cmp = self._client.transactions.mod(k) == expected_mod_revision
         ok, _, revision = await self._txn(key, cmp, encode(value), lease)
-        return revision if ok else None
-
-    async def compare_and_delete(self, key: str, expected_mod_revision: int) -> int | None:
-        k = self.full_key(key)
-        cmp = self._client.transactions.mod(k) == expected_mod_revision
-        ok, _, revision = await self._txn(key, cmp, None, None)
         return revision if ok else None
 
     async def commit(self, puts: Mapping[str, object], unchanged: Mapping[str, int],

@@ -82,16 +82,6 @@ class Registry(WatchedRecords[ModelRecord]):
         return self._applied(record.name, record, await self._store.create(self.key(record.name),
                                                                            record.to_json())) is not None
 
-    async def put(self, record: ModelRecord) -> None:
-        """Create or replace; fields this version does not know are kept from the stored record."""
-
-        def replace(old: ModelRecord | None) -> ModelRecord:
-            if old is None:
-                return record
-            return dataclasses.replace(record, extra={**old.extra, **record.extra})
-
-        await self.update(record.name, replace)
-
     async def update(self, name: str, fn: Callable[[ModelRecord | None], ModelRecord | None]) -> ModelRecord | None:
         """Apply fn to the current record (a private copy) until the write wins; None from fn deletes.
 

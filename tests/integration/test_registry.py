@@ -95,7 +95,7 @@ async def test_listeners_hear_disable_and_unregister(pair: tuple[Registry, Regis
     a, b = pair
     heard: list[tuple[str, bool | None]] = []
     b.add_listener(lambda name, r: heard.append((name, None if r is None else r.enabled)))
-    await a.put(record("m"))
+    assert await a.register_if_absent(record("m"))
     await b.wait_for("m", present, timeout=5)
     await a.update("m", changed(enabled=False))
     await b.wait_for("m", lambda r: r is not None and not r.enabled, timeout=5)
@@ -106,7 +106,7 @@ async def test_listeners_hear_disable_and_unregister(pair: tuple[Registry, Regis
 
 async def test_concurrent_updates_from_two_nodes_lose_nothing(pair: tuple[Registry, Registry]) -> None:
     a, b = pair
-    await a.put(record("shared"))
+    assert await a.register_if_absent(record("shared"))
 
     def add_copy(node: str) -> Callable[[ModelRecord | None], ModelRecord | None]:
         def fn(r: ModelRecord | None) -> ModelRecord | None:
@@ -125,20 +125,20 @@ async def test_concurrent_updates_from_two_nodes_lose_nothing(pair: tuple[Regist
     await b.wait_for("shared", lambda r: r is not None and len(r.copies) == 50, timeout=5)
 
 
-async def test_put_keeps_fields_of_newer_versions(pair: tuple[Registry, Registry]) -> None:
+async def test_updates_keep_fields_of_newer_versions(pair: tuple[Registry, Registry]) -> None:
     a, _ = pair
-    await a.put(record("m", extra={"owner": "team-a"}))
-    await a.put(record("m", size_hint=5))  # a replace by a node that does not know "owner"
+    assert await a.register_if_absent(record("m", extra={"owner": "team-a"}))
+    await a.update("m", changed(size_hint=5))  # a change by a node that does not know "owner"
     remote = (await a.read("m"))[0]
     assert remote is not None and remote.size_hint == 5 and remote.extra == {"owner": "team-a"}
 
 
 async def test_older_watch_event_does_not_undo_a_newer_write(pair: tuple[Registry, Registry]) -> None:
     a, _ = pair
-    await a.put(record("m", size_hint=1))
+    assert await a.register_if_absent(record("m", size_hint=1))
     stored = await a._store.get("models/m")
     assert stored is not None
-    await a.put(record("m", size_hint=2))
+    await a.update("m", changed(size_hint=2))
     stale = WatchEvent("put", "models/m", stored[0], stored[1])
     a._watched._on_event(stale)  # as if the watch delivered the older write late
     newer = a.get("m")

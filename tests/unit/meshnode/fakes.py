@@ -205,10 +205,6 @@ class FakeStore:
         self._check()
         return self._write(key, encode(value)) if self._mod(key) == expected_mod_revision else None
 
-    async def compare_and_delete(self, key: str, expected_mod_revision: int) -> int | None:
-        self._check()
-        return self._write(key, None) if key in self.data and self._mod(key) == expected_mod_revision else None
-
     async def commit(self, puts: Mapping[str, object], unchanged: Mapping[str, int],
                      present: Sequence[str] = ()) -> int | None:
         self._check()
@@ -243,9 +239,6 @@ class FakeStore:
         self._check()
         entries = [Entry(k, v, rev) for k, (v, rev) in sorted(self.data.items()) if k.startswith(key_prefix)]
         return entries, self.revision
-
-    async def list_prefix(self, key_prefix: str) -> list[Entry]:
-        return (await self.snapshot_prefix(key_prefix))[0]
 
     def watch_prefix(self, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         return self._follow(key_prefix, start_revision)
@@ -510,7 +503,7 @@ class NodeParts:
     async def register(self, name: str, *, versions: Iterable[str] = ("1",), **fields: Any) -> ModelRecord:
         """A model with files in the repository, registered (as the startup scan or a load does)."""
         record = ModelRecord(name=name, storage=str(write_model(self.repository, name, versions)), **fields)
-        await self.registry.put(record)
+        await self.registry.update(name, lambda _old: record)
         found = self.registry.get(name)
         assert found is not None
         return found

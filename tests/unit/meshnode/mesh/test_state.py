@@ -30,7 +30,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Make]:
                     ) -> NodeParts:
         parts = NodeParts(store, tmp_path / instance_id, instance_id=instance_id, runtime=FakeRuntime(predicted=77))
         for record in records:  # in etcd before the node starts, as a previous life left them
-            await parts.registry.put(record)
+            await parts.registry.update(record.name, lambda _old, r=record: r)
         made.append(await parts.start(mesh=start_mesh))
         return parts
 
@@ -70,7 +70,7 @@ async def test_an_unknown_or_unloaded_model_has_no_view_and_one_without_files_co
         make: Make, tmp_path: Path) -> None:
     node = await make()
     await node.register("off", enabled=False)
-    await node.registry.put(ModelRecord(name="nowhere", storage=str(tmp_path / "missing")))
+    assert await node.registry.register_if_absent(ModelRecord(name="nowhere", storage=str(tmp_path / "missing")))
     assert node.mesh.model("ghost") is None and node.mesh.model("off") is None
     view = node.mesh.model("nowhere")
     assert view is not None and view.size_bytes == 0  # its load will say what is wrong

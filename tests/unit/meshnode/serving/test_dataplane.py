@@ -158,8 +158,9 @@ async def test_model_ready_says_whether_a_request_would_be_served_now(plane: Pla
     await node.use("m")
     await node.register("idle", versions=("1", "2"))
     await node.register("off", enabled=False)
-    await node.registry.put(ModelRecord(name="elsewhere", storage=str(tmp_path / "not-on-this-node"),
-                                        copies={"n2": Copy(state=LOADED, since=NOW)}))
+    elsewhere = ModelRecord(name="elsewhere", storage=str(tmp_path / "not-on-this-node"),
+                            copies={"n2": Copy(state=LOADED, since=NOW)})
+    assert await node.registry.register_if_absent(elsewhere)
     await node.register("failing")
     node.runtime.plan("failing", LoadPlan(error=LoadFailed("corrupt")))
     with pytest.raises(LoadFailed):
