@@ -12,12 +12,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from meshnode.background import BackgroundTasks
 from meshnode.errors import LoadFailed, ModelNotFound, ResourceExhausted
 from meshnode.observability.metrics import NodeMetrics
 from meshnode.runtimes.base import LoadedModel, Runtime
+from meshnode.serving.entries import CachedModel, CacheStats, LoadOptions
 from meshnode.serving.load_failures import LoadFailures
 from meshnode.serving.load_queue import LoadQueue, priority
 from meshnode.storage.repository import ModelSource
@@ -26,44 +26,6 @@ from router.errors import MeshError
 
 log = logging.getLogger(__name__)
 REUSE_PROTECTED_FRACTION = 0.5  # chosen by `meshserve simulate` over the synthetic workloads
-
-
-@dataclass(eq=False, slots=True)
-class CachedModel:
-    key: str  # "name@version"
-    name: str
-    version: str
-    size_bytes: int  # predicted while loading, measured once loaded
-    last_used: float  # wall clock: cache age is shared with other nodes
-    loaded_at: float  # wall clock of the load's start, then of its completion
-    model: LoadedModel | None = None
-    loaded: asyncio.Future[None] | None = None
-    inflight: int = 0
-    requests: int = 0  # served here since loaded: per-copy load for extra-copy decisions
-    pinned: bool = False
-    discarded: bool = False
-    drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes
-    aliases: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadOptions:
-    """How one model is loaded and kept, from its registration."""
-
-    predicted_bytes: int
-    timeout_s: float | None = None  # None: the node's default
-    pinned: bool = False  # never evicted
-    churn_guard: bool = False  # refuse to evict recently used models (another node may take it)
-    last_used: float | None = None  # orders background loads
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    capacity_bytes: int
-    used_bytes: int
-    models_loaded: int
-    loads_in_progress: int
-    lru_time_s: float | None  # last use of the least recently used loaded model
 
 
 class ModelCache:

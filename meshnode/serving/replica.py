@@ -12,7 +12,8 @@ from pathlib import Path
 from meshnode.errors import ModelLost, ModelNotFound, ModelUnavailable
 from meshnode.observability.metrics import NodeMetrics
 from meshnode.runtimes.base import CallerMetadata, Runtime
-from meshnode.serving.cache import CachedModel, LoadOptions, ModelCache
+from meshnode.serving.cache import ModelCache
+from meshnode.serving.entries import CachedModel, LoadOptions
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.repository import ModelSource, model_source
 from meshpb import pb

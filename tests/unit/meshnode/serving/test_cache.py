@@ -8,7 +8,8 @@ import pytest
 
 from meshnode.errors import LoadFailed, ModelNotFound, ModelUnavailable, ResourceExhausted
 from meshnode.observability.metrics import NodeMetrics
-from meshnode.serving.cache import CachedModel, CacheStats, LoadOptions, ModelCache
+from meshnode.serving.cache import ModelCache
+from meshnode.serving.entries import CachedModel, CacheStats, LoadOptions
 from tests.unit.meshnode.fakes import NOW, SIZE, FakeRuntime, LoadPlan, Log, ManualClock, source
 
 pytestmark = pytest.mark.timeout(10)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from meshnode.errors import ModelLost, ModelNotFound, ModelUnavailable, ResourceExhausted
-from meshnode.serving.cache import LoadOptions
+from meshnode.serving.entries import LoadOptions
 from meshnode.storage.repository import model_source
 from meshpb import pb
 from tests.unit.meshnode.fakes import ME, NOW, SIZE, FakeRuntime, FakeStore, NodeParts

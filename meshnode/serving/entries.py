@@ -1,0 +1,47 @@
+"""What the cache holds and hands out: a model's entry (loading, then loaded), how to load and keep a
+model, and the cache's figures for the instance record and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from meshnode.runtimes.base import LoadedModel
+
+
+@dataclass(eq=False, slots=True)
+class CachedModel:
+    key: str  # "name@version"
+    name: str
+    version: str
+    size_bytes: int  # predicted while loading, measured once loaded
+    last_used: float  # wall clock: cache age is shared with other nodes
+    loaded_at: float  # wall clock of the load's start, then of its completion
+    model: LoadedModel | None = None
+    loaded: asyncio.Future[None] | None = None
+    inflight: int = 0
+    requests: int = 0  # served here since loaded: per-copy load for extra-copy decisions
+    pinned: bool = False
+    discarded: bool = False
+    drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """How one model is loaded and kept, from its registration."""
+
+    predicted_bytes: int
+    timeout_s: float | None = None  # None: the node's default
+    pinned: bool = False  # never evicted
+    churn_guard: bool = False  # refuse to evict recently used models (another node may take it)
+    last_used: float | None = None  # orders background loads
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    capacity_bytes: int
+    used_bytes: int
+    models_loaded: int
+    loads_in_progress: int
+    lru_time_s: float | None  # last use of the least recently used loaded model
