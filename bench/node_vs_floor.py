@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, signals: Signals) -> dict[str, Any]:
         etcd = signals.start(stack, EtcdProcess.start, EtcdProcess.stop)
         _log(f"etcd at {etcd.endpoint}; starting the node and the floor")
         node = signals.start(stack, lambda: NodeProcess.start(etcd=etcd.endpoint, model_repository=repo,
-                                                              capacity=CAPACITY, metrics_port=None), NodeProcess.stop)
+                                                              capacity=CAPACITY, metrics_port=0), NodeProcess.stop)
         floor = signals.start(stack, lambda: FloorProcess(model_file, MODEL), FloorProcess.stop)
         loadgen = signals.start(stack, LoadGenProcess, LoadGenProcess.stop)
         servers = {"floor": Route(floor.target, [floor.pid]), "node": Route(node.target, [node.process.pid])}

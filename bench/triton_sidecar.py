@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
         triton = signals.start(stack, lambda: TritonProcess.start(repo), TritonProcess.stop)
         _log(f"etcd at {etcd.endpoint}, Triton at {triton.grpc_target}; starting the node")
         node = signals.start(stack, lambda: NodeProcess.start(
-            etcd=etcd.endpoint, model_repository=repo, capacity="1GiB", metrics_port=None,
+            etcd=etcd.endpoint, model_repository=repo, capacity="1GiB", metrics_port=0,
             extra_args=["--runtime", "triton", "--triton-url", triton.grpc_target,
                         "--triton-model-repository", str(repo), "--no-proactive-loads"]), NodeProcess.stop)
         proxy = signals.start(stack, lambda: ProxyProcess(triton.grpc_target), ProxyProcess.stop)
