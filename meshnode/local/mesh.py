@@ -75,8 +75,12 @@ class LocalMesh:
 
     def restart(self, i: int) -> NodeProcess:
         """Stop node i gracefully (it drains) and start it again with the same id and ports."""
+        self.nodes[i].stop(timeout_s=90.0)
+        return self.start_again(i)
+
+    def start_again(self, i: int) -> NodeProcess:
+        """Start node i, stopped or killed, again with the same id and ports, as a restarted pod would."""
         old = self.nodes[i]
-        old.stop(timeout_s=90.0)
         self.nodes[i] = NodeProcess.start(
             **self._start_args, extra_args=self._node_args[i], port=old.port, metrics_port=old.metrics_port,
             instance_id=old.instance_id, log_file=self.log_dir / f"{old.instance_id}.log",
