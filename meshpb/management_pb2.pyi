@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("name", "storage_uri", "lazy", "size_hint_bytes", "pinned", "min_copies", "load_timeout_s", "runtime")
+    __slots__ = ("name", "storage_uri", "lazy", "size_hint_bytes", "pinned", "min_copies", "load_timeout_s", "runtime", "timeout_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URI_FIELD_NUMBER: _ClassVar[int]
     LAZY_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class RegisterModelRequest(_message.Message):
     MIN_COPIES_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     storage_uri: str
     lazy: bool
@@ -24,7 +25,8 @@ class RegisterModelRequest(_message.Message):
     min_copies: int
     load_timeout_s: float
     runtime: str
-    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., lazy: _Optional[bool] = ..., size_hint_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ..., runtime: _Optional[str] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., lazy: _Optional[bool] = ..., size_hint_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ..., runtime: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class UnregisterModelRequest(_message.Message):
     __slots__ = ("name",)
@@ -63,7 +65,7 @@ class LoadFailure(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., at: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "storage_uri", "state", "reason", "copies", "failures", "size_bytes", "last_used", "pinned", "min_copies", "load_timeout_s", "size_hint_bytes", "registered_at", "aliases", "runtime")
+    __slots__ = ("name", "storage_uri", "state", "reason", "copies", "failures", "size_bytes", "last_used", "pinned", "min_copies", "load_timeout_s", "size_hint_bytes", "registered_at", "aliases", "runtime", "timeout_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URI_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class ModelStatus(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     storage_uri: str
     state: str
@@ -94,7 +97,8 @@ class ModelStatus(_message.Message):
     registered_at: float
     aliases: _containers.RepeatedScalarFieldContainer[str]
     runtime: str
-    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[ModelCopy, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[LoadFailure, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_used: _Optional[float] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ..., size_hint_bytes: _Optional[int] = ..., registered_at: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, name: _Optional[str] = ..., storage_uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[ModelCopy, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[LoadFailure, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., last_used: _Optional[float] = ..., pinned: _Optional[bool] = ..., min_copies: _Optional[int] = ..., load_timeout_s: _Optional[float] = ..., size_hint_bytes: _Optional[int] = ..., registered_at: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("prefix", "page_size", "page_token")

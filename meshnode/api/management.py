@@ -26,7 +26,7 @@ def _model(status: ModelStatus) -> mpb.ModelStatus:
         name=r.name, storage_uri=r.storage, state=status.state, reason=status.reason, copies=copies, failures=failures,
         size_bytes=r.size_bytes or 0, last_used=r.last_used or 0.0, pinned=r.pinned, min_copies=r.min_copies,
         load_timeout_s=r.load_timeout_s or 0.0, size_hint_bytes=r.size_hint or 0, registered_at=r.registered_at,
-        aliases=status.aliases, runtime=r.runtime,
+        aliases=status.aliases, runtime=r.runtime, timeout_ms=r.timeout_ms or 0,
     )
 
 
@@ -60,6 +60,7 @@ class ManagementServicer:
             name=request.name, storage_uri=request.storage_uri, lazy=request.lazy,
             size_hint_bytes=request.size_hint_bytes or None, pinned=request.pinned or None,
             min_copies=request.min_copies or None, load_timeout_s=request.load_timeout_s or None,
+            timeout_ms=request.timeout_ms or None,
             runtime=("" if request.runtime == "any" else request.runtime) if request.HasField("runtime") else None)))
 
     @maps_errors

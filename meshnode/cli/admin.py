@@ -50,6 +50,8 @@ def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     register.add_argument("--pinned", action="store_true", help="never evict it once loaded")
     register.add_argument("--min-copies", type=int, default=0, help="keep at least this many copies loaded")
     register.add_argument("--load-timeout", type=float, default=0.0, help="seconds its load may take")
+    register.add_argument("--timeout-ms", type=_milliseconds, default=0,
+                          help="milliseconds one inference may take; longer ones end with DEADLINE_EXCEEDED")
     register.add_argument("--runtime", help="only nodes running this load it: onnxruntime, triton, or any "
                                             "(default: the runtime of the node you ask)")
     command(models, "unregister", "unload a model everywhere and forget it").add_argument("name")
@@ -68,6 +70,17 @@ def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     command(aliases, "list", "every alias").add_argument("--prefix", default="", help="only names starting with this")
 
     command(sub, "nodes", "the mesh's nodes: capacity, use, cache age, load")
+
+
+def _milliseconds(text: str) -> int:
+    """--timeout-ms: a positive whole number (the service checks the upper bound)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of milliseconds: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 ms: {text}")
+    return value
 
 
 async def _pages(call: Callable[..., Any], request: Any, field: str) -> AsyncIterator[Any]:
@@ -93,7 +106,8 @@ async def _call(args: argparse.Namespace) -> Result:
                 return await stub.RegisterModel(mpb.RegisterModelRequest(
                     name=args.name, storage_uri=args.storage_uri, lazy=args.lazy, pinned=args.pinned,
                     size_hint_bytes=parse_size(args.size_hint) if args.size_hint else 0,
-                    min_copies=args.min_copies, load_timeout_s=args.load_timeout, runtime=args.runtime),
+                    min_copies=args.min_copies, load_timeout_s=args.load_timeout, timeout_ms=args.timeout_ms,
+                    runtime=args.runtime),
                     timeout=TIMEOUT_S)
             if action == "unregister":
                 await stub.UnregisterModel(mpb.UnregisterModelRequest(name=args.name), timeout=TIMEOUT_S)
@@ -161,11 +175,13 @@ def _node_row(n: Any, now: float) -> dict[str, Any]:
 
 def _model_detail(m: Any, now: float) -> str:
     size = _size(m.size_bytes) if m.size_bytes else "not measured yet"
+    timeout = f"{m.timeout_ms} ms" if m.timeout_ms else "none (only the client's deadline)"
     lines = [f"{m.name}: {m.state}" + (f" ({m.reason})" if m.reason else ""),
              f"  storage: {m.storage_uri} (runs on {m.runtime or 'any'} nodes)",
              f"  size: {size}, last used {_ago(m.last_used, now)}",
              f"  pinned: {'yes' if m.pinned else 'no'}, min copies: {m.min_copies or 1}, "
-             f"aliases: {', '.join(m.aliases) or '-'}"]
+             f"aliases: {', '.join(m.aliases) or '-'}",
+             f"  inference timeout: {timeout}"]
     copies = [{"instance": c.instance_id, "state": c.state, "since": _ago(c.since, now)} for c in m.copies]
     lines.append(table(copies, "  no copies"))
     if m.failures:

@@ -16,11 +16,14 @@ from meshnode.errors import InvalidInput
 from meshnode.net import params as wire
 from meshnode.runtimes import RUNTIMES
 
+# The largest inference timeout: what the management service's uint32 carries (49 days).
+MAX_TIMEOUT_MS = 2**32 - 1
 # What each keeping field must be, as InvalidInput says it, whether the value has the wrong type or range.
 _RULES = {
     "runtime": f"config 'runtime' must be one of {', '.join(RUNTIMES)}, or \"\" for any",
     "min_copies": "config 'min_copies' must be a whole number from 1 to 100",
     "load_timeout_s": "config 'load_timeout_s' must be a positive number of seconds",
+    "timeout_ms": f"config 'timeout_ms' must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}",
 }
 
 
@@ -38,6 +41,7 @@ class Registration:
     pinned: bool | None = None
     min_copies: int | None = None
     load_timeout_s: float | None = None
+    timeout_ms: int | None = None  # an inference running longer ends with DEADLINE_EXCEEDED
     runtime: str | None = None  # "" for any; None: the registering node's for a new model
 
     def __post_init__(self) -> None:
@@ -48,11 +52,13 @@ class Registration:
             raise InvalidInput(_RULES["min_copies"])
         if self.load_timeout_s is not None and self.load_timeout_s <= 0:
             raise InvalidInput(_RULES["load_timeout_s"])
+        if self.timeout_ms is not None and not 1 <= self.timeout_ms <= MAX_TIMEOUT_MS:
+            raise InvalidInput(_RULES["timeout_ms"])
 
     def keeping(self) -> dict[str, Any]:
         """The record fields this registration sets about how and where the mesh keeps the model."""
         fields = {"pinned": self.pinned, "min_copies": self.min_copies, "load_timeout_s": self.load_timeout_s,
-                  "runtime": self.runtime}
+                  "timeout_ms": self.timeout_ms, "runtime": self.runtime}
         return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -107,6 +113,11 @@ def _keeping(config: Mapping[str, object]) -> dict[str, Any]:
         if not isinstance(timeout, int | float) or isinstance(timeout, bool):
             raise InvalidInput(_RULES["load_timeout_s"])
         keeping["load_timeout_s"] = float(timeout)
+    timeout_ms = config.get("timeout_ms")
+    if timeout_ms is not None:
+        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool):
+            raise InvalidInput(_RULES["timeout_ms"])
+        keeping["timeout_ms"] = timeout_ms
     return keeping
 
 

@@ -2,16 +2,21 @@
 
 Both ways into a copy here use this one part: the dataplane runs cache hits on it directly, and the
 router (router.ports.LocalNode) sends it the misses that placement serves on this node.
+
+A model's registration may bound its inference (`timeout_ms`): `run` reads it from the registry's view on
+every request (one dict get), so a re-registration that changes it applies at once to copies already
+loaded, which it does not reload.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
-from meshnode.errors import ModelLost, ModelNotFound, ModelUnavailable
+from meshnode.errors import DeadlineExceeded, ModelLost, ModelNotFound, ModelUnavailable
 from meshnode.observability.metrics import NodeMetrics
-from meshnode.runtimes.base import CallerMetadata, Runtime
+from meshnode.runtimes.base import CallerMetadata, LoadedModel, Runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.entries import CachedModel, LoadOptions
 from meshnode.state.registry import ModelRecord, Registry
@@ -24,6 +29,7 @@ class LocalReplica:
                  metrics: NodeMetrics) -> None:
         self.instance_id = instance_id
         self._registry = registry
+        self._records = registry.view  # the view itself (kept current in place): one dict get per request
         self._cache = cache
         self._runtime = runtime
         self._metrics = metrics
@@ -43,11 +49,18 @@ class LocalReplica:
 
     async def run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float,
                   timeout_s: float | None = None, metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
-        """Run one request on an acquired entry, and release it."""
+        """Run one request on an acquired entry, and release it.
+
+        `timeout_s` is what is left of the client's deadline (None: none, or not known here); the model's
+        registered timeout, when shorter, ends the request with DeadlineExceeded.
+        """
         metrics = self._metrics
         assert entry.model is not None  # acquired entries are loaded
         try:
-            return await entry.model.infer(request, timeout_s, metadata)
+            record = self._records.get(entry.name)
+            if record is None or record.timeout_ms is None:
+                return await entry.model.infer(request, timeout_s, metadata)
+            return await _bounded(entry.model, request, record.timeout_ms, timeout_s, metadata)
         except BaseException as error:
             metrics.invoke_failures += 1
             if isinstance(error, ModelLost):
@@ -73,3 +86,25 @@ class LocalReplica:
         return LoadOptions(predicted_bytes=record.effective_size(lambda: self._runtime.predict_size(source)),
                            timeout_s=record.load_timeout_s, pinned=record.pinned, churn_guard=churn_guard,
                            last_used=record.last_used)
+
+
+async def _bounded(model: LoadedModel, request: pb.ModelInferRequest, timeout_ms: int, timeout_s: float | None,
+                   metadata: CallerMetadata | None) -> pb.ModelInferResponse:
+    """The model's infer, abandoned after its registered timeout unless the client's deadline comes first.
+
+    Abandoning cancels the runtime's call: a Triton call is cancelled; an ONNX Runtime session run that
+    already started finishes in its worker thread and its answer is dropped, one still queued never runs.
+    """
+    limit_s = timeout_ms / 1000.0
+    if timeout_s is not None and timeout_s <= limit_s:
+        # The client's deadline is the shorter: it ends the call as it does for a model without a timeout.
+        return await model.infer(request, timeout_s, metadata)
+    limit = asyncio.timeout(limit_s)
+    try:
+        async with limit:
+            return await model.infer(request, timeout_s, metadata)
+    except TimeoutError:
+        if not limit.expired():
+            raise  # the runtime's own, not this limit's
+        raise DeadlineExceeded(f"inference of model '{model.name}' version {model.version} exceeded its timeout "
+                               f"of {timeout_ms} ms") from None

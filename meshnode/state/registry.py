@@ -48,6 +48,7 @@ class ModelRecord(JsonRecord):
     pinned: bool = False  # never evicted once loaded
     min_copies: int = 1  # the mesh keeps at least this many copies loaded
     load_timeout_s: float | None = None  # None: each node's default
+    timeout_ms: int | None = None  # an inference running longer is abandoned (DEADLINE_EXCEEDED); None: no limit
     runtime: str = ""  # only nodes running this runtime load it ("onnxruntime", "triton"); "" for any
     # Pointed at by an alias with auto_delete: unregistered once no alias points at it any more.
     delete_when_unaliased: bool = False
@@ -75,6 +76,12 @@ def key_of(name: str) -> str:
 class Registry(WatchedRecords[ModelRecord]):
     def __init__(self, store: EtcdStore) -> None:
         super().__init__(store, PREFIX, ModelRecord)
+
+    @property
+    def view(self) -> Mapping[str, ModelRecord]:
+        """The view itself, kept current in place: for the request path, where `view.get(name)` is one dict get
+        (no call of `get`)."""
+        return self._watched.view
 
     # --- writes, all compare-and-set on etcd, reflected in the view at once ---
 

@@ -13,6 +13,7 @@ from meshnode.net import params as wire
 RUNTIME_RULE = 'config \'runtime\' must be one of onnxruntime, triton, or "" for any'
 MIN_COPIES_RULE = "config 'min_copies' must be a whole number from 1 to 100"
 TIMEOUT_RULE = "config 'load_timeout_s' must be a positive number of seconds"
+TIMEOUT_MS_RULE = "config 'timeout_ms' must be a whole number of milliseconds from 1 to 4294967295"
 
 
 def config(**fields: object) -> str:
@@ -31,12 +32,13 @@ def test_no_parameters_register_the_model_by_name_and_load_it() -> None:
 def test_every_parameter_is_read_into_the_registration() -> None:
     parameters: dict[str, object] = {
         "file:1/model.onnx": b"weights", "file:config.pbtxt": b"name: 'm'", wire.LAZY: True, wire.SIZE_HINT: 123,
-        "config": config(storage_uri="/models/m", runtime="triton", pinned=True, min_copies=2, load_timeout_s=30),
+        "config": config(storage_uri="/models/m", runtime="triton", pinned=True, min_copies=2, load_timeout_s=30,
+                         timeout_ms=250),
         "unrelated": "ignored",
     }
     assert read_load("m", parameters) == Registration(
         "m", storage_uri="/models/m", files={"1/model.onnx": b"weights", "config.pbtxt": b"name: 'm'"}, lazy=True,
-        size_hint_bytes=123, pinned=True, min_copies=2, load_timeout_s=30.0, runtime="triton")
+        size_hint_bytes=123, pinned=True, min_copies=2, load_timeout_s=30.0, timeout_ms=250, runtime="triton")
 
 
 @pytest.mark.parametrize(("parameters", "size_hint"), [
@@ -71,6 +73,9 @@ def test_unregister_is_read_from_unloads_parameters() -> None:
     ({"min_copies": 100}, Registration("m", min_copies=100)),
     ({"load_timeout_s": 0.5}, Registration("m", load_timeout_s=0.5)),
     ({"pinned": False}, Registration("m", pinned=False)),
+    ({"timeout_ms": 1}, Registration("m", timeout_ms=1)),
+    ({"timeout_ms": 4294967295}, Registration("m", timeout_ms=4294967295)),
+    ({"timeout_ms": None}, Registration("m")),  # null is no value: the registration's stays
 ])
 def test_keeping_fields_at_their_bounds_are_accepted(fields: dict[str, object], expected: Registration) -> None:
     assert read_load("m", {"config": json.dumps(fields)}) == expected
@@ -92,6 +97,13 @@ def test_keeping_fields_at_their_bounds_are_accepted(fields: dict[str, object], 
     ({"config": config(load_timeout_s=-1.0)}, TIMEOUT_RULE),
     ({"config": config(load_timeout_s=True)}, TIMEOUT_RULE),
     ({"config": config(load_timeout_s="5")}, TIMEOUT_RULE),
+    ({"config": config(timeout_ms=0)}, TIMEOUT_MS_RULE),
+    ({"config": config(timeout_ms=-250)}, TIMEOUT_MS_RULE),
+    ({"config": config(timeout_ms=4294967296)}, TIMEOUT_MS_RULE),
+    ({"config": config(timeout_ms=2.5)}, TIMEOUT_MS_RULE),
+    ({"config": config(timeout_ms=250.0)}, TIMEOUT_MS_RULE),  # milliseconds are whole
+    ({"config": config(timeout_ms=True)}, TIMEOUT_MS_RULE),
+    ({"config": config(timeout_ms="250")}, TIMEOUT_MS_RULE),
 ])
 def test_bad_parameters_are_invalid_input_saying_what_is_wrong(parameters: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidInput) as raised:
@@ -109,5 +121,8 @@ def test_config_that_is_not_json_says_where_it_fails() -> None:
 def test_a_registration_built_directly_is_held_to_the_same_rules() -> None:
     with pytest.raises(InvalidInput, match="^config 'min_copies' must be a whole number from 1 to 100$"):
         Registration("m", min_copies=0)
+    with pytest.raises(InvalidInput, match=f"^{TIMEOUT_MS_RULE}$"):
+        Registration("m", timeout_ms=0)
     assert Registration("m", pinned=True, runtime="").keeping() == {"pinned": True, "runtime": ""}
+    assert Registration("m", timeout_ms=250).keeping() == {"timeout_ms": 250}
     assert Registration("m").keeping() == {}
