@@ -68,7 +68,7 @@ class Node:
         self.cache = ModelCache(
             self.runtime, capacity_bytes=s.capacity, metrics=self.metrics, load_timeout_s=s.load_timeout_s,
             failure_backoff_s=s.load_failure_backoff_s, load_concurrency=s.load_concurrency,
-            churn_guard_s=s.churn_guard_s,
+            churn_guard_s=s.churn_guard_s, runs_per_copy=s.runs_per_copy, max_queued=s.max_queued_per_model,
         )
         # state
         self.registry = Registry(store)
@@ -85,7 +85,7 @@ class Node:
             registry=self.registry, alias_targets=self.aliases.targets,
             metadata_elsewhere=PeerMetadata(mesh=self.mesh, registry=self.registry, peers=self.peers,
                                             runtime=self.runtime.name),
-            metrics=self.metrics, version=software_version(),
+            metrics=self.metrics, version=software_version(), max_inflight=s.max_inflight,
         )
         self.copies = CopyManager(
             cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, replica=self.replica,
@@ -151,7 +151,7 @@ class Node:
         return NodeState(
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, models_loaded=stats.models_loaded,
             models_managed=len(self.registry.names()), models_with_failure=self.cache.failures.count(),
-            lru_time_s=stats.lru_time_s, etcd_writes=self._store.writes,
+            lru_time_s=stats.lru_time_s, etcd_writes=self._store.writes, requests_queued=self.cache.queued,
         )
 
     def _on_registry_change(self, name: str, record: ModelRecord | None) -> None:

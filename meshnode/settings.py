@@ -66,9 +66,38 @@ class NodeSettings(BaseSettings):
     infer_workers: int = 2
     inline_threshold_ms: float = 0.5
     intra_op_threads: int = 1
+    # Overload (meshnode.serving): past these bounds a request is refused at once, never queued without end.
+    # Requests for one model waiting on this node, for its copy's load or for a free run slot of the copy
+    # (runs_per_copy below run at once). At the bound a request goes to another copy of the model, or gets
+    # RESOURCE_EXHAUSTED at once when every copy is at its bound. Sized so that the last request waiting
+    # still meets a typical deadline of about a second: it starts after about max_queued * run time /
+    # runs_per_copy; for a 50 ms model (a mid-size CPU model; anything over inline_threshold_ms already runs
+    # on the workers) on the default 2 workers each waiting request adds 25 ms, so 32 wait ~0.8 s and the
+    # last keeps ~0.2 s to run and answer. A longer queue would only hold requests that miss their deadline
+    # while holding memory and workers; a 5 ms model drains all 32 in 80 ms. It is twice
+    # hot_inflight_per_copy, so the copy manager sees a copy hot and adds another before any is turned away.
+    max_queued_per_model: int = Field(default=32, ge=1)
+    # Inference requests in flight on this node, every model's and forwarded ones together: a backstop for
+    # memory (each holds its tensors and a task), not the first line, which is the per-model bound above.
+    # Generous: 512 holds the full queues of 15 models at once (32 waiting + 2 running each), many times
+    # what the workers drain within a deadline, and caps what requests hold at 512 times their size (50 MB
+    # for 100 kB tensors) however many clients send at once.
+    max_inflight: int = Field(default=512, ge=1)
     # A model marked by an alias with auto_delete is unregistered once no alias has pointed at it for
     # this long (requests already resolved to it finish; every node's watch sees the change first).
     alias_retire_after_s: float = Field(default=10.0, ge=0)
+
+    @property
+    def runs_per_copy(self) -> int:
+        """Requests one copy of a model runs at once; the others for it wait (max_queued_per_model).
+
+        ONNX Runtime runs a model inline on the event loop (one at a time, never overlapping another request)
+        or on its `infer_workers` threads. Triton takes every request the node passes through and queues it in
+        its own scheduler, out of the node's sight: the node counts the same `infer_workers` as running there
+        and the rest as waiting, so a Triton copy is bounded the same way (34 at once by default, room for
+        Triton's dynamic batcher to fill batches).
+        """
+        return max(1, self.infer_workers)
 
     @field_validator("runtime")
     @classmethod

@@ -41,6 +41,25 @@ class NotHere(MeshError):
         super().__init__(NOT_HERE_PREFIX + message)
 
 
+OVERLOADED_PREFIX = "overloaded: "
+
+
+class Overloaded(MeshError):
+    """A copy (or the whole node) is at its bound of waiting or in-flight requests: try another copy now,
+    never queue without bound. When every live copy of the model says so, the router raises one naming
+    the model and its copies, and starts no load for it (overload is the copies' traffic, not a miss).
+
+    RESOURCE_EXHAUSTED, like a node without room for a load; its message starts with OVERLOADED_PREFIX
+    so the sender of a forwarded request can tell the two apart (meshnode.net.peers.peer_error).
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_elsewhere = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message if message.startswith(OVERLOADED_PREFIX) else OVERLOADED_PREFIX + message)
+
+
 class NoPlacement(MeshError):
     """No node in the mesh can take the model now."""
 

@@ -28,7 +28,8 @@ class LocalNode(Protocol):
         ...
 
     async def infer(self, request: Any, churn_guard: bool = False) -> Any:
-        """Serve here, loading the model if needed; raises MeshError subclasses.
+        """Serve here, loading the model if needed; raises MeshError subclasses (Overloaded when too many
+        requests wait for the copy here already).
 
         With churn_guard, refuse (retry_elsewhere) a load that would evict recently used models.
         """
@@ -62,5 +63,6 @@ class Peers(Protocol):
         ...
 
     async def infer(self, node: NodeView, request: Any, hop: Hop, budget_s: float | None) -> Any:
-        """Forward; raises router.errors.PeerError."""
+        """Forward; raises router.errors.PeerError, or router.errors.Overloaded when the peer's copy (or the
+        peer) is at its bound of waiting requests."""
         ...

@@ -5,13 +5,18 @@ Otherwise: the least busy live copy; with none, placement picks where to load an
 record settles concurrent claims, so one load serves every node's waiting requests. Failures
 move on to the next copy or node within the deadline, a bounded number of times, and the last
 error names the model and its cause.
+
+Overload: a copy at its bound of waiting requests answers Overloaded at once; the request moves on
+to another copy. When every live copy has said so, the request fails with Overloaded naming the
+model and those copies, and no load is claimed: more copies are the copy manager's decision, made
+from the copies' traffic, not a side effect of one request being turned away.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from placement.policy import (
@@ -22,8 +27,8 @@ from placement.policy import (
     load_exclusions,
     should_give_up,
 )
-from placement.types import FailureView, ModelView
-from router.errors import GaveUp, MeshError, NoPlacement, NotHere, OutOfTime
+from placement.types import FailureView, ModelView, NodeView
+from router.errors import OVERLOADED_PREFIX, GaveUp, MeshError, NoPlacement, NotHere, OutOfTime, Overloaded
 from router.hop import MAX_HOPS, Hop, Mode
 from router.ports import LocalNode, MeshView, Peers
 
@@ -44,20 +49,34 @@ class Router:
         self._placement = placement or PlacementConfig()
         self._max_attempts = max_attempts
 
-    async def route(self, request: Any, hop: Hop, budget_s: float | None) -> Any:
-        """Serve `request` somewhere in the mesh within `budget_s` seconds (None: no deadline)."""
+    async def route(self, request: Any, hop: Hop, budget_s: float | None,
+                    overloaded_here: Overloaded | None = None) -> Any:
+        """Serve `request` somewhere in the mesh within `budget_s` seconds (None: no deadline).
+
+        `overloaded_here`: this node's copy refused the request at its bound (the node's hit path). A client's
+        request then tries the other copies; one a peer sent for this copy goes back to that peer.
+        """
         name = request.model_name
         if hop.mode is not Mode.ANY or hop.hops >= MAX_HOPS:
+            if overloaded_here is not None:
+                raise overloaded_here
             return await self._serve_as_chosen(request, hop)
         deadline = None if budget_s is None else time.monotonic() + budget_s
         me = self._local.instance_id
         tried: set[str] = set(hop.tried)
+        overloaded: set[str] = set()  # nodes whose copy refused this request at its bound
         last_error: MeshError | None = None
+        if overloaded_here is not None:
+            tried.add(me)
+            overloaded.add(me)
+            last_error = overloaded_here
         for _ in range(self._max_attempts):
             if deadline is not None and time.monotonic() >= deadline:
                 break  # checked before a claim too: no load is claimed for a request that cannot wait for it
             model = self._mesh.model(name)
             if model is None:
+                if overloaded:  # a copy said so, whatever the view says now: never past its bound
+                    raise _overloaded(name, overloaded, last_error)
                 return await self._local.infer(request)  # unknown here too: the node says NOT_FOUND
             nodes = self._mesh.nodes()
             unavailable = tried | self._peers.suspects()
@@ -65,6 +84,10 @@ class Router:
                                  exclude=unavailable, rng=self._rng)
             mode, guard = Mode.COPY, False
             if target is None:
+                if overloaded and _every_copy_in(model, nodes, overloaded):
+                    # Copies exist and are busy: a load would not be for a miss. (An overloaded node the view
+                    # does not list yet holds a copy too: it would have answered NOT_HERE or loaded.)
+                    raise _overloaded(name, overloaded, last_error)
                 now = self._now()
                 reason = should_give_up(model, sorted(tried), now, self._placement)
                 if reason is not None:
@@ -96,11 +119,15 @@ class Router:
                 if not error.retry_elsewhere:
                     raise
                 tried.add(target)
+                if isinstance(error, Overloaded):
+                    overloaded.add(target)
                 last_error = error
         detail = f"; last error: {last_error}" if last_error else ""
         if deadline is not None and time.monotonic() >= deadline:
             raise OutOfTime(f"model '{name}' could not be served within its {budget_s}s deadline by nodes "
                             f"{sorted(tried) or '(none)'}{detail}")
+        if overloaded and overloaded >= tried - set(hop.tried):  # every node tried was at its bound
+            raise _overloaded(name, overloaded, last_error)
         raise GaveUp(f"model '{name}' could not be served by nodes {sorted(tried) or '(none)'}{detail}")
 
     async def _serve_as_chosen(self, request: Any, hop: Hop) -> Any:
@@ -115,6 +142,22 @@ class Router:
         model = self._mesh.model(name)
         me = self._local.instance_id
         return model is not None and any(c.instance_id == me for c in model.copies)
+
+
+def _every_copy_in(model: ModelView, nodes: Mapping[str, NodeView], overloaded: Collection[str]) -> bool:
+    """Is every copy the router could choose (on a live node that is not shutting down) in `overloaded`?"""
+    for copy in model.copies:
+        node = nodes.get(copy.instance_id)
+        if node is not None and not node.shutting_down and copy.instance_id not in overloaded:
+            return False
+    return True
+
+
+def _overloaded(name: str, nodes: Collection[str], last_error: MeshError | None) -> Overloaded:
+    last = str(last_error).removeprefix(OVERLOADED_PREFIX) if last_error is not None else ""
+    detail = f" ({last})" if last else ""
+    return Overloaded(f"model '{name}': every copy ({', '.join(sorted(nodes))}) is at its limit of waiting "
+                      f"requests{detail}")
 
 
 def _no_placement(model: ModelView, largest_capacity: int, last_error: MeshError | None,

@@ -41,6 +41,11 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                       help="seconds before an auto-delete alias's old model is unregistered (default 10)")
     node.add_argument("--no-proactive-loads", dest="proactive_loads", action="store_const", const=False,
                       help="do not load recently used or new models into free space ahead of requests")
+    node.add_argument("--max-queued-per-model", type=int,
+                      help="requests for one model that may wait here (its load, a free run slot) before more go "
+                           "to other copies or get RESOURCE_EXHAUSTED (default 32)")
+    node.add_argument("--max-inflight", type=int,
+                      help="inference requests in flight on this node before more get RESOURCE_EXHAUSTED (512)")
     node.add_argument("--runtime", choices=sorted(RUNTIMES), help="what runs the models (default onnxruntime)")
     node.add_argument("--triton-url", help="Triton's gRPC HOST:PORT, for --runtime triton (explicit model control)")
     node.add_argument("--triton-model-repository",

@@ -16,17 +16,25 @@ from meshnode.background import BackgroundTasks
 from meshnode.net import params, transport
 from meshpb import pb
 from placement.types import NodeView
-from router.errors import NOT_HERE_PREFIX, RETRY_ELSEWHERE_CODES, PeerError
+from router.errors import NOT_HERE_PREFIX, OVERLOADED_PREFIX, RETRY_ELSEWHERE_CODES, Overloaded, PeerError
 from router.hop import PARAMETER_KEY, Hop, Mode
 
 SUSPECT_S = 3.0
 
 
-def peer_error(peer: str, error: grpc.aio.AioRpcError, *, retry_elsewhere: bool | None = None) -> PeerError:
+def peer_error(peer: str, error: grpc.aio.AioRpcError, *,
+               retry_elsewhere: bool | None = None) -> PeerError | Overloaded:
     """A peer's failed call as the router sees it: the peer's status and message, and whether another
-    node may succeed (by the status, unless the caller knows better)."""
+    node may succeed (by the status, unless the caller knows better).
+
+    A peer's copy at its bound answers RESOURCE_EXHAUSTED as a node without room does; its message's
+    prefix tells them apart, and it comes back as Overloaded, which the router counts per model.
+    """
     code = error.code()
-    return PeerError(code, f"node {peer}: {error.details() or ''}",
+    details = error.details() or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(OVERLOADED_PREFIX):
+        return Overloaded(f"node {peer}: {details.removeprefix(OVERLOADED_PREFIX)}")
+    return PeerError(code, f"node {peer}: {details}",
                      retry_elsewhere=code in RETRY_ELSEWHERE_CODES if retry_elsewhere is None else retry_elsewhere)
 
 
@@ -91,7 +99,7 @@ class GrpcPeers:
                 self._close_if_gone(peer)
 
     async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
-        """Ask `node` to load a copy of registered model `name`; raises PeerError."""
+        """Ask `node` to load a copy of registered model `name`; raises PeerError (or Overloaded)."""
         request = pb.RepositoryModelLoadRequest(
             model_name=name, parameters={params.COPY: pb.ModelRepositoryParameter(bool_param=True)})
         try:

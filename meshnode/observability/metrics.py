@@ -5,7 +5,7 @@ Why the hot path does not touch OpenTelemetry instruments: measured here, ``Hist
 request path only bumps plain ints and a local fixed-bucket histogram (bisect + list slot, well under
 1 µs); OTel observable instruments read the ints at scrape time, and the histograms are published by a
 prometheus_client collector on the same private registry, because OTel has no asynchronous histogram.
-All six histograms share that mechanism so their bucket layout and naming cannot drift apart.
+All seven histograms share that mechanism so their bucket layout and naming cannot drift apart.
 
 Everything here is meant to be touched from the node's event loop thread only: ``+=`` on an attribute
 and the histogram slot increments are not atomic across threads, and scrapes run on the loop, which
@@ -56,6 +56,9 @@ _COUNTERS = (
     ("modelmesh_unloadmodel_failure", "unload_failures", "Unload model failures"),
     ("modelmesh_evictions", "evictions", "Count of model copy evictions"),
     ("meshserve_etcd_writes", "etcd_writes", "Write requests this node sent to etcd"),
+    ("meshserve_requests_rejected", "requests_rejected",
+     "Inference requests refused at once (RESOURCE_EXHAUSTED) because a bound of waiting or in-flight requests "
+     "was reached"),
 )
 
 _READ_TIMEOUT_S = 5.0
@@ -73,6 +76,7 @@ class NodeState:
     models_with_failure: int
     lru_time_s: float | None  # epoch seconds of the least recently used loaded copy; None if none loaded
     etcd_writes: int = 0  # write requests sent to etcd since start
+    requests_queued: int = 0  # requests waiting here for a model's load or for a run slot of its copy
 
 
 def _lru_age_s(state: NodeState) -> float:
@@ -102,15 +106,20 @@ _GAUGES: tuple[tuple[str, str, str, Callable[[NodeState], float | None]], ...] =
     ("modelmesh_models_with_failure_total", "", "Total number of models with recent load failures",
      attrgetter("models_with_failure")),
     ("modelmesh_models_managed_total", "", "Total number of models managed", attrgetter("models_managed")),
+    ("meshserve_requests_queued", "", "Inference requests waiting on this node for a model's load or for a "
+     "free run slot of its copy", attrgetter("requests_queued")),
 )  # fmt: skip
 
 
 class _LocalHistogram:
     """Fixed-bucket histogram in milliseconds, also its own prometheus_client collector."""
 
-    __slots__ = ("name", "help", "bounds", "les", "counts", "sum")
+    __slots__ = ("name", "help", "bounds", "les", "counts", "sum", "_zeros")
 
-    def __init__(self, name: str, help_text: str, bounds: tuple[float, ...]) -> None:
+    def __init__(self, name: str, help_text: str, bounds: tuple[float, ...],
+                 zeros: Callable[[], int] | None = None) -> None:
+        """`zeros`: observations of 0 counted elsewhere as a plain int (cheaper than `observe(0)` on a hot
+        path), added to the first bucket when scraped."""
         self.name = name
         self.help = help_text
         self.bounds = bounds
@@ -118,6 +127,7 @@ class _LocalHistogram:
         self.les = (*(repr(float(b)) for b in bounds), "+Inf")
         self.counts = [0] * (len(bounds) + 1)  # last slot is the +Inf overflow
         self.sum = 0.0
+        self._zeros = zeros
 
     def observe(self, value: float) -> None:
         # bisect_left puts a value equal to a bound in that bound's slot, matching Prometheus' ``le``.
@@ -125,7 +135,8 @@ class _LocalHistogram:
         self.sum += value
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        buckets = list(zip(self.les, accumulate(self.counts), strict=True))
+        counts = self.counts if self._zeros is None else [self.counts[0] + self._zeros(), *self.counts[1:]]
+        buckets = list(zip(self.les, accumulate(counts), strict=True))
         yield HistogramMetricFamily(self.name, self.help, buckets, self.sum, unit="milliseconds")
 
 
@@ -148,6 +159,10 @@ class NodeMetrics:
         self.unload_failures = 0
         self.evictions = 0
         self.etcd_writes = 0  # the etcd store's count, as of the last scrape
+        self.requests_rejected = 0
+        # Requests that ran without waiting (a free run slot on a loaded copy): the queue delay histogram's
+        # zeros, bumped as an int on the hit path.
+        self.ran_without_waiting = 0
 
         hist = _LocalHistogram
         self._invoke = hist(
@@ -162,12 +177,19 @@ class NodeMetrics:
             "Time since model was last used when evicted",
             _AGE_BUCKETS_MS,
         )
+        self._queue_delay = hist(
+            "modelmesh_req_queue_delay_milliseconds",
+            "Time a request waited on this node before it ran: for its model's load, then for a run slot",
+            _MS_BUCKETS,
+            zeros=lambda: self.ran_without_waiting,
+        )
 
         self._scrape_state: NodeState | None = None
 
         # Private registry and provider so several nodes (or tests) can coexist in one process.
         self._registry = CollectorRegistry()
-        histograms = (self._invoke, self._api, self._cache_miss, self._load, self._unload, self._eviction_age)
+        histograms = (self._invoke, self._api, self._cache_miss, self._load, self._unload, self._eviction_age,
+                      self._queue_delay)
         for histogram in histograms:
             self._registry.register(histogram)
         reader = PrometheusMetricReader(
@@ -204,6 +226,11 @@ class NodeMetrics:
 
     def observe_eviction_age_ms(self, ms: float) -> None:
         self._eviction_age.observe(ms)
+
+    def observe_queue_delay_ms(self, ms: float) -> None:
+        """A request that waited (for a load or a run slot) before it ran; one that did not wait is counted
+        by `ran_without_waiting += 1` instead."""
+        self._queue_delay.observe(ms)
 
     def render(self, state: NodeState | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every metric of this node; gauges only with

@@ -4,6 +4,11 @@ Servicers only convert and call in here. The hit path of `infer` is a dict looku
 own infer on the local replica, and a few counter updates; a miss goes to the router, which serves
 it on the local replica, at a peer's copy, or wherever placement loads it. Hop metadata is only
 read on a miss.
+
+Overload: the hit path compares two integers against their bounds, the node's requests in flight
+(`max_inflight`: refused at once) and the copy's (`runs_per_copy` running plus `max_queued` waiting,
+in the cache). A copy at its bound sends a client's request to the router, which tries the model's
+other copies, and refuses a peer's, so that the peer tries another (router.router).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from meshnode.serving.replica import LocalReplica
 from meshnode.state.registry import Registry
 from meshnode.storage.repository import list_versions
 from meshpb import pb
+from router.errors import Overloaded
 from router.hop import PARAMETER_KEY, Hop
 from router.router import Router
 
@@ -40,6 +46,7 @@ class DataPlane:
     def __init__(
         self, *, replica: LocalReplica, router: Router, cache: ModelCache, registry: Registry,
         alias_targets: Mapping[str, str], metadata_elsewhere: MetadataElsewhere, metrics: NodeMetrics, version: str,
+        max_inflight: int = 512,
     ) -> None:
         self._replica = replica
         self._router = router
@@ -52,6 +59,10 @@ class DataPlane:
         self._version = version
         self._ready = False
         self.inflight = 0
+        self._max_inflight = max_inflight
+        # A copy's bounds, from the cache that keeps its waiting requests: read here once, compared per request.
+        self._runs_per_copy = cache.runs_per_copy
+        self._max_per_copy = cache.runs_per_copy + cache.max_queued
 
     @property
     def ready(self) -> bool:
@@ -69,6 +80,10 @@ class DataPlane:
         started = time.perf_counter()
         metrics = self._metrics
         metrics.api_requests += 1
+        if self.inflight >= self._max_inflight:
+            metrics.requests_rejected += 1
+            raise Overloaded(f"model '{request.model_name}' was not served: node {self._replica.instance_id} has "
+                             f"{self.inflight} requests in flight, its limit (--max-inflight {self._max_inflight})")
         self.inflight += 1
         entry = self._cache.ready.get((request.model_name, request.model_version))
         if entry is None and (target := self._alias_targets.get(request.model_name)) is not None:
@@ -76,25 +91,42 @@ class DataPlane:
             request.model_name = target
             entry = self._cache.ready.get((target, request.model_version))
         try:
+            overloaded = None
             if entry is not None:
-                entry.inflight += 1
-                metrics.cache_hits += 1
-                try:
-                    return await self._replica.run(entry, request, started,
-                                                   time_remaining() if time_remaining else None, metadata)
-                except ModelLost:
-                    pass  # run() forgot the copy: the router below loads it again, here or elsewhere
+                inflight = entry.inflight
+                if inflight < self._runs_per_copy:
+                    metrics.ran_without_waiting += 1
+                elif inflight < self._max_per_copy:
+                    self._cache.wait_for_slot(entry, started)
+                else:
+                    overloaded = self._copy_overloaded(entry.name, inflight)
+                if overloaded is None:
+                    entry.inflight += 1
+                    metrics.cache_hits += 1
+                    try:
+                        return await self._replica.run(entry, request, started,
+                                                       time_remaining() if time_remaining else None, metadata)
+                    except ModelLost:
+                        pass  # run() forgot the copy: the router below loads it again, here or elsewhere
             hop = Hop.from_metadata(metadata() if metadata is not None else None)
             sent = request.parameters.get(PARAMETER_KEY)
             if sent is not None:  # from a peer: the hop rides in the request (router.hop)
                 hop = Hop.decode(sent.string_param, hop.propagated)
             # The router knows no protocol (router.ports): it answers what this node or a peer answered.
             response: pb.ModelInferResponse = await self._router.route(
-                request, hop, time_remaining() if time_remaining is not None else None)
+                request, hop, time_remaining() if time_remaining is not None else None, overloaded)
             return response
+        except Overloaded:
+            metrics.requests_rejected += 1  # this node's answer is RESOURCE_EXHAUSTED, to a client or a peer
+            raise
         finally:
             self.inflight -= 1
             metrics.observe_api_ms((time.perf_counter() - started) * 1000.0)
+
+    def _copy_overloaded(self, name: str, inflight: int) -> Overloaded:
+        return Overloaded(f"model '{name}' has {inflight - self._runs_per_copy} requests waiting on node "
+                          f"{self._replica.instance_id}, its limit (--max-queued-per-model "
+                          f"{self._max_per_copy - self._runs_per_copy})")
 
     def model_ready(self, name: str, version: str) -> bool:
         """True when a request for the model would be served now: a copy in the mesh, or loadable."""

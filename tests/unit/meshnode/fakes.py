@@ -280,10 +280,13 @@ class FakeLoadedModel:
     outputs: tuple[TensorSpec, ...] = OUTPUTS
     errors: list[BaseException] = field(default_factory=list)  # raised by the next requests, in order
     requests: Log[tuple[str, float | None]] = field(default_factory=Log)  # (model name asked for, timeout_s)
+    gate: asyncio.Event | None = None  # requests block until it is set (a slow model, a full queue)
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
                     caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
         self.requests.append((request.model_name, timeout_s))
+        if self.gate is not None:
+            await self.gate.wait()
         if self.errors:
             raise self.errors.pop(0)
         return pb.ModelInferResponse(model_name=self.name, model_version=self.version, id=request.id)
@@ -296,6 +299,7 @@ class LoadPlan:
     size_bytes: int = SIZE
     error: BaseException | None = None
     gate: asyncio.Event | None = None  # the load finishes only once this is set
+    infer_gate: asyncio.Event | None = None  # the loaded model's requests block until this is set
 
 
 class FakeRuntime:
@@ -331,7 +335,7 @@ class FakeRuntime:
             await plan.gate.wait()
         if plan.error is not None:
             raise plan.error
-        model = FakeLoadedModel(source.name, source.version, plan.size_bytes)
+        model = FakeLoadedModel(source.name, source.version, plan.size_bytes, gate=plan.infer_gate)
         self.models[key] = model
         return model
 
@@ -417,6 +421,7 @@ class Routed:
     model_version: str
     hop: Hop
     budget_s: float | None
+    overloaded_here: str | None = None  # the message of the local copy's refusal, when it was at its bound
 
 
 class FakeRouter:
@@ -430,8 +435,10 @@ class FakeRouter:
         """This fake where the parts' signatures say Router."""
         return cast(Router, self)
 
-    async def route(self, request: pb.ModelInferRequest, hop: Hop, budget_s: float | None) -> pb.ModelInferResponse:
-        self.routed.append(Routed(request.model_name, request.model_version, hop, budget_s))
+    async def route(self, request: pb.ModelInferRequest, hop: Hop, budget_s: float | None,
+                    overloaded_here: MeshError | None = None) -> pb.ModelInferResponse:
+        self.routed.append(Routed(request.model_name, request.model_version, hop, budget_s,
+                                  None if overloaded_here is None else str(overloaded_here)))
         return pb.ModelInferResponse(model_name=request.model_name, id="routed")
 
 
@@ -459,7 +466,7 @@ class NodeParts:
     def __init__(self, store: FakeStore, repository: Path, *, instance_id: str = ME, capacity: int = 1_000,
                  runtime: FakeRuntime | None = None, clock: ManualClock | None = None,
                  load_timeout_s: float = 5.0, failure_backoff_s: float = 30.0, churn_guard_s: float = 0.0,
-                 copy_config: CopyConfig | None = None) -> None:
+                 copy_config: CopyConfig | None = None, runs_per_copy: int = 2, max_queued: int = 32) -> None:
         self.store = store
         self.instance_id = instance_id
         self.clock = clock or ManualClock()
@@ -467,7 +474,8 @@ class NodeParts:
         self.metrics = NodeMetrics()
         self.cache = ModelCache(self.runtime, capacity_bytes=capacity, metrics=self.metrics,
                                 load_timeout_s=load_timeout_s, failure_backoff_s=failure_backoff_s,
-                                churn_guard_s=churn_guard_s, wall_clock=self.clock)
+                                churn_guard_s=churn_guard_s, runs_per_copy=runs_per_copy, max_queued=max_queued,
+                                wall_clock=self.clock)
         self.registry = Registry(store.etcd)
         self.aliases = Aliases(store.etcd)
         self.peers = FakePeers()

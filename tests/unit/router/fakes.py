@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView, NodeView
-from router.errors import MeshError, PeerError
+from router.errors import MeshError, Overloaded, PeerError
 from router.hop import Hop
 from router.router import Router
 
@@ -41,6 +41,11 @@ class LoadFailed(MeshError):
 
 def unavailable(node: str, why: str = "connection refused") -> PeerError:
     return PeerError(grpc.StatusCode.UNAVAILABLE, f"node {node}: {why}", retry_elsewhere=True)
+
+
+def overloaded(node: str, waiting: int = 32) -> Overloaded:
+    """What a copy at its bound answers (as meshnode.net.peers maps a peer's answer back)."""
+    return Overloaded(f"node {node}: model '{MODEL}' has {waiting} requests waiting on node {node}, its limit")
 
 
 # -- fakes ------------------------------------------------------------------------------------------

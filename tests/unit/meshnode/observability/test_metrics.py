@@ -22,6 +22,7 @@ HISTOGRAMS = {
     "modelmesh_loadmodel_milliseconds",
     "modelmesh_unloadmodel_milliseconds",
     "modelmesh_age_at_eviction_milliseconds",
+    "modelmesh_req_queue_delay_milliseconds",
 }
 COUNTERS = {
     "modelmesh_invoke_model": "invoke_count",
@@ -35,6 +36,7 @@ COUNTERS = {
     "modelmesh_unloadmodel_failure": "unload_failures",
     "modelmesh_evictions": "evictions",
     "meshserve_etcd_writes": "etcd_writes",
+    "meshserve_requests_rejected": "requests_rejected",
 }
 GAUGES = {
     "modelmesh_instance_lru_seconds",
@@ -46,6 +48,7 @@ GAUGES = {
     "modelmesh_models_loaded_total",
     "modelmesh_models_with_failure_total",
     "modelmesh_models_managed_total",
+    "meshserve_requests_queued",
 }
 
 
@@ -60,7 +63,7 @@ def samples(family: Metric) -> dict[tuple[str, str], float]:
 def state() -> NodeState:
     return NodeState(
         capacity_bytes=4000, used_bytes=1000, models_loaded=7, models_managed=20, models_with_failure=2,
-        lru_time_s=time.time() - 90,
+        lru_time_s=time.time() - 90, requests_queued=6,
     )  # fmt: skip
 
 
@@ -74,6 +77,7 @@ def test_render_has_every_name_with_its_value() -> None:
     m.observe_load_ms(1500)
     m.observe_unload_ms(7)
     m.observe_eviction_age_ms(45_000)
+    m.observe_queue_delay_ms(30)
     lru = time.time() - 90
     families = parse(m.render(replace(state(), lru_time_s=lru, etcd_writes=m.etcd_writes)))
 
@@ -88,6 +92,7 @@ def test_render_has_every_name_with_its_value() -> None:
         "modelmesh_loadmodel_milliseconds": 1500,
         "modelmesh_unloadmodel_milliseconds": 7,
         "modelmesh_age_at_eviction_milliseconds": 45_000,
+        "modelmesh_req_queue_delay_milliseconds": 30,
     }
     for name, total in sums.items():
         got = samples(families[name])
@@ -103,6 +108,7 @@ def test_render_has_every_name_with_its_value() -> None:
     assert gauge["modelmesh_models_loaded_total"] == 7
     assert gauge["modelmesh_models_managed_total"] == 20
     assert gauge["modelmesh_models_with_failure_total"] == 2
+    assert gauge["meshserve_requests_queued"] == 6
     assert gauge["modelmesh_instance_lru_seconds"] == pytest.approx(lru)
     assert 89 <= gauge["modelmesh_instance_lru_age_seconds"] <= 100
 
@@ -140,6 +146,22 @@ def test_buckets_are_modelmesh_bounds_cumulative_and_le_inclusive() -> None:
     assert got[("modelmesh_invoke_model_milliseconds_sum", "")] == pytest.approx(
         0.1 + 0.5 + 0.6 + 1.0 + 74.9 + 75.0 + 75.1 + 300_000 + 300_001 + 1e9
     )
+
+
+def test_queue_delay_counts_requests_that_ran_without_waiting_in_its_first_bucket() -> None:
+    m = NodeMetrics()
+    m.ran_without_waiting += 3  # what the hit path bumps instead of observing 0
+    m.observe_queue_delay_ms(0.2)
+    m.observe_queue_delay_ms(150)
+
+    got = samples(parse(m.render())["modelmesh_req_queue_delay_milliseconds"])
+
+    name = "modelmesh_req_queue_delay_milliseconds"
+    assert got[(name + "_bucket", "0.5")] == 4
+    assert got[(name + "_bucket", "100.0")] == 4
+    assert got[(name + "_bucket", "200.0")] == 5
+    assert got[(name + "_bucket", "+Inf")] == got[(name + "_count", "")] == 5
+    assert got[(name + "_sum", "")] == pytest.approx(150.2)
 
 
 def test_eviction_age_uses_modelmesh_age_buckets() -> None:
