@@ -48,10 +48,28 @@ class ModelLost(ModelUnavailable):
 
 
 class LoadFailed(MeshError):
-    """A load failed; the message names the model and the cause. Another node may succeed."""
+    """A load failed; the message names the model and the cause. Another node may succeed.
+
+    INTERNAL, as Triton answers a failed load (a broken model file, a runtime's error, a timeout); a load that
+    failed for a cause with a status a client can act on keeps that status (`because`)."""
 
     code = grpc.StatusCode.INTERNAL
     retry_elsewhere = True
+
+    # The causes' statuses a failed load keeps: the model has no such version or is not registered
+    # (NOT_FOUND), no node has room for it (RESOURCE_EXHAUSTED), the request's fields are wrong (INVALID_ARGUMENT).
+    KEPT_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            grpc.StatusCode.INVALID_ARGUMENT})
+
+    @classmethod
+    def because(cls, message: str, cause: BaseException) -> LoadFailed:
+        """A failed load with `message`, answering the cause's status when it is one of KEPT_CODES (and
+        whether another node may succeed as the cause says), else INTERNAL."""
+        error = cls(message)
+        if isinstance(cause, MeshError) and cause.code in cls.KEPT_CODES:
+            error.code = cause.code
+            error.retry_elsewhere = cause.retry_elsewhere
+        return error
 
 
 class ResourceExhausted(MeshError):

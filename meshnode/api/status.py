@@ -19,11 +19,28 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
+# The longest status message, in UTF-8 bytes. gRPC sends it as metadata (grpc-message), percent-encoding every
+# byte that is not printable ASCII (three characters each), and a client refuses metadata past its limit (8 KiB
+# soft, 16 KiB hard by default) with RESOURCE_EXHAUSTED instead of the status: 2 KiB stays under it, however
+# encoded, with room for the other metadata. Longer messages only repeat a client's long name or value.
+MAX_MESSAGE_BYTES = 2048
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, MeshError):
-        return error.code, str(error)
+        return error.code, clip_message(str(error))
     log.exception("unexpected error", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    return grpc.StatusCode.INTERNAL, clip_message(f"internal error: {type(error).__name__}: {error}")
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """The message, cut to at most `limit` UTF-8 bytes with a note saying so when longer."""
+    encoded = message.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return message
+    note = f"... (message clipped: {len(message)} characters in all)"
+    head = encoded[:limit - len(note)].decode("utf-8", "ignore")  # never half a character
+    return head + note
 
 
 def maps_errors(

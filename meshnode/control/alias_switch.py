@@ -59,7 +59,7 @@ class AliasSwitch:
             stays = f"alias '{alias}' stays on '{current.model}'" if current is not None else f"alias '{alias}' not set"
             if current is not None:
                 await self._write(replace(current, switching_to=None, last_error=str(error)), revision, quiet=True)
-            raise LoadFailed(f"{stays}: {error}") from None
+            raise LoadFailed.because(f"{stays}: {error}", error) from None
         except BaseException:  # the caller went away (its deadline, Ctrl-C) or etcd failed: no stale marker
             if current is not None:
                 with contextlib.suppress(Exception):
@@ -107,7 +107,10 @@ class AliasSwitch:
             return
         loaded, why = await self._copies.add_copies(model, wanted - have, budget_s)
         if have + loaded == 0:
-            raise LoadFailed(f"loading '{model}' failed: {'; '.join(why) or 'no node could load it'}")
+            message = f"loading '{model}' failed: {'; '.join(why) or 'no node could load it'}"
+            if self._registry.get(model) is None:  # unregistered meanwhile: NOT_FOUND, not a broken model
+                raise LoadFailed.because(message, ModelNotFound(f"model '{model}' is not registered"))
+            raise LoadFailed(message)
         if have + loaded < wanted:
             log.warning("alias target %s has %d of %d copies: %s", model, have + loaded, wanted, "; ".join(why))
 

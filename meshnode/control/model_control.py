@@ -112,7 +112,7 @@ class ModelControl:
         try:
             entry = await self._replica.acquire(name, "")
         except MeshError as error:
-            raise LoadFailed(f"load failed for model '{name}': {error}") from error
+            raise LoadFailed.because(f"load failed for model '{name}': {error}", error) from error
         self._cache.release(entry)
 
     async def load_copy(self, name: str) -> None:
@@ -120,7 +120,7 @@ class ModelControl:
         try:
             entry = await self._replica.acquire(name, "")
         except MeshError as error:
-            raise LoadFailed(f"no copy of model '{name}' on this node: {error}") from error
+            raise LoadFailed.because(f"no copy of model '{name}' on this node: {error}", error) from error
         self._cache.release(entry)
 
     async def unload(self, name: str, unregister: bool = False) -> None:

@@ -18,11 +18,14 @@ from meshnode.runtimes import RUNTIMES
 
 # The largest inference timeout: what the management service's uint32 carries (49 days).
 MAX_TIMEOUT_MS = 2**32 - 1
+# The largest size hint: what an int64 holds (8 EiB), far beyond any node.
+MAX_SIZE_HINT = 2**63 - 1
 # What each keeping field must be, as InvalidInput says it, whether the value has the wrong type or range.
 _RULES = {
     "runtime": f"config 'runtime' must be one of {', '.join(RUNTIMES)}, or \"\" for any",
     "min_copies": "config 'min_copies' must be a whole number from 1 to 100",
     "load_timeout_s": "config 'load_timeout_s' must be a positive number of seconds",
+    "size_hint": f"size_hint must be a whole number of bytes in ASCII digits, from 0 to {MAX_SIZE_HINT}",
     "timeout_ms": f"config 'timeout_ms' must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}",
 }
 
@@ -83,9 +86,28 @@ def read_load(name: str, parameters: Mapping[str, object]) -> Registration | Cop
         name=name, storage_uri=storage_uri if isinstance(storage_uri, str) else None,
         files={k: v for k, v in files.items() if isinstance(v, bytes)},
         lazy=parameters.get(wire.LAZY) is True,
-        size_hint_bytes=int(size_hint) if isinstance(size_hint, int | str) and str(size_hint).isdigit() else None,
+        size_hint_bytes=_size_hint(size_hint),
         **_keeping(config),
     )
+
+
+def _size_hint(value: object) -> int | None:
+    """A size hint in bytes: a whole number or a string of its decimal digits. A value that is no whole number
+    ("12MB", -5, 1.5, true) is no hint (None); digits that are not ASCII (a superscript two) or a number beyond
+    MAX_SIZE_HINT are InvalidInput."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    if isinstance(value, str):
+        if not value.isdigit():
+            return None
+        if not (value.isascii() and len(value) <= len(str(MAX_SIZE_HINT))):
+            raise InvalidInput(_RULES["size_hint"])
+        value = int(value)
+    if value < 0:
+        return None
+    if value > MAX_SIZE_HINT:
+        raise InvalidInput(_RULES["size_hint"])
+    return value
 
 
 def read_unregister(parameters: Mapping[str, object]) -> bool:
@@ -129,6 +151,10 @@ def _config(raw: object) -> dict[str, object]:
     try:
         config = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as error:
+        raise InvalidInput(f"the 'config' parameter is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidInput("the 'config' parameter is not valid JSON: nested too deeply") from None
+    except ValueError as error:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
         raise InvalidInput(f"the 'config' parameter is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise InvalidInput("the 'config' parameter must be a JSON object")

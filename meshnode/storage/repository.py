@@ -44,19 +44,50 @@ def files_bytes(source: ModelSource) -> int:
     return total + sum(p.stat().st_size for p in version_files(source))
 
 
+# The longest name of one file or directory most file systems take (NAME_MAX), in bytes.
+NAME_MAX = 255
+
+
 def resolve_storage_uri(uri: str) -> Path:
-    """A plain path or file:// URI naming a model directory or a model file."""
+    """A plain path or file:// URI naming a model directory or a model file; InvalidInput names what is wrong."""
     if "://" in uri:
         parsed = urlparse(uri)
         if parsed.scheme != "file":
             raise InvalidInput(f"unsupported storage_uri scheme '{parsed.scheme}': use a path or file://")
-        path = Path(unquote(parsed.path))
+        text = unquote(parsed.path)
     else:
-        path = Path(uri).expanduser()
-    path = path.resolve()
-    if not path.exists():
-        raise InvalidInput(f"storage_uri '{uri}' does not exist")
+        text = uri
+    _check_path(text, "storage_uri")
+    path = Path(text)
+    if text.startswith("~"):
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # '~user' of no such user
+            raise InvalidInput(f"storage_uri '{_clip(uri)}': no such user's home directory "
+                               f"'{_clip(text.split('/')[0])}'") from None
+    try:
+        path = path.resolve()
+        exists = path.exists()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a path too long for the OS
+        raise InvalidInput(f"storage_uri '{_clip(uri)}' cannot be read: {type(error).__name__}") from None
+    if not exists:
+        raise InvalidInput(f"storage_uri '{_clip(uri)}' does not exist")
     return path
+
+
+def _check_path(path: str, what: str) -> None:
+    """What a file system refuses in any path: a NUL byte, a file or directory name over NAME_MAX bytes."""
+    if "\x00" in path:
+        raise InvalidInput(f"{what} '{_clip(path)}' contains a NUL byte")
+    for part in path.split("/"):
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise InvalidInput(f"{what} '{_clip(path)}' has a name longer than {NAME_MAX} bytes: '{_clip(part)}'")
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A client's text in a message: printable (NUL and control characters escaped) and at most `limit` long."""
+    shown = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
 
 
 def _version_dirs(model_dir: Path) -> dict[str, Path]:
@@ -109,17 +140,30 @@ class ModelRepository:
         return found
 
     def store_files(self, name: str, files: dict[str, bytes]) -> Path:
-        """Write uploaded files ('1/model.onnx' -> bytes) under ROOT/NAME, atomically each."""
+        """Write uploaded files ('1/model.onnx' -> bytes) under ROOT/NAME, atomically each.
+
+        Every path is checked before anything is written; InvalidInput names the upload that is wrong."""
         check_model_name(name)
+        _check_path(name, "model name")
         model_dir = self.root / name
+        relatives = {relative: _safe_relative(relative) for relative in files}
+        _check_no_clash(relatives)
         for relative, content in files.items():
-            target = model_dir / _safe_relative(relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+            target = model_dir / relatives[relative]
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidInput(f"upload 'file:{_clip(relative)}': a directory on its path is a file of an "
+                                   f"earlier upload of model '{name}'") from None
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(content)
                 os.replace(tmp, target)
+            except IsADirectoryError:
+                Path(tmp).unlink(missing_ok=True)
+                raise InvalidInput(f"upload 'file:{_clip(relative)}' is a directory of an earlier upload of model "
+                                   f"'{name}'") from None
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
@@ -127,12 +171,23 @@ class ModelRepository:
 
 
 def _safe_relative(relative: str) -> PurePosixPath:
+    _check_path(relative, "upload path")
     path = PurePosixPath(relative)
     if path.is_absolute() or not path.parts or any(p in ("..", "") for p in path.parts):
-        raise InvalidInput(f"invalid file path '{relative}' in load parameters")
+        raise InvalidInput(f"invalid file path '{_clip(relative)}' in load parameters")
     return path
+
+
+def _check_no_clash(relatives: dict[str, PurePosixPath]) -> None:
+    """No upload's file is another upload's directory ('1/model.onnx' and '1/model.onnx/x')."""
+    files = {path: relative for relative, path in relatives.items()}
+    for relative, path in relatives.items():
+        for parent in path.parents:
+            if parent in files:
+                raise InvalidInput(f"uploads 'file:{_clip(files[parent])}' and 'file:{_clip(relative)}' clash: "
+                                   f"'{_clip(str(parent))}' cannot be both a file and a directory")
 
 
 def check_model_name(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\x00" in name or len(name) > 253:
-        raise InvalidInput(f"invalid model name '{name}'")
+        raise InvalidInput(f"invalid model name '{_clip(name)}'")

@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 import pytest
 
-from meshnode.api.status import maps_errors, status_of
+from meshnode.api.status import MAX_MESSAGE_BYTES, clip_message, maps_errors, status_of
 from meshnode.errors import InvalidInput, ModelNotFound
 from router.errors import GaveUp, PeerError
 
@@ -56,3 +56,23 @@ async def test_maps_errors_aborts_with_the_status_and_passes_answers_through() -
     quiet = FakeContext()
     assert await Servicer().Answers("you", quiet) == "hello you"
     assert quiet.aborted is None
+
+
+@pytest.mark.parametrize("piece", ["x", "\u00e9", "\U0001f600", "\x00"])
+def test_a_long_message_is_clipped_to_stay_under_grpcs_metadata_limit(piece: str) -> None:
+    name = piece * 20_000
+    code, message = status_of(ModelNotFound.unknown(name))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert message.startswith("Request for unknown model: '" + piece * 10)
+    assert message.endswith(f"... (message clipped: {len(ModelNotFound.unknown(name).args[0])} characters in all)")
+    assert len(message.encode()) <= MAX_MESSAGE_BYTES
+    # gRPC percent-encodes every byte that is not printable ASCII: even then under the 8 KiB soft limit
+    assert len(message.encode()) * 3 < 8192
+
+
+def test_a_message_within_the_limit_is_unchanged() -> None:
+    message = "m" * MAX_MESSAGE_BYTES
+    assert clip_message(message) == message
+    assert clip_message(message + "m") != message + "m"
+    assert len(clip_message("\u00e9" * MAX_MESSAGE_BYTES).encode()) <= MAX_MESSAGE_BYTES
+    assert status_of(ValueError("v" * 50_000))[1].startswith("internal error: ValueError: vvv")

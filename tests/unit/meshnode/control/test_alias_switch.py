@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 
 from meshnode.control.alias_switch import AliasSwitch
@@ -187,3 +188,22 @@ async def test_bad_switches_are_refused_before_anything_is_written(
         await switch_of(node).set(alias, model, auto_delete=False, budget_s=BUDGET_S)
     assert str(raised.value) == message
     assert node.store.writes == writes and node.peers.loads == []
+
+
+async def test_a_target_unregistered_while_it_loads_fails_the_switch_with_not_found(node: NodeParts) -> None:
+    async def unregistered_meanwhile(instance_id: str, name: str) -> None:
+        await node.registry.delete(name)
+        raise peer_error(instance_id, f"model '{name}' is not registered")
+
+    node.peers.on_load = unregistered_meanwhile
+    with pytest.raises(LoadFailed, match="^alias 'fresh' not set: loading 'm2' failed: ") as raised:
+        await switch_of(node).set("fresh", "m2", auto_delete=False, budget_s=BUDGET_S)
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    assert "fresh" not in node.aliases.targets
+
+
+async def test_a_target_that_cannot_load_fails_the_switch_with_internal(node: NodeParts) -> None:
+    node.peers.load_errors = {"n2": [peer_error("n2", "corrupt")], "n3": [peer_error("n3", "corrupt")]}
+    with pytest.raises(LoadFailed) as raised:
+        await switch_of(node).set("fresh", "m2", auto_delete=False, budget_s=BUDGET_S)
+    assert raised.value.code == grpc.StatusCode.INTERNAL

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 
 from meshnode.control.model_control import IndexEntry
@@ -254,3 +255,35 @@ async def test_this_nodes_copies_come_from_its_cache_which_is_ahead_of_its_recor
     await node.use("m")
     assert node.control.copies(claimed) == {"n2": Copy(state=LOADED, since=NOW),  # loaded here before recorded
                                             ME: Copy(state=LOADED, since=NOW - 9)}
+
+
+# -- a failed load's status: INTERNAL as Triton's, unless its cause has a status a client can act on -----------
+
+
+async def test_a_broken_model_file_fails_to_load_with_internal(node: NodeParts, tmp_path: Path) -> None:
+    node.runtime.plan("bad", LoadPlan(error=LoadFailed("model 'bad' is corrupt")))
+    with pytest.raises(LoadFailed) as raised:
+        await node.control.register(Registration("bad", storage_uri=str(elsewhere(tmp_path, "bad"))))
+    assert raised.value.code == grpc.StatusCode.INTERNAL
+
+
+async def test_a_model_without_versions_fails_to_load_with_not_found(node: NodeParts, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadFailed, match="^load failed for model 'e': Request for unknown model: 'e' has no "
+                                         "available versions$") as raised:
+        await node.control.register(Registration("e", storage_uri=str(tmp_path / "empty")))
+    assert (raised.value.code, raised.value.retry_elsewhere) == (grpc.StatusCode.NOT_FOUND, False)
+
+
+async def test_a_copy_of_an_unregistered_model_fails_with_not_found(node: NodeParts) -> None:
+    with pytest.raises(LoadFailed, match="^no copy of model 'ghost' on this node: ") as raised:
+        await node.control.load(CopyHere("ghost"))
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_model_too_big_for_any_node_fails_to_load_with_resource_exhausted(
+        node: NodeParts, tmp_path: Path) -> None:
+    with pytest.raises(LoadFailed, match="^load failed for model 'huge': ") as raised:
+        await node.control.register(Registration("huge", storage_uri=str(elsewhere(tmp_path, "huge")),
+                                                 size_hint_bytes=2**64 - 1))
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -126,3 +126,30 @@ def test_a_registration_built_directly_is_held_to_the_same_rules() -> None:
     assert Registration("m", pinned=True, runtime="").keeping() == {"pinned": True, "runtime": ""}
     assert Registration("m", timeout_ms=250).keeping() == {"timeout_ms": 250}
     assert Registration("m").keeping() == {}
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    ("[" * 100_000 + "]" * 100_000, r"^the 'config' parameter is not valid JSON: nested too deeply$"),
+    ('{"a": 1%s}' % ("0" * 5000), r"^the 'config' parameter is not valid JSON: Exceeds the limit \(4300 digits\)"),
+    ("{", r"^the 'config' parameter is not valid JSON: Expecting property name"),
+])
+def test_a_config_json_cannot_parse_is_invalid_input(raw: str, says: str) -> None:
+    with pytest.raises(InvalidInput, match=says):
+        read_load("m", {"config": raw})
+
+
+SIZE_HINT_RULE = r"^size_hint must be a whole number of bytes in ASCII digits, from 0 to 9223372036854775807$"
+
+
+@pytest.mark.parametrize("hint", ["\u00b2", "\u0661\u0662", "9" * 5000, "9223372036854775808", 2**63, 2**70])
+@pytest.mark.parametrize("where", ["parameter", "config"])
+def test_a_size_hint_of_digits_int_refuses_or_beyond_int64_is_invalid_input(hint: str | int, where: str) -> None:
+    parameters = {wire.SIZE_HINT: hint} if where == "parameter" else {"config": json.dumps({"size_hint": hint})}
+    with pytest.raises(InvalidInput, match=SIZE_HINT_RULE):
+        read_load("m", parameters)
+
+
+@pytest.mark.parametrize("hint", ["9223372036854775807", 2**63 - 1, "0", "007"])
+def test_a_size_hint_up_to_int64_is_read(hint: str | int) -> None:
+    registration = read_load("m", {wire.SIZE_HINT: hint})
+    assert isinstance(registration, Registration) and registration.size_hint_bytes == int(hint)
