@@ -26,6 +26,7 @@ from meshnode.etcd.store import EtcdStore
 from meshnode.mesh.copy_manager import CopyManager
 from meshnode.mesh.drain import hand_off
 from meshnode.mesh.metadata import PeerMetadata
+from meshnode.mesh.runtime_health import RuntimeHealth
 from meshnode.mesh.state import MeshState
 from meshnode.net import transport
 from meshnode.net.peers import GrpcPeers
@@ -35,6 +36,7 @@ from meshnode.runtimes import create_runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.dataplane import DataPlane
 from meshnode.serving.replica import LocalReplica
+from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.settings import NodeSettings
 from meshnode.state.aliases import Aliases
 from meshnode.state.instances import InstancePublisher
@@ -78,8 +80,9 @@ class Node:
         self.peers = GrpcPeers()
         self.mesh = MeshState(store, self.registry, self.cache, self.runtime, self.instance_id,
                               on_node_gone=self.peers.forget)
+        self.runtime_status = RuntimeStatus()
         self.replica = LocalReplica(instance_id=self.instance_id, registry=self.registry, cache=self.cache,
-                                    runtime=self.runtime, metrics=self.metrics)
+                                    runtime=self.runtime, metrics=self.metrics, status=self.runtime_status)
         self.dataplane = DataPlane(
             replica=self.replica, router=Router(self.replica, self.mesh, self.peers), cache=self.cache,
             registry=self.registry, alias_targets=self.aliases.targets,
@@ -107,6 +110,8 @@ class Node:
         transport.add_management_service(self._server, ManagementServicer(management).handlers())
         self._health = transport.Health(self._server)
         self.publisher = InstancePublisher(store, self._node_view)
+        self.runtime_health = RuntimeHealth(runtime=self.runtime, cache=self.cache, status=self.runtime_status,
+                                            publisher=self.publisher, health=self._health)
         self._rate = RequestRate()
         self._inflight = Smoothed()
         self._draining = False
@@ -131,6 +136,7 @@ class Node:
         await self.mesh.start()
         self.copies.start()
         self.retirement.start()
+        self.runtime_health.start()
         if s.metrics_port is not None:
             self._metrics_server = await serve_metrics(self.metrics, s.host, s.metrics_port, self._state)
         self.dataplane.set_ready(True)
@@ -144,6 +150,7 @@ class Node:
             lru_time_s=stats.lru_time_s, request_rate=self._rate.update(self.metrics.api_requests),
             inflight=self._inflight.update(self.dataplane.inflight), loads_in_progress=stats.loads_in_progress,
             shutting_down=self._draining, version=software_version(), runtime=self.runtime.name,
+            runtime_down=not self.runtime_status.up,
         )
 
     def _state(self) -> NodeState:
@@ -167,6 +174,7 @@ class Node:
         if self.publisher.started:
             await self.copies.stop()
             await self.retirement.stop()
+            await self.runtime_health.stop()
             await self.publisher.publish_now()  # placement elsewhere stops choosing this node
             moved, failed = await hand_off(self.cache, self.mesh, self.peers)
             log.info("drained: %d models handed off, %d could not be", moved, failed)

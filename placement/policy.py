@@ -76,7 +76,7 @@ def choose_load_target(
     fits: list[NodeView] = []
     full: list[NodeView] = []
     for node in nodes:
-        if (node.shutting_down or node.instance_id in exclude or node.capacity_bytes < size_bytes
+        if (node.shutting_down or node.runtime_down or node.instance_id in exclude or node.capacity_bytes < size_bytes
                 or (runtime and node.runtime != runtime)):
             continue
         (fits if node.free_bytes >= size_bytes else full).append(node)
@@ -198,7 +198,7 @@ def choose_copy(
     for copy in copies:
         iid = copy.instance_id
         node = nodes.get(iid)
-        if node is None or node.shutting_down or iid in exclude:
+        if node is None or node.shutting_down or node.runtime_down or iid in exclude:
             continue
         key = (copy.state != LOADED, local_outstanding.get(iid, 0) + node.inflight, copy.since)
         if best is None or key < best:

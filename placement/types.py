@@ -25,6 +25,7 @@ class NodeView:
     shutting_down: bool = False
     version: str = ""
     runtime: str = ""  # what runs its models: "onnxruntime", "triton", ...
+    runtime_down: bool = False  # its runtime is unreachable: it routes, but holds no copy and loads nothing
 
     @property
     def free_bytes(self) -> int:

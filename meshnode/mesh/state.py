@@ -172,7 +172,7 @@ class MeshState:
         failure = self._cache.failures.newest(record.name)
         if failure is not None:
             failures[me] = failure
-        elif mine is not None and mine["state"] == LOADED:
+        else:  # loaded since, or the failure's backoff here is over (or was cleared): placement may try again
             failures.pop(me, None)
         entry = next((e for e in self._cache.entries(record.name) if e.model is not None), None)
         size = entry.size_bytes if entry is not None else record.size_bytes

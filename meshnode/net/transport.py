@@ -101,9 +101,12 @@ def add_management_service(server: grpc.aio.Server, handlers: Mapping[str, Calla
 class Health:
     """gRPC's standard health service (grpc.health.v1), which Kubernetes' gRPC probes and load balancers
     ask: NOT_SERVING until the node is ready, SERVING, then NOT_SERVING from the start of a drain.
-    Answers for the whole server ("") and for each of its services by name."""
+    Answers for the whole server ("") and for each of its services by name, and for the node's runtime
+    (RUNTIME_SERVICE): NOT_SERVING while the runtime is down, when the node still routes every request
+    elsewhere, so the port and the rest stay SERVING."""
 
-    SERVICES = ("", INFERENCE_SERVICE, MANAGEMENT_SERVICE)
+    RUNTIME_SERVICE = "meshserve.Runtime"
+    SERVICES = ("", INFERENCE_SERVICE, MANAGEMENT_SERVICE, RUNTIME_SERVICE)
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._servicer = health_aio.HealthServicer()
@@ -115,6 +118,11 @@ class Health:
 
     async def draining(self) -> None:
         await self._servicer.enter_graceful_shutdown()
+
+    async def runtime(self, up: bool) -> None:
+        """The runtime's own status (ignored once draining: then everything is NOT_SERVING)."""
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._servicer.set(self.RUNTIME_SERVICE, status)
 
 
 def create_channel(target: str) -> grpc.aio.Channel:

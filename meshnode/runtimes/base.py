@@ -53,6 +53,10 @@ class Runtime(Protocol):
         """Before the node serves: reach the runtime, and clear what an earlier node left in it."""
         ...
 
+    async def healthy(self) -> bool:
+        """Does the runtime answer now? Asked twice a second; False makes the node withdraw its copies."""
+        ...
+
     def predict_size(self, source: ModelSource) -> int:
         """Fast size estimate in bytes before loading (no model parsing)."""
         ...

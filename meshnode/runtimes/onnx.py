@@ -228,6 +228,9 @@ class OnnxRuntime:
         self._warmed_up = False
         self._closed = False
 
+    async def healthy(self) -> bool:
+        return True  # in process: while the node runs, so does its runtime
+
     def predict_size(self, source: ModelSource) -> int:
         try:
             return int(files_bytes(source) * PREDICT_FACTOR) + PREDICT_OVERHEAD_BYTES

@@ -30,7 +30,6 @@ from meshnode.errors import (
     InvalidInput,
     LoadFailed,
     ModelLost,
-    ModelUnavailable,
 )
 from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, RuntimeSettings, TensorSpec
@@ -141,6 +140,13 @@ class TritonRuntime:
         if leftovers:
             log.info("unloaded %d models left on Triton at %s: %s", len(leftovers), self.url, ", ".join(leftovers))
 
+    async def healthy(self) -> bool:
+        # Live, not ready: with strict readiness (its default) Triton is not ready while a model loads.
+        try:
+            return bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
+        except InferenceServerException:
+            return False
+
     def predict_size(self, source: ModelSource) -> int:
         try:
             files = files_bytes(source)
@@ -215,7 +221,8 @@ class TritonRuntime:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(details)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ModelUnavailable(f"model '{name}': Triton at {self.url} is unreachable: {details}")
+            # Not run: the node forgets its copy and routes the request again, to a copy elsewhere.
+            return ModelLost(f"model '{name}': Triton at {self.url} is unreachable: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"model '{name}' on Triton at {self.url} ran out of time: {details}")
         if code == grpc.StatusCode.NOT_FOUND:

@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
 from meshnode.background import BackgroundTasks
-from meshnode.errors import LoadFailed, ModelNotFound, ResourceExhausted
+from meshnode.errors import LoadFailed, ModelNotFound, ModelUnavailable, ResourceExhausted
 from meshnode.observability.metrics import NodeMetrics
 from meshnode.runtimes.base import LoadedModel, Runtime
 from meshnode.serving.entries import CachedModel, CacheStats, LoadOptions
@@ -239,8 +239,9 @@ class ModelCache:
 
     async def _load(self, entry: CachedModel, source: ModelSource, timeout_s: float) -> None:
         assert entry.loaded is not None
-        if entry.discarded:  # unloaded while it queued
-            entry.loaded.set_result(None)
+        if entry.discarded:  # unloaded while it queued (its waiters may have been told already)
+            if not entry.loaded.done():
+                entry.loaded.set_result(None)
             return
         started = time.perf_counter()
         load = asyncio.ensure_future(self._runtime.load(source))
@@ -262,7 +263,8 @@ class ModelCache:
         self._metrics.observe_load_ms((time.perf_counter() - started) * 1000.0)
         if entry.discarded:
             self._background.spawn(self._unload(model))
-            entry.loaded.set_result(None)
+            if not entry.loaded.done():
+                entry.loaded.set_result(None)
             return
         self.used_bytes += model.size_bytes - entry.size_bytes
         entry.size_bytes = model.size_bytes
@@ -324,6 +326,22 @@ class ModelCache:
         self._remove(entry)
         if entry.model is not None:
             self._background.spawn(self._unload(entry.model))
+
+    def clear_failures(self) -> None:
+        """Forget every recent load failure here (the runtime was reset); their records are told too."""
+        for name in self.failures.clear_all():
+            self._changed(name)
+
+    def forget_all(self) -> int:
+        """The runtime went away with every model: stop counting on any copy here (loads under way fail
+        on their own); nothing is unloaded from a runtime that is not there. Returns how many went."""
+        entries = list(self._lru.values())
+        for entry in entries:
+            self._remove(entry)
+            if entry.loaded is not None and not entry.loaded.done():  # its waiters go elsewhere
+                entry.loaded.set_exception(ModelUnavailable(
+                    f"model '{entry.name}' version {entry.version} was loading when this node's runtime went away"))
+        return len(entries)
 
     def forget(self, entry: CachedModel) -> None:
         """The runtime lost this loaded model: stop counting on it; whatever the runtime still holds goes."""

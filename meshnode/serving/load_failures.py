@@ -47,6 +47,12 @@ class LoadFailures:
     def clear(self, name: str) -> None:
         self._by_name.pop(name, None)
 
+    def clear_all(self) -> list[str]:
+        """The runtime was reset: what failed in it before says nothing about loads now. Returns the names."""
+        names = list(self._by_name)
+        self._by_name.clear()
+        return names
+
     def count(self) -> int:
         cutoff = self._now() - self._backoff_s
         return sum(1 for versions in self._by_name.values() for at, _ in versions.values() if at > cutoff)

@@ -19,6 +19,7 @@ from meshnode.observability.metrics import NodeMetrics
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, Runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.entries import CachedModel, LoadOptions
+from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.repository import ModelSource, model_source
 from meshpb import pb
@@ -26,8 +27,9 @@ from meshpb import pb
 
 class LocalReplica:
     def __init__(self, *, instance_id: str, registry: Registry, cache: ModelCache, runtime: Runtime,
-                 metrics: NodeMetrics) -> None:
+                 metrics: NodeMetrics, status: RuntimeStatus) -> None:
         self.instance_id = instance_id
+        self._status = status
         self._registry = registry
         self._records = registry.view  # the view itself (kept current in place): one dict get per request
         self._cache = cache
@@ -79,6 +81,9 @@ class LocalReplica:
         if not record.runs_on(self._runtime.name):
             raise ModelUnavailable(f"model '{name}' runs on {record.runtime} nodes; this node runs "
                                    f"{self._runtime.name}")
+        if self._status.down_reason is not None:  # another node serves it (retry_elsewhere)
+            raise ModelUnavailable(f"model '{name}' cannot be served on node {self.instance_id}: "
+                                   f"{self._status.down_reason}")
         source = model_source(name, Path(record.storage), version)
         return await self._cache.acquire(source, version, self.load_options(record, source, churn_guard))
 

@@ -42,7 +42,7 @@ def decode_node(instance_id: str, raw: bytes) -> NodeView | None:
 
 def significant_change(old: NodeView, new: NodeView, now: float) -> bool:
     """Would another node decide differently? Thresholds after ModelMesh's, tighter where cheap."""
-    if old.shutting_down != new.shutting_down or old.endpoint != new.endpoint:
+    if old.shutting_down != new.shutting_down or old.runtime_down != new.runtime_down or old.endpoint != new.endpoint:
         return True
     if old.capacity_bytes != new.capacity_bytes or (old.loads_in_progress > 0) != (new.loads_in_progress > 0):
         return True

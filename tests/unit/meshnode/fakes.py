@@ -32,6 +32,7 @@ from meshnode.observability.metrics import NodeMetrics
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, TensorSpec
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
+from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.state.aliases import Aliases
 from meshnode.state.instances import PREFIX as INSTANCES
 from meshnode.state.instances import encode_node
@@ -305,6 +306,8 @@ class LoadPlan:
 class FakeRuntime:
     def __init__(self, name: str = "onnxruntime", *, predicted: int = SIZE, size: int = SIZE) -> None:
         self.name = name
+        self.answers = True  # what healthy() says
+        self.starts = 0
         self.predicted: dict[str, int] = {}  # by model name; else `predicted`
         self.sizes: dict[str, int] = {}  # measured, by model name; else `size`
         self._default_predicted = predicted
@@ -320,7 +323,10 @@ class FakeRuntime:
         self._plans.setdefault(name, []).extend(plans)
 
     async def start(self) -> None:
-        pass
+        self.starts += 1
+
+    async def healthy(self) -> bool:
+        return self.answers
 
     def predict_size(self, source: ModelSource) -> int:
         self.predictions.append(source.name)
@@ -481,8 +487,9 @@ class NodeParts:
         self.peers = FakePeers()
         self.mesh = MeshState(store.etcd, self.registry, self.cache, self.runtime, instance_id,
                               on_node_gone=self.peers.forget, clock=self.clock)
+        self.runtime_status = RuntimeStatus()
         self.replica = LocalReplica(instance_id=instance_id, registry=self.registry, cache=self.cache,
-                                    runtime=self.runtime, metrics=self.metrics)
+                                    runtime=self.runtime, metrics=self.metrics, status=self.runtime_status)
         self.copies = CopyManager(cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers.grpc,
                                   replica=self.replica, config=copy_config or CopyConfig(), interval_s=3600.0,
                                   proactive=False, clock=self.clock, rng=random.Random(7))

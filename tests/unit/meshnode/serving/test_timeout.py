@@ -28,6 +28,7 @@ from meshnode.serving import replica as replica_module
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.dataplane import DataPlane
 from meshnode.serving.replica import LocalReplica
+from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.repository import ModelSource
 from meshpb import pb
@@ -273,7 +274,8 @@ async def test_onnx_runs_abandoned_past_the_timeout_do_not_clog_the_worker_pool(
     cache = ModelCache(runtime, capacity_bytes=1 << 30, metrics=metrics, load_timeout_s=30.0,
                        failure_backoff_s=30.0, churn_guard_s=0.0)
     registry = Registry(store.etcd)
-    replica = LocalReplica(instance_id="me", registry=registry, cache=cache, runtime=runtime, metrics=metrics)
+    replica = LocalReplica(instance_id="me", registry=registry, cache=cache, runtime=runtime, metrics=metrics,
+                           status=RuntimeStatus())
     await registry.start()
     try:
         width = 1024  # 8 MatMuls of 1024 x 1024: ~0.2 s on one core here
