@@ -30,6 +30,7 @@ from meshnode.errors import (
     InvalidInput,
     LoadFailed,
     ModelLost,
+    ModelUnavailable,
 )
 from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, RuntimeSettings, TensorSpec
@@ -177,6 +178,9 @@ class TritonRuntime:
                 metadata = await self.client.get_model_metadata(name, version, client_timeout=CONTROL_TIMEOUT_S)
                 config = (await self.client.get_model_config(name, client_timeout=CONTROL_TIMEOUT_S)).config
             except InferenceServerException as error:
+                if error.status() == str(grpc.StatusCode.UNAVAILABLE):
+                    # Triton is gone, not the model broken: UNAVAILABLE, which a forwarding node retries elsewhere.
+                    raise ModelUnavailable(f"failed to load {where}: {self._control_message(error)}") from None
                 raise LoadFailed(f"failed to load {where}: {self._control_message(error)}") from None
             self._unloaded.discard(name)
             overhead = BACKEND_OVERHEAD_BYTES.get(config.backend or config.platform)

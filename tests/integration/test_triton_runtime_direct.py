@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from deploy.local.triton_models import write_python_add_sub
-from meshnode.errors import InvalidInput, LoadFailed, ModelUnavailable
+from meshnode.errors import InvalidInput, LoadFailed, ModelLost, ModelUnavailable
 from meshnode.local.triton import TritonProcess
 from meshnode.runtimes.triton import BACKEND_OVERHEAD_BYTES, TritonModel, TritonRuntime
 from meshnode.storage.repository import model_source
@@ -116,10 +117,13 @@ async def test_a_failing_load_names_the_model_and_gives_tritons_reason(runtime: 
 async def test_an_unreachable_triton_fails_loads_and_requests_naming_its_address(repo: Path) -> None:
     runtime = TritonRuntime("127.0.0.1:1")
     try:
-        with pytest.raises(LoadFailed, match=r"Triton at 127\.0\.0\.1:1 is unreachable"):
+        # Triton gone, not the model broken: UNAVAILABLE, so a node that forwarded the load tries elsewhere.
+        with pytest.raises(ModelUnavailable, match=r"Triton at 127\.0\.0\.1:1 is unreachable") as load:
             await runtime.load(model_source("add", repo / "add", ""))
+        assert load.value.code == grpc.StatusCode.UNAVAILABLE and not isinstance(load.value, LoadFailed)
         model = TritonModel(runtime, model_source("add", repo / "add", ""), pb.ModelMetadataResponse(), 0)
-        with pytest.raises(ModelUnavailable, match=r"Triton at 127\.0\.0\.1:1 is unreachable"):
+        # Not run: the node forgets its copy and routes the request again (ModelLost).
+        with pytest.raises(ModelLost, match=r"Triton at 127\.0\.0\.1:1 is unreachable"):
             await model.infer(add_request("add"))
     finally:
         await runtime.close()
