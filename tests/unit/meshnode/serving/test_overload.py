@@ -138,14 +138,20 @@ async def test_the_queue_frees_as_requests_finish_and_the_copy_takes_requests_ag
 # -- a loading copy: requests waiting for its load ----------------------------------------------------
 
 
-async def test_requests_waiting_for_a_load_are_bounded_and_the_excess_starts_no_other_load(kit: Kit) -> None:
-    node = kit.node
+async def wait_for_a_gated_load(node: NodeParts) -> tuple[asyncio.Event, list[asyncio.Task[pb.ModelInferResponse]]]:
+    """QUEUED requests waiting for one load of 'm', which finishes once the returned event is set."""
     loaded = asyncio.Event()
     node.runtime.plan("m", LoadPlan(gate=loaded))
     await node.register("m")
     waiting = [asyncio.create_task(node.replica.infer(pb.ModelInferRequest(model_name="m", id=f"w{i}")))
                for i in range(QUEUED)]
     await node.runtime.loads.wait_len(1)  # started by the first, after each had started waiting for it
+    return loaded, waiting
+
+
+async def test_requests_waiting_for_a_load_are_bounded_and_the_excess_starts_no_other_load(kit: Kit) -> None:
+    node = kit.node
+    loaded, waiting = await wait_for_a_gated_load(node)
     assert node.cache.queued == QUEUED
 
     with pytest.raises(Overloaded) as caught:
@@ -223,12 +229,7 @@ async def test_with_its_only_copy_full_a_model_is_refused_at_once_to_clients_and
 
 async def test_a_request_that_stops_waiting_for_the_load_gives_its_place_to_the_next(kit: Kit) -> None:
     node = kit.node
-    loaded = asyncio.Event()
-    node.runtime.plan("m", LoadPlan(gate=loaded))
-    await node.register("m")
-    waiting = [asyncio.create_task(node.replica.infer(pb.ModelInferRequest(model_name="m", id=f"w{i}")))
-               for i in range(QUEUED)]
-    await node.runtime.loads.wait_len(1)
+    loaded, waiting = await wait_for_a_gated_load(node)
     waiting[0].cancel()  # its client's deadline passed
     with pytest.raises(asyncio.CancelledError):
         await waiting[0]
