@@ -164,24 +164,32 @@ class OnnxModel:
             if self.run_ewma_s > self._threshold_s:
                 self.inline = False
         else:
-            arrays = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, names, feeds)
+            options = ort.RunOptions()
+            run = asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, names, feeds, options)
+            try:
+                arrays = await run
+            except asyncio.CancelledError:
+                # The request was abandoned (a model timeout, the client gone): stop the run, free its worker.
+                options.terminate = True
+                raise
         return encode_response(request, self.name, self.version, names, arrays)
 
-    def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run(self, names: list[str], feeds: dict[str, np.ndarray],
+             options: ort.RunOptions | None = None) -> list[np.ndarray]:
         session = self._session
         if session is None:
             raise ModelUnavailable(f"model '{self.name}' version {self.version} is unloaded")
         try:
-            arrays: list[np.ndarray] = session.run(names, feeds)
+            arrays: list[np.ndarray] = session.run(names, feeds, options)
             return arrays
         except InvalidArgument as error:
             raise InvalidInput(f"model '{self.name}': {_first_line(error)}") from None
         except Exception as error:
             raise Internal(f"inference failed for model '{self.name}': {_first_line(error)}") from error
 
-    def _timed_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _timed_run(self, names: list[str], feeds: dict[str, np.ndarray], options: ort.RunOptions) -> list[np.ndarray]:
         start = self._clock()
-        arrays = self._run(names, feeds)
+        arrays = self._run(names, feeds, options)
         self._observe(self._clock() - start)
         return arrays
 

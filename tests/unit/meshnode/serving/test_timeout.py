@@ -301,15 +301,15 @@ async def test_onnx_runs_abandoned_past_the_timeout_do_not_clog_the_worker_pool(
         assert all(isinstance(r, DeadlineExceeded) for r in results), results
         assert slow._probed == 0  # answered at the timeout, while the first run still goes on
         assert slow_entry.inflight == 0
-        # The first run goes on in the one worker; the two queued behind it were cancelled and never run, so
-        # the next request (another model's) runs as soon as that one run ends.
+        # The first run was told to terminate and the two queued behind it were cancelled before they ran, so
+        # the next request (another model's) gets the one worker without a slow run ending first.
         answered = await asyncio.wait_for(infer("fast", 16, "f"), WAIT_S)
         assert answered.id == "f" and answered.model_name == "fast"
-        assert slow._probed == 1  # one run of 'slow' finished, not three
+        assert slow._probed == 0  # no run of 'slow' ran to its end: the one it started was stopped
         # The copy serves again once its timeout allows it.
         await registry.update("slow", lambda r: replace(r, timeout_ms=None) if r else None)
         assert (await asyncio.wait_for(infer("slow", width, "s-ok"), WAIT_S)).id == "s-ok"
-        assert slow_entry.inflight == 0 and slow._probed == 2
+        assert slow_entry.inflight == 0 and slow._probed == 1
     finally:
         await cache.close()
         await registry.stop()
