@@ -158,7 +158,7 @@ class Node:
         return NodeState(
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, models_loaded=stats.models_loaded,
             models_managed=len(self.registry.names()), models_with_failure=self.cache.failures.count(),
-            lru_time_s=stats.lru_time_s, etcd_writes=self._store.writes, requests_queued=self.cache.queued,
+            lru_time_s=stats.lru_time_s, etcd_writes=self._store.writes, requests_queued=self.cache.queues.queued,
         )
 
     def _on_registry_change(self, name: str, record: ModelRecord | None) -> None:

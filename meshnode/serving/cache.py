@@ -1,16 +1,10 @@
-"""The node's cache of loaded models: byte capacity, LRU eviction, single-flight loads, and the
-bookkeeping of requests waiting for a copy.
+"""The node's cache of loaded models: byte capacity, LRU eviction, single-flight loads.
 
 Hot path: `ready` is a plain dict from (model name, requested version) to a loaded entry, and
 `release` is an OrderedDict.move_to_end, so a cache hit costs two dict operations. Everything
 else (loads, eviction, failures) happens on the miss path.
 
-Waiting requests: a copy runs `runs_per_copy` requests at once (the runtime's workers); requests for
-it beyond those wait, as do requests waiting for its load. At most `max_queued` wait per copy: the
-dataplane checks a loaded copy on its hit path (one compare of `entry.inflight`), `acquire` checks
-a loading one, and both refuse with router.errors.Overloaded. The time each request waited is
-measured here: its load wait, and for its run slot on the assumption that slots go to the oldest
-waiting request (the runtime's queue is first in, first out), so no lock or timer is on the path.
+Requests waiting for a copy (its load or a run slot) are bounded and timed by serving.waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from meshnode.background import BackgroundTasks
@@ -28,9 +22,10 @@ from meshnode.runtimes.base import LoadedModel, Runtime
 from meshnode.serving.entries import CachedModel, CacheStats, LoadOptions
 from meshnode.serving.load_failures import LoadFailures
 from meshnode.serving.load_queue import LoadQueue, priority
+from meshnode.serving.waiting import CopyQueues
 from meshnode.storage.repository import ModelSource
 from placement.eviction import Resident, plan_eviction
-from router.errors import MeshError, Overloaded
+from router.errors import MeshError
 
 log = logging.getLogger(__name__)
 REUSE_PROTECTED_FRACTION = 0.5  # chosen by `meshserve simulate` over the synthetic workloads
@@ -70,14 +65,8 @@ class ModelCache:
         self._background = BackgroundTasks()
         self._loading = 0  # entries whose load has not finished: read 4x a second, so counted
         self._listeners: list[Callable[[str], None]] = []
-        # Requests one copy runs at once, and how many more may wait for it (its load or a run slot).
-        self.runs_per_copy = runs_per_copy
-        self.max_queued = max_queued
-        self.queued = 0  # requests waiting here now, every copy's: a gauge
-        self._load_waiters: dict[CachedModel, int] = {}  # loading entries with requests waiting on them
-        # Loaded entries with requests waiting for a run slot: their arrival times, oldest first. An entry is
-        # here only while it has some; len == max(0, entry.inflight - runs_per_copy).
-        self._slot_waiters: dict[CachedModel, deque[float]] = {}
+        self.queues = CopyQueues(metrics, runs_per_copy=runs_per_copy, max_queued=max_queued)
+        self._runs_per_copy = runs_per_copy  # read on every release
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         """callback(model name) whenever a copy here starts loading, loads, fails or goes."""
@@ -90,8 +79,8 @@ class ModelCache:
     # -- hot path -------------------------------------------------------------------------
     def release(self, entry: CachedModel) -> None:
         entry.inflight -= 1
-        if entry.inflight >= self.runs_per_copy:  # the slot goes to the oldest request waiting for one
-            self._slot_freed(entry)
+        if entry.inflight >= self._runs_per_copy:  # the slot goes to the oldest request waiting for one
+            self.queues.slot_freed(entry)
         entry.requests += 1
         if entry.requests == 2 and not entry.discarded:  # used again since its load: now reuse-protected
             self._reused_bytes += entry.size_bytes
@@ -120,63 +109,20 @@ class ModelCache:
         started = time.perf_counter()
         waited = entry.model is None
         if waited:
-            await self._wait_for_load(entry)
+            await self.queues.wait_for_load(entry)
             self._metrics.cache_misses += 1
             self._metrics.observe_cache_miss_ms((time.perf_counter() - started) * 1000.0)
         else:
             self._metrics.cache_hits += 1
         if entry.discarded:
             raise ModelNotFound.unknown(source.name)
-        if entry.inflight >= self.runs_per_copy:
-            self.wait_for_slot(entry, started)
-        elif waited:
-            self._metrics.observe_queue_delay_ms((time.perf_counter() - started) * 1000.0)
-        else:
-            self._metrics.ran_without_waiting += 1
+        self.queues.admitted(entry, started, waited)
         entry.inflight += 1
         alias = (source.name, requested_version)
         if alias not in self.ready:
             self.ready[alias] = entry
             entry.aliases.append(alias)
         return entry
-
-    async def _wait_for_load(self, entry: CachedModel) -> None:
-        """Wait for the entry's load among at most `max_queued` requests; past that, Overloaded at once."""
-        assert entry.loaded is not None
-        waiting = self._load_waiters.get(entry, 0)
-        if waiting >= self.max_queued:
-            raise Overloaded(f"model '{entry.name}' has {waiting} requests waiting for its load on this node, "
-                             f"its limit (--max-queued-per-model {self.max_queued})")
-        self._load_waiters[entry] = waiting + 1
-        self.queued += 1
-        try:
-            await asyncio.shield(entry.loaded)
-        finally:
-            self.queued -= 1
-            left = self._load_waiters[entry] - 1
-            if left:
-                self._load_waiters[entry] = left
-            else:
-                del self._load_waiters[entry]
-
-    def wait_for_slot(self, entry: CachedModel, arrived: float) -> None:
-        """A request admitted to a loaded copy whose run slots are all taken (entry.inflight >= runs_per_copy),
-        before it is counted in entry.inflight; `arrived` is its time.perf_counter() on arrival."""
-        waiting = self._slot_waiters.get(entry)
-        if waiting is None:
-            waiting = self._slot_waiters[entry] = deque()
-        waiting.append(arrived)
-        self.queued += 1
-
-    def _slot_freed(self, entry: CachedModel) -> None:
-        waiting = self._slot_waiters.get(entry)
-        if not waiting:  # admitted past the dataplane's and acquire's bookkeeping: nothing to time
-            return
-        arrived = waiting.popleft()
-        if not waiting:
-            del self._slot_waiters[entry]
-        self.queued -= 1
-        self._metrics.observe_queue_delay_ms((time.perf_counter() - arrived) * 1000.0)
 
     def load_in_background(self, source: ModelSource, options: LoadOptions, *, evict: bool) -> bool:
         """Start a load nobody waits for (extra copy, proactive load, drain hand-off).

@@ -7,7 +7,7 @@ read on a miss.
 
 Overload: the hit path compares two integers against their bounds, the node's requests in flight
 (`max_inflight`: refused at once) and the copy's (`runs_per_copy` running plus `max_queued` waiting,
-in the cache). A copy at its bound sends a client's request to the router, which tries the model's
+in serving.waiting). A copy at its bound sends a client's request to the router, which tries the model's
 other copies, and refuses a peer's, so that the peer tries another (router.router).
 """
 
@@ -61,8 +61,9 @@ class DataPlane:
         self.inflight = 0
         self._max_inflight = max_inflight
         # A copy's bounds, from the cache that keeps its waiting requests: read here once, compared per request.
-        self._runs_per_copy = cache.runs_per_copy
-        self._max_per_copy = cache.runs_per_copy + cache.max_queued
+        self._queues = cache.queues
+        self._runs_per_copy = cache.queues.runs_per_copy
+        self._max_per_copy = cache.queues.runs_per_copy + cache.queues.max_queued
 
     @property
     def ready(self) -> bool:
@@ -97,7 +98,7 @@ class DataPlane:
                 if inflight < self._runs_per_copy:
                     metrics.ran_without_waiting += 1
                 elif inflight < self._max_per_copy:
-                    self._cache.wait_for_slot(entry, started)
+                    self._queues.wait_for_slot(entry, started)
                 else:
                     overloaded = self._copy_overloaded(entry.name, inflight)
                 if overloaded is None:

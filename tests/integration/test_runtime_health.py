@@ -64,7 +64,7 @@ async def test_a_killed_triton_loses_no_request_and_its_node_rejoins_when_it_ret
         answered = 0
         stop = asyncio.Event()
 
-        async def steady_load() -> None:  # about 20 requests a second through node-0, bounded in time
+        async def steady_load() -> None:  # requests one after another through node-0, bounded in time
             nonlocal answered
             deadline = time.monotonic() + 60
             i = 0
@@ -75,7 +75,6 @@ async def test_a_killed_triton_loses_no_request_and_its_node_rejoins_when_it_ret
                     answered += 1
                 except InferenceServerException as error:
                     failures.append(f"{error.status()}: {error.message()}")
-                await asyncio.sleep(0.05)
 
         load = asyncio.create_task(steady_load())
         await wait_until(lambda: answered >= 20, 30, "answers before the fault")

@@ -11,7 +11,8 @@ import pytest
 from meshnode.control.alias_retirement import Retirement
 from meshnode.errors import Internal, ModelNotFound
 from meshnode.state.aliases import AliasRecord
-from tests.unit.meshnode.fakes import FakeStore, ManualClock, NodeParts
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ManualClock, NodeParts
 
 pytestmark = pytest.mark.timeout(10)
 

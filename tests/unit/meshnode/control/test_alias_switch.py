@@ -19,7 +19,8 @@ from meshnode.state.aliases import AliasRecord
 from meshnode.state.registry import Copy
 from placement.types import LOADED
 from router.errors import MeshError
-from tests.unit.meshnode.fakes import ME, NOW, FakeStore, Log, NodeParts, node_view, peer_error
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ME, NOW, Log, NodeParts, node_view, peer_error
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -16,7 +16,8 @@ from meshnode.errors import AlreadyExists, FailedPrecondition, InvalidInput, Loa
 from meshnode.state.aliases import AliasRecord
 from meshnode.state.registry import Copy, Failure
 from placement.types import LOADED, LOADING
-from tests.unit.meshnode.fakes import ME, NOW, FakeStore, LoadPlan, NodeParts, node_view, write_model
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ME, NOW, LoadPlan, NodeParts, node_view, write_model
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -11,7 +11,8 @@ import pytest
 
 from meshnode.state.registry import Copy, Failure, ModelRecord
 from placement.types import LOADED, LOADING, NodeView
-from tests.unit.meshnode.fakes import ME, NOW, FakeStore, NodeParts, copy_state, node_view, peer_error
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ME, NOW, NodeParts, copy_state, node_view, peer_error
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -12,7 +12,8 @@ import pytest
 from meshnode.mesh.drain import RECENT_S, hand_off, models_to_hand_off
 from meshnode.state.registry import Copy
 from placement.types import LOADED, LOADING, NodeView
-from tests.unit.meshnode.fakes import ME, NOW, FakeStore, NodeParts, node_view, peer_error
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ME, NOW, NodeParts, node_view, peer_error
 
 pytestmark = pytest.mark.timeout(10)
 

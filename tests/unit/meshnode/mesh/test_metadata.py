@@ -11,7 +11,8 @@ from meshnode.mesh.metadata import PeerMetadata
 from meshnode.state.registry import Copy
 from meshpb import pb
 from placement.types import LOADED, LOADING
-from tests.unit.meshnode.fakes import ME, NOW, FakeStore, NodeParts, node_view, peer_error
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ME, NOW, NodeParts, node_view, peer_error
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -11,7 +11,8 @@ import pytest
 
 from meshnode.errors import LoadFailed, ModelUnavailable
 from meshnode.mesh.runtime_health import RuntimeHealth
-from tests.unit.meshnode.fakes import FakeRuntime, FakeStore, LoadPlan, NodeParts
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import FakeRuntime, LoadPlan, NodeParts
 
 pytestmark = pytest.mark.timeout(10)
 

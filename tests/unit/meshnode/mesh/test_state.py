@@ -12,7 +12,8 @@ import pytest
 from meshnode.errors import LoadFailed
 from meshnode.state.registry import Copy, Failure, ModelRecord
 from placement.types import LOADED, LOADING, CopyView, FailureView, ModelView
-from tests.unit.meshnode.fakes import ME, NOW, FakeRuntime, FakeStore, LoadPlan, NodeParts, copy_state, node_view
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ME, NOW, FakeRuntime, LoadPlan, NodeParts, copy_state, node_view
 
 pytestmark = pytest.mark.timeout(10)
 

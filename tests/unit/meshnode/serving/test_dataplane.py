@@ -14,7 +14,8 @@ from meshnode.state.registry import Copy, ModelRecord
 from meshpb import pb
 from placement.types import LOADED
 from router.hop import HOPS_KEY, MODE_KEY, PARAMETER_KEY, TRIED_KEY, Hop, Mode
-from tests.unit.meshnode.fakes import NOW, FakeRouter, FakeStore, LoadPlan, NodeParts, Routed
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import NOW, FakeRouter, LoadPlan, NodeParts, Routed
 
 pytestmark = pytest.mark.timeout(10)
 

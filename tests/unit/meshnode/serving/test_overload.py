@@ -23,10 +23,10 @@ from placement.types import LOADED
 from router.errors import Overloaded
 from router.hop import PARAMETER_KEY, Hop, Mode
 from router.router import Router
+from tests.unit.meshnode.fake_etcd import FakeStore
 from tests.unit.meshnode.fakes import (
     ME,
     FakeRouter,
-    FakeStore,
     LoadPlan,
     NodeParts,
     copy_state,
@@ -103,7 +103,7 @@ async def test_a_copy_runs_its_slots_queues_up_to_its_bound_then_hands_a_client_
     entry = node.cache.ready[("m", "")]
     blocked = send(dataplane, RUNS + QUEUED)
     await model.requests.wait_len(RUNS + QUEUED)
-    assert (entry.inflight, node.cache.queued) == (RUNS + QUEUED, QUEUED)
+    assert (entry.inflight, node.cache.queues.queued) == (RUNS + QUEUED, QUEUED)
 
     response = await dataplane.infer(pb.ModelInferRequest(model_name="m", id="extra"))
 
@@ -114,7 +114,7 @@ async def test_a_copy_runs_its_slots_queues_up_to_its_bound_then_hands_a_client_
     assert len(model.requests) == RUNS + QUEUED and entry.inflight == RUNS + QUEUED  # nothing more admitted
     gate.set()
     assert sorted(r.id for r in await asyncio.gather(*blocked)) == ["r0", "r1", "r2", "r3", "r4"]
-    assert (entry.inflight, node.cache.queued, dataplane.inflight) == (0, 0, 0)
+    assert (entry.inflight, node.cache.queues.queued, dataplane.inflight) == (0, 0, 0)
     # Two ran at once; three waited for a slot; the first use waited for the load.
     assert queue_delays(node) == RUNS + QUEUED + 1
     assert node.metrics.ran_without_waiting == RUNS
@@ -130,7 +130,7 @@ async def test_the_queue_frees_as_requests_finish_and_the_copy_takes_requests_ag
     gate.clear()
     again = send(dataplane, RUNS + QUEUED)
     await node.runtime.models["m@1"].requests.wait_len(2 * (RUNS + QUEUED))
-    assert kit.router.routed == [] and node.cache.queued == QUEUED
+    assert kit.router.routed == [] and node.cache.queues.queued == QUEUED
     gate.set()
     await asyncio.gather(*again)
 
@@ -152,7 +152,7 @@ async def wait_for_a_gated_load(node: NodeParts) -> tuple[asyncio.Event, list[as
 async def test_requests_waiting_for_a_load_are_bounded_and_the_excess_starts_no_other_load(kit: Kit) -> None:
     node = kit.node
     loaded, waiting = await wait_for_a_gated_load(node)
-    assert node.cache.queued == QUEUED
+    assert node.cache.queues.queued == QUEUED
 
     with pytest.raises(Overloaded) as caught:
         await node.replica.infer(pb.ModelInferRequest(model_name="m"))
@@ -163,7 +163,7 @@ async def test_requests_waiting_for_a_load_are_bounded_and_the_excess_starts_no_
     assert node.runtime.loads == ["m@1"]
     loaded.set()
     assert sorted(r.id for r in await asyncio.gather(*waiting)) == ["w0", "w1", "w2"]
-    assert node.cache.queued == 0
+    assert node.cache.queues.queued == 0
     assert queue_delays(node) == QUEUED and node.metrics.ran_without_waiting == 0  # each waited for the load
 
 
@@ -233,11 +233,11 @@ async def test_a_request_that_stops_waiting_for_the_load_gives_its_place_to_the_
     waiting[0].cancel()  # its client's deadline passed
     with pytest.raises(asyncio.CancelledError):
         await waiting[0]
-    assert node.cache.queued == QUEUED - 1
+    assert node.cache.queues.queued == QUEUED - 1
 
     waiting.append(asyncio.create_task(node.replica.infer(pb.ModelInferRequest(model_name="m", id="late"))))
     await asyncio.sleep(0)  # one step: it reaches the load and waits (a refusal would end it here)
-    assert node.cache.queued == QUEUED and not waiting[-1].done()
+    assert node.cache.queues.queued == QUEUED and not waiting[-1].done()
     loaded.set()
     assert sorted(r.id for r in await asyncio.gather(*waiting[1:])) == ["late", "w1", "w2"]
-    assert node.cache.queued == 0 and node.runtime.loads == ["m@1"]
+    assert node.cache.queues.queued == 0 and node.runtime.loads == ["m@1"]

@@ -14,7 +14,8 @@ from meshnode.errors import ModelLost, ModelNotFound, ModelUnavailable, Resource
 from meshnode.serving.entries import LoadOptions
 from meshnode.storage.repository import model_source
 from meshpb import pb
-from tests.unit.meshnode.fakes import ME, NOW, SIZE, FakeRuntime, FakeStore, NodeParts
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import ME, NOW, SIZE, FakeRuntime, NodeParts
 
 pytestmark = pytest.mark.timeout(10)
 

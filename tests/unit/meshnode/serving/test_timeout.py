@@ -32,7 +32,8 @@ from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.repository import ModelSource
 from meshpb import pb
-from tests.unit.meshnode.fakes import WAIT_S, FakeLoadedModel, FakeRouter, FakeRuntime, FakeStore, Log, NodeParts
+from tests.unit.meshnode.fake_etcd import FakeStore
+from tests.unit.meshnode.fakes import WAIT_S, FakeLoadedModel, FakeRouter, FakeRuntime, Log, NodeParts
 
 pytestmark = pytest.mark.timeout(15)
 

@@ -1,5 +1,5 @@
-"""Property-based fuzzing of every management request, RepositoryModelLoad/Unload and ModelInfer, end to end
-through the real gRPC servicers of one node process.
+"""What the fuzz modules share (test_fuzz_management.py, test_fuzz_repository.py): the node they fuzz, the storage it
+may be pointed at, blocking calls on its services, the property's check, and the strategies of the requests.
 
 Property: whatever the fields say (unicode, empty, very long, '/', '..', NUL; negative, huge or NaN numbers;
 any JSON in `config`; any tensors), each call ends within its deadline with a status a client can act on
@@ -7,8 +7,8 @@ any JSON in `config`; any tensors), each call ends within its deadline with a st
 
 The one documented exception is the INTERNAL of a failed load whose cause is the model itself (LOAD_FAILED, which
 depends on the node's state), pinned, each cause as an explicit example, by the strict xfail tests at the end of
-this file. Inputs the fuzzing found and the node now refuses with a client's status are kept as explicit examples
-there too, as plain tests of that status.
+the fuzz modules. Inputs the fuzzing found and the node now refuses with a client's status are kept as explicit
+examples there too, as plain tests of that status.
 
 Fuzzing never points a model at a real directory: every storage_uri is under the module's tmp dir or resolves to
 nothing (`safe_storage` filters the rest), and uploads go to the node's repository, itself a tmp dir.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -26,7 +27,7 @@ from typing import Any, cast
 import grpc
 import pytest
 from google.protobuf.message import Message
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 
 from deploy.local.models import write_identity
@@ -39,8 +40,6 @@ from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MAN
 from router.hop import PARAMETER_KEY
 from tests.integration.conftest import DATATYPES, start_node, write_broken
 from tests.unit.meshnode.runtimes.tensor_strategies import infer_requests
-
-pytestmark = pytest.mark.timeout(180)
 
 CALL_DEADLINE_S = 10.0
 Code = grpc.StatusCode
@@ -78,8 +77,8 @@ class Storage:
     missing: str  # a directory that does not exist
 
 
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> Storage:
+def make_storage(tmp_path_factory: pytest.TempPathFactory) -> Storage:
+    """The storage of a fuzz module's `storage` fixture."""
     root = tmp_path_factory.mktemp("fuzz-storage")
     tiny = write_identity(root, "tiny", "FP32", shape=(-1, 2))
     write_broken(root)
@@ -90,9 +89,10 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Storage:
                    [str(root / n) for n in ("broken", "empty", "plain.txt", "noversion")], str(root / "missing"))
 
 
-@pytest.fixture(scope="module")
-def fuzz_node(etcd: EtcdProcess, model_repo: Path) -> Iterator[NodeProcess]:
-    """The one node of this module; no proactive loads, so the node does only what the fuzzed calls ask."""
+@contextmanager
+def running_fuzz_node(etcd: EtcdProcess, model_repo: Path) -> Iterator[NodeProcess]:
+    """The one node of a fuzz module (each starts its own); no proactive loads, so the node does only what the fuzzed
+    calls ask."""
     process = start_node(etcd, model_repo, capacity="128MiB", extra_args=["--no-proactive-loads"])
     yield process
     process.stop()
@@ -129,10 +129,10 @@ class Rpc:
         assert self("ServerLive", pb.ServerLiveRequest(), timeout_s=5).live, f"not live after {after}"
 
 
-@pytest.fixture(scope="module")
-def rpc(fuzz_node: NodeProcess) -> Iterator[Rpc]:
-    with grpc.insecure_channel(fuzz_node.target) as channel:
-        yield Rpc(fuzz_node, channel)
+@contextmanager
+def rpc_on(node: NodeProcess) -> Iterator[Rpc]:
+    with grpc.insecure_channel(node.target) as channel:
+        yield Rpc(node, channel)
 
 
 def describe(request: Any) -> str:
@@ -331,47 +331,7 @@ def model_infer_requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     return request
 
 
-# ---- the properties ---------------------------------------------------------------------------------------
-
-
-@settings(FUZZ, max_examples=500)
-@given(data=st.data())
-def test_every_management_request_ends_with_a_clients_status(
-        rpc: Rpc, storage: Storage, data: st.DataObject) -> None:
-    method, request = data.draw(management_requests(storage), label="request")
-    check(rpc, method, request)
-
-
-@settings(FUZZ, max_examples=250)
-@given(data=st.data())
-def test_every_repository_load_and_unload_ends_with_a_clients_status(
-        rpc: Rpc, storage: Storage, data: st.DataObject) -> None:
-    method, request = data.draw(st.one_of(
-        load_requests(storage).map(lambda r: ("RepositoryModelLoad", r)),
-        unload_requests().map(lambda r: ("RepositoryModelUnload", r)),
-    ), label="request")
-    check(rpc, method, request)
-
-
-@settings(FUZZ, max_examples=400)
-@given(request=model_infer_requests())
-def test_every_model_infer_ends_with_a_clients_status(rpc: Rpc, request: pb.ModelInferRequest) -> None:
-    check(rpc, "ModelInfer", request, INFER_STATUSES)
-
-
-def test_the_node_served_a_real_model_after_the_fuzzing(rpc: Rpc) -> None:
-    request = pb.ModelInferRequest(model_name="simple")
-    for name in ("INPUT0", "INPUT1"):
-        request.inputs.add(name=name, datatype="FP32", shape=[1, 16])
-        request.raw_input_contents.append(b"\x00" * 64)
-    response = rpc("ModelInfer", request)
-    assert [o.name for o in response.outputs] == ["OUTPUT0", "OUTPUT1"]
-
-
-# ---- inputs the fuzzing found: each kept as an explicit example ----------------------------------------------
-# Each once ended INTERNAL; now a client's status. The strict xfail tests are the INTERNAL of a load that failed
-# because of the model itself, as Triton answers it (LOAD_FAILED): should that change, they XPASS and fail, the cue
-# to delete their marker and LOAD_FAILED.
+# ---- the explicit examples' helpers --------------------------------------------------------------------------
 
 
 def load_request(model: str, **parameters: str | bytes | bool) -> pb.RepositoryModelLoadRequest:
@@ -404,113 +364,5 @@ def assert_status(rpc: Rpc, method: str, request: Any, expected: grpc.StatusCode
 Bad = Code.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("uri", ["{missing}/a\x00b", "file://{missing}/a%00b"], ids=["path", "file-uri"])
-def test_storage_uri_with_nul(rpc: Rpc, storage: Storage, uri: str) -> None:
-    details = assert_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-nul", storage_uri=uri.format(missing=storage.missing), lazy=True), Bad,
-        r"^storage_uri '.*a\\x00b' contains a NUL byte$")
-    assert "\x00" not in details
-
-
-def test_storage_uri_of_an_unknown_users_home(rpc: Rpc) -> None:
-    assert_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-home", storage_uri="~no-such-user-fz/m", lazy=True), Bad,
-        r"^storage_uri '~no-such-user-fz/m': no such user's home directory '~no-such-user-fz'$")
-
-
-def test_storage_uri_with_a_too_long_name(rpc: Rpc, storage: Storage) -> None:
-    assert_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-long", storage_uri=f"{storage.root}/{'x' * 300}", lazy=True), Bad,
-        r"^storage_uri '.*' has a name longer than 255 bytes: 'x+\.\.\. \(300 characters\)'$")
-
-
-def test_config_nested_too_deep(rpc: Rpc) -> None:
-    assert_status(rpc, "RepositoryModelLoad", load_request("fz-deep", config="[" * 1000 + "]" * 1000), Bad,
-                  r"^the 'config' parameter is not valid JSON: nested too deeply$")
-
-
-def test_config_with_a_5000_digit_number(rpc: Rpc) -> None:
-    assert_status(rpc, "RepositoryModelLoad", load_request("fz-digits", config='{"a": 1%s}' % ("0" * 5000)), Bad,
-                  r"^the 'config' parameter is not valid JSON: Exceeds the limit \(4300 digits\)")
-
-
-@pytest.mark.parametrize("where", ["parameter", "config"])
-@pytest.mark.parametrize("hint", ["\u00b2", "9" * 5000], ids=["superscript-two", "5000-digits"])
-def test_size_hint_digits_int_refuses(rpc: Rpc, where: str, hint: str) -> None:
-    request = (load_request("fz-hint", meshserve__size_hint=hint, meshserve__lazy=True) if where == "parameter"
-               else load_request("fz-hint", config=json.dumps({"size_hint": hint}), meshserve__lazy=True))
-    assert_status(rpc, "RepositoryModelLoad", request, Bad, r"^size_hint must be a whole number of bytes in ASCII "
-                                                            r"digits, from 0 to 9223372036854775807$")
-
-
-@pytest.mark.parametrize(("path", "says"), [
-    ("a\x00b", r"^upload path 'a\\x00b' contains a NUL byte$"),
-    ("y" * 300, r"^upload path 'y+\.\.\. \(300 characters\)' has a name longer than 255 bytes"),
-], ids=["nul", "too-long"])
-def test_upload_path_the_file_system_refuses(rpc: Rpc, path: str, says: str) -> None:
-    assert_status(rpc, "RepositoryModelLoad", load_request("fz-upload", **{"file_" + path: b"x"}), Bad, says)
-
-
-def test_upload_file_over_a_directory(rpc: Rpc) -> None:
-    request = load_request("fz-clash", meshserve__lazy=True)
-    request.parameters["file:1/model.onnx"].bytes_param = b"x"
-    request.parameters["file:1/model.onnx/x"].bytes_param = b"x"
-    assert_status(rpc, "RepositoryModelLoad", request, Bad,
-                  r"^uploads 'file:1/model.onnx' and 'file:1/model.onnx/x' clash: '1/model.onnx' cannot be both a "
-                  r"file and a directory$")
-
-
 LOAD_FAILED_REASON = ("meshnode.errors.LoadFailed answers INTERNAL when the load failed because of the model itself, "
                       "as Triton answers a failed load: ")
-
-
-@pytest.mark.xfail(strict=True, reason=LOAD_FAILED_REASON + "a model file ONNX Runtime cannot parse ('failed to load "
-                                       "model') is INTERNAL, as in Triton; INVALID_ARGUMENT would be the client's")
-def test_load_failure_of_a_broken_model_file(rpc: Rpc, storage: Storage) -> None:
-    assert_clients_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-broken", storage_uri=str(storage.root / "broken")))
-
-
-def test_load_failure_of_a_directory_without_versions(rpc: Rpc, storage: Storage) -> None:
-    assert_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-empty", storage_uri=str(storage.root / "empty")), Code.NOT_FOUND,
-        r"^load failed for model 'fz-empty': .*has no available versions")
-
-
-def test_load_failure_of_a_model_bigger_than_any_node(rpc: Rpc, storage: Storage) -> None:
-    assert_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-huge", storage_uri=storage.loadable[0], size_hint_bytes=2**64 - 1), Code.RESOURCE_EXHAUSTED,
-        r"^load failed for model 'fz-huge': ")
-
-
-@pytest.mark.xfail(strict=True, reason=LOAD_FAILED_REASON + "load_timeout_s=1e-300 passes validation (> 0) and the "
-                                       "load's timeout is INTERNAL (meshnode.serving.cache raises LoadFailed for it; "
-                                       "Triton has no per-load timeout status to follow)")
-def test_load_failure_of_a_load_timing_out(rpc: Rpc, storage: Storage) -> None:
-    assert_clients_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-quick", storage_uri=storage.loadable[0], load_timeout_s=1e-300))
-
-
-def test_load_failure_of_a_copy_of_an_unknown_model(rpc: Rpc) -> None:
-    assert_status(rpc, "RepositoryModelLoad", load_request("fz-never-registered", meshserve__copy=True),
-                  Code.NOT_FOUND, r"^no copy of model 'fz-never-registered' on this node: ")
-
-
-@pytest.mark.xfail(strict=True, reason=LOAD_FAILED_REASON + "SetAlias to a model whose file is broken answers "
-                                                            "INTERNAL ('alias ... not set: loading ... failed')")
-def test_load_failure_of_an_alias_target(rpc: Rpc, storage: Storage) -> None:
-    code, details = rpc.status("RegisterModel", mpb.RegisterModelRequest(
-        name="fz-target", storage_uri=str(storage.root / "broken"), lazy=True))
-    assert code == Code.OK, details
-    try:
-        assert_clients_status(rpc, "SetAlias", mpb.SetAliasRequest(alias="fz-alias-of-broken", model="fz-target"))
-    finally:
-        rpc.status("UnregisterModel", mpb.UnregisterModelRequest(name="fz-target"))
-
-
-@pytest.mark.parametrize("method", ["GetModelStatus", "ModelInfer"])
-def test_not_found_for_a_20k_character_name(rpc: Rpc, method: str) -> None:
-    request = (pb.ModelInferRequest(model_name="x" * 20_000) if method == "ModelInfer"
-               else mpb.GetModelStatusRequest(name="x" * 20_000))
-    details = assert_status(rpc, method, request, Code.NOT_FOUND, r"\.\.\. \(message clipped: \d+ characters in all\)$")
-    assert len(details.encode()) <= 2048
