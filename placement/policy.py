@@ -180,8 +180,10 @@ def choose_copy(
     local_outstanding: Mapping[str, int],
     exclude: Collection[str],
     rng: random.Random,
+    version: str = "",
 ) -> str | None:
-    """The copy to forward a request to: LOADED first, then fewest in flight, then the oldest copy.
+    """The copy to forward a request to: one holding `version` first (a copy of another version would have to
+    load it), then LOADED, then fewest in flight, then the oldest copy. With `version` "" any copy will do.
 
     Oldest (smallest `since`) rather than ModelMesh's least recently used: every router sees the same
     `since` in etcd, so light traffic (all in-flight counts equal) converges on one warm copy mesh-wide,
@@ -192,7 +194,7 @@ def choose_copy(
     One pass over `copies`, lookups in `nodes` only for them: the cost is O(copies), never O(models).
     Pass `exclude` as a set; `nodes` must hold only live nodes (a copy on a missing node is never chosen).
     """
-    best: tuple[bool, int, float] | None = None
+    best: tuple[bool, bool, int, float] | None = None
     best_id = ""
     ties: list[str] | None = None  # allocated only on an exact tie, which is rare with float `since`
     for copy in copies:
@@ -200,7 +202,8 @@ def choose_copy(
         node = nodes.get(iid)
         if node is None or node.shutting_down or node.runtime_down or iid in exclude:
             continue
-        key = (copy.state != LOADED, local_outstanding.get(iid, 0) + node.inflight, copy.since)
+        key = (bool(version) and version not in copy.versions, copy.state != LOADED,
+               local_outstanding.get(iid, 0) + node.inflight, copy.since)
         if best is None or key < best:
             best, best_id, ties = key, iid, None
         elif key == best:

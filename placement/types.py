@@ -41,6 +41,7 @@ class CopyView:
     instance_id: str
     state: str  # LOADING or LOADED
     since: float  # wall clock of the load's start or completion
+    versions: tuple[str, ...] = ()  # the model's versions held there; () when not known
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class ModelView:
     failures: tuple[FailureView, ...] = ()
     last_used: float | None = None
     runtime: str = ""  # the runtime its nodes must run; "" for any
+    newest_version: str = ""  # the newest version any copy holds: what a request without a version likely wants
 
 
 @dataclass(frozen=True, slots=True)

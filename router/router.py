@@ -81,7 +81,8 @@ class Router:
             nodes = self._mesh.nodes()
             unavailable = tried | self._peers.suspects()
             target = choose_copy(model.copies, nodes=nodes, local_outstanding=self._peers.outstanding(),
-                                 exclude=unavailable, rng=self._rng)
+                                 exclude=unavailable, rng=self._rng,
+                                 version=request.model_version or model.newest_version)
             mode, guard = Mode.COPY, False
             if target is None:
                 if overloaded and _every_copy_in(model, nodes, overloaded):

@@ -85,11 +85,13 @@ class MeshState:
         cached = self._views.get(name)
         if cached is not None and cached[0] is record:
             return cached[1]
+        copies = tuple(CopyView(node, c["state"], c["since"], tuple(c.get("versions", ())))
+                       for node, c in record.copies.items())
         view = ModelView(
-            name=name, size_bytes=self._size_of(record),
-            copies=tuple(CopyView(node, c["state"], c["since"]) for node, c in record.copies.items()),
+            name=name, size_bytes=self._size_of(record), copies=copies,
             failures=tuple(FailureView(node, f["at"], f["message"]) for node, f in record.failures.items()),
             last_used=record.last_used, runtime=record.runtime,
+            newest_version=max((v for c in copies for v in c.versions), key=int, default=""),
         )
         self._views[name] = (record, view)
         return view
@@ -138,7 +140,9 @@ class MeshState:
         if not entries:
             return None
         loaded = [e for e in entries if e.model is not None]
-        return Copy(state=LOADED if loaded else LOADING, since=min(e.loaded_at for e in loaded or entries))
+        held = loaded or entries
+        return Copy(state=LOADED if loaded else LOADING, since=min(e.loaded_at for e in held),
+                    versions=sorted({e.version for e in held}, key=int))
 
     async def _flush_forever(self) -> None:
         while True:
@@ -166,15 +170,19 @@ class MeshState:
         copies = dict(record.copies)
         if mine is None:
             copies.pop(me, None)
-        elif copies.get(me, NO_COPY).get("state") != mine["state"]:
-            copies[me] = mine
+        else:
+            known = copies.get(me, NO_COPY)
+            if known.get("state") != mine["state"] or known.get("versions") != mine["versions"]:
+                copies[me] = mine
         failures = dict(record.failures)
         failure = self._cache.failures.newest(record.name)
         if failure is not None:
             failures[me] = failure
         else:  # loaded since, or the failure's backoff here is over (or was cleared): placement may try again
             failures.pop(me, None)
-        entry = next((e for e in self._cache.entries(record.name) if e.model is not None), None)
+        # The newest version's size: what a request without a version loads.
+        entry = max((e for e in self._cache.entries(record.name) if e.model is not None),
+                    key=lambda e: int(e.version), default=None)
         size = entry.size_bytes if entry is not None else record.size_bytes
         last_used = record.last_used
         if entry is not None and (last_used is None or entry.last_used - last_used >= LAST_USED_GRANULARITY_S):

@@ -5,8 +5,9 @@ is passed through untouched: the request the node already parsed is sent on one 
 own (meshnode.net.transport) and Triton's response message is returned as it came, so each request costs one
 more serialize and parse and no tensor is decoded.
 
-Triton holds one version of a model name at a time here (an upload replaces what it had under the name);
-the node asks for the newest version unless a client names another.
+Triton holds the versions of a model name as one model: the node keeps, per name, the versions its cache
+loaded, and every load or unload of one version asks Triton for exactly the set held (a `specific`
+version_policy in the config it sends), so Triton serves versions side by side and unloads one alone.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from typing import Any
 
 import grpc
 import tritonclient.grpc.aio as triton_aio
-from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2
+from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
 from meshnode.errors import (
@@ -34,7 +34,8 @@ from meshnode.errors import (
 )
 from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, RuntimeSettings, TensorSpec
-from meshnode.storage.repository import CONFIG_FILE, ModelSource, files_bytes, version_files
+from meshnode.storage.repository import ModelSource, directory_files, files_bytes
+from meshnode.storage.versions import CONFIG_FILE, only, read_config
 from meshpb import pb
 from router.errors import MeshError
 from router.hop import trace_context
@@ -55,6 +56,7 @@ UNLOAD_POLL_S = 0.05
 UNLOAD_WAIT_S = 30.0
 START_WAIT_S = 60.0  # for Triton to answer when the node starts
 PROBE_TIMEOUT_S = 2.0
+NOT_READY = "is not at ready state"  # Triton's words for a request to a version it does not hold
 CONTROL_TIMEOUT_S = 600.0  # a load may run that long; the cache's own load timeout is the real bound
 
 
@@ -79,11 +81,14 @@ class TritonModel:
         self.inputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs)
         self.outputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in metadata.outputs)
         self.size_bytes = size_bytes
+        self.source = source
         self._runtime = runtime
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
                     caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
         trace = trace_context(caller_metadata()) if caller_metadata is not None else ()
+        # Triton may hold other versions of the name: without this it would answer with its newest.
+        request.model_version = self.version
         try:
             response: pb.ModelInferResponse = await self._runtime.stub.ModelInfer(
                 request, timeout=timeout_s, metadata=trace or None)
@@ -102,9 +107,9 @@ class TritonRuntime:
         self._client: triton_aio.InferenceServerClient | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: transport.InferenceStub | None = None
-        # Loads and unloads of one name run one at a time, and only the latest load's model may unload it.
+        # Loads and unloads of one name run one at a time, and only the latest load of a version may unload it.
         self._locks: dict[str, asyncio.Lock] = {}
-        self._current: dict[str, TritonModel] = {}
+        self._held: dict[str, dict[str, TritonModel]] = {}  # name -> version -> what Triton serves for it
         self._unloaded: set[str] = set()
 
     # Created on first use, inside the node's event loop, which gRPC's aio objects belong to.
@@ -162,19 +167,17 @@ class TritonRuntime:
             raise LoadFailed(f"failed to load {where}: Triton needs a model directory (NAME/VERSION/...), "
                              f"not the single file {source.model_file}")
         async with self._locks.setdefault(name, asyncio.Lock()):
+            held = self._held.get(name, {})
             try:
-                upload = None if self._in_triton_repository(source) else _upload(source)
                 files = files_bytes(source)
-            except (OSError, ValueError, text_format.ParseError) as error:
+                request = self._load_request(source, sorted({*held, version}, key=int))
+            except (OSError, ValueError) as error:
                 raise LoadFailed(f"failed to load {where}: {error}") from None
             if name in self._unloaded:
                 await self._wait_unloaded(name)
             try:
-                if upload is None:
-                    await self.client.load_model(name, client_timeout=CONTROL_TIMEOUT_S)
-                else:
-                    await self.client.load_model(name, config=upload.config, files=upload.files,
-                                                 client_timeout=CONTROL_TIMEOUT_S)
+                await self.client.load_model(name, config=request.config, files=request.files or None,
+                                             client_timeout=CONTROL_TIMEOUT_S)
                 metadata = await self.client.get_model_metadata(name, version, client_timeout=CONTROL_TIMEOUT_S)
                 config = (await self.client.get_model_config(name, client_timeout=CONTROL_TIMEOUT_S)).config
             except InferenceServerException as error:
@@ -186,12 +189,28 @@ class TritonRuntime:
             overhead = BACKEND_OVERHEAD_BYTES.get(config.backend or config.platform)
             size = files + overhead if overhead is not None else int(files * UNMEASURED_FILE_FACTOR)
             model = TritonModel(self, source, metadata, size)
-            self._current[name] = model
+            self._held.setdefault(name, {})[version] = model
             return model
 
-    def _in_triton_repository(self, source: ModelSource) -> bool:
-        model_dir = source.directory.parent.resolve()
-        return self._triton_repository is not None and model_dir == self._triton_repository / source.name
+    def _load_request(self, source: ModelSource, versions: list[str]) -> _Upload:
+        """Triton's load of `source`'s model holding exactly `versions`: its config (the model's config.pbtxt,
+        named as registered, with a specific version_policy), and the versions' files unless Triton's own
+        repository has them."""
+        model_dir = source.directory.parent
+        config = only(read_config(model_dir), versions)
+        config.name = source.name  # a copy stored under another name keeps the config's old one
+        files: dict[str, bytes] = {}
+        if not self._in_triton_repository(model_dir, source.name):
+            for version in versions:
+                files |= {f"file:{version}/{p.relative_to(model_dir / version).as_posix()}": p.read_bytes()
+                          for p in directory_files(model_dir / version)}
+            # Other top-level files (labels, ...) belong to every version.
+            files |= {f"file:{p.name}": p.read_bytes()
+                      for p in model_dir.iterdir() if p.is_file() and p.name != CONFIG_FILE}
+        return _Upload(json_format.MessageToJson(config), files)
+
+    def _in_triton_repository(self, model_dir: Path, name: str) -> bool:
+        return self._triton_repository is not None and model_dir.resolve() == self._triton_repository / name
 
     async def _wait_unloaded(self, name: str) -> None:
         """Until Triton has finished unloading `name`: it answers unload at once and unloads after."""
@@ -210,27 +229,36 @@ class TritonRuntime:
         if not isinstance(model, TritonModel):
             raise TypeError(f"{self.name} cannot unload a {type(model).__name__}")
         async with self._locks.setdefault(model.name, asyncio.Lock()):
-            if self._current.get(model.name) is not model:
-                return  # unloaded already, or a newer load of the name replaced it in Triton
-            del self._current[model.name]
+            held = self._held.get(model.name, {})
+            if held.get(model.version) is not model:
+                return  # unloaded already, or a newer load of the version replaced it in Triton
+            del held[model.version]
             try:
+                if held:  # the other versions stay: Triton reloads the name holding only them
+                    request = self._load_request(next(iter(held.values())).source, sorted(held, key=int))
+                    await self.client.load_model(model.name, config=request.config, files=request.files or None,
+                                                 client_timeout=CONTROL_TIMEOUT_S)
+                    return
+                del self._held[model.name]
                 await self.client.unload_model(model.name, client_timeout=CONTROL_TIMEOUT_S)
-            except InferenceServerException as error:
-                raise Internal(f"failed to unload model '{model.name}' from Triton at {self.url}: "
-                                     f"{self._control_message(error)}") from None
+            except (InferenceServerException, OSError, MeshError) as error:
+                cause = self._control_message(error) if isinstance(error, InferenceServerException) else error
+                raise Internal(f"failed to unload model '{model.name}' version {model.version} from Triton at "
+                               f"{self.url}: {cause}") from None
             self._unloaded.add(model.name)
 
     def infer_error(self, name: str, error: grpc.aio.AioRpcError) -> MeshError:
         code, details = error.code(), error.details() or ""
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(details)
+        # Not run, either way: the node forgets its copy and routes the request again, to a copy elsewhere.
+        # A version Triton no longer holds is NOT_FOUND, or UNAVAILABLE "... is not at ready state".
+        if code == grpc.StatusCode.NOT_FOUND or (code == grpc.StatusCode.UNAVAILABLE and NOT_READY in details):
+            return ModelLost(f"model '{name}' is not loaded on Triton at {self.url} any more: {details}")
         if code == grpc.StatusCode.UNAVAILABLE:
-            # Not run: the node forgets its copy and routes the request again, to a copy elsewhere.
             return ModelLost(f"model '{name}': Triton at {self.url} is unreachable: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"model '{name}' on Triton at {self.url} ran out of time: {details}")
-        if code == grpc.StatusCode.NOT_FOUND:
-            return ModelLost(f"model '{name}' is not loaded on Triton at {self.url} any more: {details}")
         return Internal(f"inference failed for model '{name}' on Triton at {self.url}: {details}")
 
     def _control_message(self, error: InferenceServerException) -> str:
@@ -243,21 +271,6 @@ class TritonRuntime:
             await self._client.close()
         if self._channel is not None:
             await self._channel.close()
-
-
-def _upload(source: ModelSource) -> _Upload:
-    """The version's files as Triton's `file:` parameters, with config.pbtxt as the JSON `config`."""
-    model_dir = source.directory.parent
-    config = model_config_pb2.ModelConfig()
-    config_file = model_dir / CONFIG_FILE
-    if config_file.is_file():
-        text_format.Parse(config_file.read_text(), config)
-    config.name = source.name  # a copy stored under another name keeps the config's old one
-    files = {f"file:{source.version}/{p.relative_to(source.directory).as_posix()}": p.read_bytes()
-             for p in version_files(source)}
-    # Other top-level files (labels, ...) belong to every version.
-    files |= {f"file:{p.name}": p.read_bytes() for p in model_dir.iterdir() if p.is_file() and p.name != CONFIG_FILE}
-    return _Upload(json_format.MessageToJson(config), files)
 
 
 def create(settings: RuntimeSettings) -> TritonRuntime:

@@ -24,9 +24,10 @@ from meshnode.runtimes.base import CallerMetadata, TensorSpec
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
 from meshnode.state.registry import Registry
-from meshnode.storage.repository import list_versions
+from meshnode.storage.repository import available_versions
 from meshpb import pb
-from router.errors import Overloaded
+from placement.types import LOADED
+from router.errors import MeshError, Overloaded
 from router.hop import PARAMETER_KEY, Hop
 from router.router import Router
 
@@ -137,9 +138,13 @@ class DataPlane:
         record = self._registry.get(name)
         if record is None or not record.enabled:
             return False
-        if not version and any(c["state"] == "loaded" for c in record.copies.values()):
+        if any(c["state"] == LOADED and (not version or version in c.get("versions", ()))
+               for c in record.copies.values()):
             return True
-        versions = list_versions(Path(record.storage))
+        try:
+            versions = available_versions(Path(record.storage))
+        except MeshError:  # a broken config.pbtxt: not ready, and a load would say why
+            return False
         wanted = version or (versions[-1] if versions else "")
         return wanted in versions and not self._cache.failures.active(name, wanted)
 
@@ -163,7 +168,7 @@ class DataPlane:
             loaded = entry.model
             assert loaded is not None
             record = self._registry.get(name)
-            versions = list_versions(Path(record.storage)) if record else [loaded.version]
+            versions = available_versions(Path(record.storage)) if record else [loaded.version]
             return pb.ModelMetadataResponse(
                 name=name,
                 versions=versions,

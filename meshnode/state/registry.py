@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from meshnode.etcd.store import EtcdStore
 from meshnode.state.records import JsonRecord
@@ -27,6 +27,8 @@ class Failure(TypedDict):
 class Copy(TypedDict):
     state: str  # placement.types.LOADING or LOADED
     since: float
+    # The versions held there, ascending; absent in records of older nodes and in load claims.
+    versions: NotRequired[list[str]]
 
 
 # The default of `copies.get(instance_id, NO_COPY)`: no copy there, so no state.

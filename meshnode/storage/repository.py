@@ -12,9 +12,9 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from meshnode.errors import InvalidInput, ModelNotFound
+from meshnode.storage.versions import CONFIG_FILE, read_config, served
 
 MODEL_FILENAMES = ("model.onnx",)
-CONFIG_FILE = "config.pbtxt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,11 @@ def version_files(source: ModelSource) -> list[Path]:
     directory = source.directory
     if source.model_file.parent != directory or not directory.name.isdigit():
         return [source.model_file]
+    return directory_files(directory)
+
+
+def directory_files(directory: Path) -> list[Path]:
+    """Every file of a version directory's tree, sorted."""
     # The Python backend compiles model.py into __pycache__ beside it: Triton's output, not the model's.
     return [p for p in sorted(directory.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
 
@@ -98,20 +103,24 @@ def _version_dirs(model_dir: Path) -> dict[str, Path]:
     return {c.name: c for c in children if c.is_dir() and c.name.isdigit()}
 
 
-def list_versions(storage: Path) -> list[str]:
-    """Numeric versions in ascending order; a single model file is version 1."""
+def available_versions(storage: Path) -> list[str]:
+    """The versions the model's version_policy serves, ascending; a single model file is version 1.
+
+    Raises LoadFailed when the model's config.pbtxt is broken."""
     if storage.is_file():
         return ["1"]
-    return sorted(_version_dirs(storage), key=int)
+    present = sorted(_version_dirs(storage), key=int)
+    return served(read_config(storage).version_policy, present) if present else []
 
 
 def model_source(name: str, storage: Path, version: str) -> ModelSource:
-    """The files of one version; version '' means the latest. Raises ModelNotFound."""
+    """The files of one version; version '' means the newest the policy serves. Raises ModelNotFound for a
+    version the policy does not serve, as Triton does."""
     if storage.is_file():
         if version not in ("", "1"):
             raise ModelNotFound.no_version(name, version)
         return ModelSource(name, "1", storage.parent, storage)
-    versions = list_versions(storage)
+    versions = available_versions(storage)
     if not versions:
         raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
     chosen = version or versions[-1]

@@ -23,6 +23,12 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     write_mlp(root, "mlp", approx_bytes=200_000)
     write_mlp(root, "mlp", version=2, approx_bytes=200_000, seed=1)
+    # Both versions served, as Triton would with this config (its default serves only the latest).
+    (root / "mlp" / "config.pbtxt").write_text('name: "mlp"\nplatform: "onnxruntime_onnx"\n'
+                                                'version_policy: { all { } }\n')
+    for version in (1, 2, 3):
+        write_add_sub(root, "picked", version, width=version)
+    (root / "picked" / "config.pbtxt").write_text("version_policy: { specific { versions: [1, 3] } }\n")
     write_add_sub(root, "simple")
     for datatype in DATATYPES:
         write_identity(root, f"id_{datatype.lower()}", datatype)

@@ -41,6 +41,28 @@ def test_mlp_answers_match_numpy_for_latest_and_pinned_versions(
     assert meta["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": ["-1", "16"]}]
 
 
+def test_only_the_versions_the_policy_serves_answer_and_the_newest_of_them_by_default(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    # Version N of 'picked' takes tensors of width N: the answer's shape says which version ran.
+    def run(version: str) -> tuple[int, ...]:
+        width = int(version or "3")
+        inputs = [grpcclient.InferInput(f"INPUT{i}", [1, width], "FP32") for i in (0, 1)]
+        for tensor in inputs:
+            tensor.set_data_from_numpy(np.ones((1, width), np.float32))
+        answer = client.infer("picked", inputs, model_version=version)
+        assert answer.get_response().model_version == (version or "3")
+        return tuple(answer.as_numpy("OUTPUT0").shape)
+
+    assert run("") == (1, 3) and run("1") == (1, 1) and run("3") == (1, 3)
+    with pytest.raises(InferenceServerException) as err:
+        run("2")  # on disk, but not served by the policy
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    assert "'picked' version 2 is not found" in (err.value.message() or "")
+    assert client.get_model_metadata("picked", as_json=True)["versions"] == ["1", "3"]
+    assert not client.is_model_ready("picked", "2") and client.is_model_ready("picked", "1")
+
+
 def test_unknown_version_is_not_found(client: grpcclient.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException) as err:
         infer_mlp(client, np.zeros((1, 16), np.float32), "7")

@@ -25,6 +25,10 @@ WIDTH = 4
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("triton-direct")
     write_python_add_sub(root, "add", width=WIDTH)
+    for version in (1, 2):
+        pair = write_python_add_sub(root, "pair", version=version, width=WIDTH)
+    with (pair / "config.pbtxt").open("a") as config:
+        config.write("version_policy: { all { } }\n")
     return root
 
 
@@ -95,6 +99,27 @@ async def test_a_reload_while_unloading_works_and_the_stale_copy_cannot_unload_i
     assert ready_in_triton(triton, "add")
     await check(new)
     await runtime.unload(new)
+
+
+def ready_versions(triton: TritonProcess, name: str) -> list[str]:
+    with grpcclient.InferenceServerClient(triton.grpc_target) as client:
+        index = client.get_model_repository_index(as_json=True).get("models", [])
+    return sorted(m["version"] for m in index if m["name"] == name and m.get("state") == "READY")
+
+
+async def test_versions_load_side_by_side_and_unload_one_at_a_time(
+    runtime: TritonRuntime, triton: TritonProcess, repo: Path,
+) -> None:
+    first = await runtime.load(model_source("pair", repo / "pair", "1"))
+    second = await runtime.load(model_source("pair", repo / "pair", "2"))
+    assert ready_versions(triton, "pair") == ["1", "2"]
+    await check(first)
+    await check(second)
+    await runtime.unload(first)
+    assert ready_versions(triton, "pair") == ["2"]
+    await check(second)  # untouched by the other version's unload
+    await runtime.unload(second)
+    assert not ready_in_triton(triton, "pair")
 
 
 async def test_storage_outside_tritons_repository_is_uploaded_under_the_models_name(

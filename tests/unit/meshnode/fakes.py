@@ -177,11 +177,13 @@ def source(name: str, version: str = "1") -> ModelSource:
 
 
 def write_model(root: Path, name: str, versions: Iterable[str] = ("1",), content: bytes = b"onnx") -> Path:
-    """A Triton-layout model directory ROOT/NAME/VERSION/model.onnx; returns ROOT/NAME."""
+    """A Triton-layout model directory ROOT/NAME/VERSION/model.onnx serving every version written (Triton's
+    default policy would serve only the latest); returns ROOT/NAME."""
     for version in versions:
         directory = root / name / version
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "model.onnx").write_bytes(content)
+    (root / name / "config.pbtxt").write_text("version_policy: { all { } }\n")
     return root / name
 
 

@@ -234,6 +234,14 @@ def test_choose_copy_rules(
     assert choose_copy(cs, nodes=LIVE, local_outstanding=outstanding, exclude=exclude, rng=random.Random(0)) == expected
 
 
+def test_choose_copy_prefers_a_copy_holding_the_version_asked_for() -> None:
+    cs = (CopyView("a", LOADED, 1, ("1",)), CopyView("b", LOADING, 9, ("2",)), CopyView("c", LOADED, 5, ("1", "2")))
+    pick = {version: choose_copy(cs, nodes=LIVE, local_outstanding={"c": 3}, exclude=(), rng=random.Random(0),
+                                 version=version) for version in ("", "1", "2", "3")}
+    # Holding the version outranks being loaded and being idle; where none holds it, the usual rules decide.
+    assert pick == {"": "a", "1": "a", "2": "c", "3": "a"}
+
+
 def test_choose_copy_spreads_exact_ties_with_rng() -> None:
     cs = copies(("a", LOADED, 5), ("b", LOADED, 5), ("c", LOADED, 5), ("d", LOADED, 1), ("busy", LOADED, 5))
     busy_d = {"d": 1}

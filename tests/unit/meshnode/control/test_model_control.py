@@ -40,9 +40,9 @@ def elsewhere(tmp_path: Path, name: str, versions: tuple[str, ...] = ("1",)) -> 
 
 
 async def test_uploaded_files_are_stored_in_the_repository_registered_and_loaded_here(node: NodeParts) -> None:
-    await node.control.load(Registration("up", files={"1/model.onnx": b"weights", "config.pbtxt": b"cfg"}))
+    await node.control.load(Registration("up", files={"1/model.onnx": b"weights", "config.pbtxt": b'name: "up"'}))
     assert (node.repository / "up" / "1" / "model.onnx").read_bytes() == b"weights"
-    assert (node.repository / "up" / "config.pbtxt").read_bytes() == b"cfg"
+    assert (node.repository / "up" / "config.pbtxt").read_bytes() == b'name: "up"'
     record = node.record("up")
     assert (record.storage, record.runtime, record.enabled, record.size_hint) == \
         (str(node.repository.resolve() / "up"), "onnxruntime", True, None)

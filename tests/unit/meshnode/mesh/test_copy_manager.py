@@ -55,8 +55,8 @@ async def test_add_copies_claims_copies_on_nodes_placement_chooses_then_has_them
     await held_here(node, "a")
     assert await node.copies.add_copies("a", 2, budget_s=5.0) == (2, [])
     assert sorted(node.peers.loads) == [("n2", "a"), ("n3", "a")]
-    assert node.record("a").copies == {ME: Copy(state=LOADED, since=NOW), "n2": Copy(state=LOADING, since=NOW),
-                                       "n3": Copy(state=LOADING, since=NOW)}
+    assert node.record("a").copies == {ME: Copy(state=LOADED, since=NOW, versions=["1"]),
+                                       "n2": Copy(state=LOADING, since=NOW), "n3": Copy(state=LOADING, since=NOW)}
 
 
 async def test_holders_adding_at_once_converge_on_the_wanted_count(make: Make) -> None:
@@ -189,7 +189,7 @@ async def test_a_registered_model_without_a_copy_is_loaded_into_free_space_here(
     await node.runtime.loads.wait_len(1)
     assert node.runtime.loads == ["b@1"]
     record = await node.recorded("b", lambda r: copy_state(r, ME) == LOADED)
-    assert record.copies == {ME: Copy(state=LOADED, since=NOW)}
+    assert record.copies == {ME: Copy(state=LOADED, since=NOW, versions=["1"])}
 
 
 async def test_a_proactive_load_claimed_elsewhere_first_is_left_to_that_node(make: Make) -> None:

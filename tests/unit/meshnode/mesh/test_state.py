@@ -44,6 +44,11 @@ def loaded(since: float = NOW) -> Copy:
     return Copy(state=LOADED, since=since)
 
 
+def loaded_here(since: float = NOW) -> Copy:
+    """This node's copy as it records it: with the versions it holds."""
+    return Copy(state=LOADED, since=since, versions=["1"])
+
+
 def loading(since: float = NOW) -> Copy:
     return Copy(state=LOADING, since=since)
 
@@ -149,7 +154,7 @@ async def test_a_copy_loaded_here_is_recorded_with_its_measured_size_and_last_us
     await node.register("a")
     await node.use("a")
     record = await node.recorded("a", lambda r: copy_state(r, ME) == LOADED)
-    assert record.copies == {ME: loaded()}
+    assert record.copies == {ME: loaded_here()}
     assert (record.size_bytes, record.last_used) == (140, NOW)
     await node.cache.unload_model("a")
     record = await node.recorded("a", lambda r: ME not in r.copies)
@@ -168,7 +173,7 @@ async def test_a_claimed_load_that_fails_here_becomes_a_failure_in_the_record(ma
     node.clock.advance(31.0)  # past the backoff it is tried again; a load that works clears the failure
     await node.use("bad")
     record = await node.recorded("bad", lambda r: ME not in r.failures)
-    assert (record.copies, record.failures) == ({ME: loaded(NOW + 31.0)}, {})
+    assert (record.copies, record.failures) == ({ME: loaded_here(NOW + 31.0)}, {})
 
 
 async def test_a_copy_listed_for_this_node_that_it_does_not_hold_is_removed_when_it_starts(make: Make,
@@ -190,7 +195,7 @@ async def test_copies_recorded_during_an_etcd_outage_converge_once_it_is_back(ma
     await node.use("b")
     for name in ("a", "b"):
         record = await node.recorded(name, lambda r: ME in r.copies)
-        assert record.copies == {ME: loaded()}
+        assert record.copies == {ME: loaded_here()}
 
 
 async def test_stop_ends_the_flusher_even_when_a_copy_change_arrives_as_it_stops(make: Make) -> None:
@@ -231,6 +236,6 @@ async def test_the_janitor_never_removes_this_nodes_own_copy(tmp_path: Path) -> 
         await node.recorded("a", lambda r: ME in r.copies and "n3" in r.copies)
         store.leave("n3")
         found = await node.recorded("a", lambda r: "n3" not in r.copies)
-        assert found.copies == {ME: loaded()}
+        assert found.copies == {ME: loaded_here()}
     finally:
         await node.stop()

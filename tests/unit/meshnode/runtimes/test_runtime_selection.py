@@ -13,7 +13,7 @@ from meshnode.cli.main import build_parser
 from meshnode.local.triton import TritonInstall, TritonProcessError
 from meshnode.runtimes import RUNTIMES, create_runtime
 from meshnode.runtimes.onnx import OnnxRuntime
-from meshnode.runtimes.triton import TritonRuntime, _upload
+from meshnode.runtimes.triton import TritonRuntime
 from meshnode.settings import NodeSettings
 from meshnode.storage.repository import model_source
 
@@ -57,12 +57,28 @@ def test_an_upload_carries_the_version_files_and_the_config_as_json_under_the_mo
     (storage / "labels.txt").write_text("a\nb\n")
     (storage / "3" / "__pycache__").mkdir()
     (storage / "3" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"compiled by Triton")
-    upload = _upload(model_source("served-as", storage, ""))
+    upload = TritonRuntime("127.0.0.1:1")._load_request(model_source("served-as", storage, ""), ["3"])
     assert sorted(upload.files) == ["file:3/model.py", "file:labels.txt"]
     assert upload.files["file:3/model.py"] == (storage / "3" / "model.py").read_bytes()
     config = json.loads(upload.config)
     assert config["name"] == "served-as" and config["backend"] == "python"
     assert [(i["name"], i["dims"]) for i in config["input"]] == [("INPUT0", ["-1", "8"]), ("INPUT1", ["-1", "8"])]
+    assert config["versionPolicy"] == {"specific": {"versions": ["3"]}}
+
+
+def test_versions_held_side_by_side_are_loaded_as_one_set_and_the_rest_of_the_model_dir_is_not(tmp_path: Path) -> None:
+    for version in (1, 2, 3):
+        storage = write_python_add_sub(tmp_path, "multi", version=version, width=4)
+    upload = TritonRuntime("127.0.0.1:1")._load_request(model_source("multi", storage, "3"), ["1", "3"])
+    assert sorted(upload.files) == ["file:1/model.py", "file:3/model.py"]
+    assert json.loads(upload.config)["versionPolicy"] == {"specific": {"versions": ["1", "3"]}}
+
+
+def test_a_model_in_tritons_own_repository_sends_its_config_but_no_files(tmp_path: Path) -> None:
+    storage = write_python_add_sub(tmp_path, "own", version=2, width=4)
+    upload = TritonRuntime("127.0.0.1:1", tmp_path)._load_request(model_source("own", storage, ""), ["2"])
+    assert upload.files == {}
+    assert json.loads(upload.config)["versionPolicy"] == {"specific": {"versions": ["2"]}}
 
 
 def test_a_missing_triton_install_says_how_to_get_one(tmp_path: Path) -> None:
