@@ -1,5 +1,5 @@
-"""Tasks a component starts and does not await: referenced until done, cancellable together; and
-work repeated at an interval.
+"""Tasks a component starts and does not await: referenced until done, cancellable together; work
+repeated at an interval; and the one way a component stops a task of its own (cancel_and_wait).
 
 asyncio keeps only weak references to tasks, so one nobody holds can vanish mid-run.
 """
@@ -13,6 +13,24 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it has ended, swallowing the CancelledError that ending it raises, but
+    not the caller's own: a caller cancelled while it waits (its deadline, a shutdown) is cancelled still.
+
+    `suppress(CancelledError)` around the wait cannot tell the two apart, so a stop() awaited by a task
+    being cancelled returned normally and that task ran on. The caller's own cancellation shows as its
+    `cancelling()` count growing while it waited; a caller already being cancelled when it called (a stop()
+    in a cleanup handler) is let finish its cleanup.
+    """
+    current = asyncio.current_task()
+    before = current.cancelling() if current is not None else 0
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if current is not None and current.cancelling() > before:
+        raise asyncio.CancelledError
 
 
 class BackgroundTasks:
@@ -32,9 +50,8 @@ class BackgroundTasks:
 
     async def cancel(self) -> None:
         for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            with contextlib.suppress(Exception):  # their errors are theirs to log
+                await cancel_and_wait(task)
 
 
 class Periodic:
@@ -49,9 +66,7 @@ class Periodic:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _run(self) -> None:

@@ -50,16 +50,17 @@ class ModelLost(ModelUnavailable):
 class LoadFailed(MeshError):
     """A load failed; the message names the model and the cause. Another node may succeed.
 
-    INTERNAL, as Triton answers a failed load (a broken model file, a runtime's error, a timeout); a load that
-    failed for a cause with a status a client can act on keeps that status (`because`)."""
+    INTERNAL, as Triton answers a failed load (a broken model file, a runtime's error); a load that failed for
+    a cause with a status a client can act on keeps that status (`because`)."""
 
     code = grpc.StatusCode.INTERNAL
     retry_elsewhere = True
 
     # The causes' statuses a failed load keeps: the model has no such version or is not registered
-    # (NOT_FOUND), no node has room for it (RESOURCE_EXHAUSTED), the request's fields are wrong (INVALID_ARGUMENT).
+    # (NOT_FOUND), no node has room for it (RESOURCE_EXHAUSTED), the request's fields are wrong (INVALID_ARGUMENT),
+    # the load may succeed later or elsewhere (UNAVAILABLE: it timed out, the runtime is unreachable).
     KEPT_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            grpc.StatusCode.INVALID_ARGUMENT})
+                            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE})
 
     @classmethod
     def because(cls, message: str, cause: BaseException) -> LoadFailed:

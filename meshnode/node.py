@@ -22,6 +22,7 @@ from meshnode.control.alias_retirement import Retirement
 from meshnode.control.alias_switch import AliasSwitch
 from meshnode.control.management import Management
 from meshnode.control.model_control import ModelControl
+from meshnode.control.stale_copies import StaleCopies
 from meshnode.etcd.store import EtcdStore
 from meshnode.mesh.copy_manager import CopyManager
 from meshnode.mesh.drain import hand_off
@@ -98,6 +99,7 @@ class Node:
         self.control = ModelControl(registry=self.registry, repository=ModelRepository(s.model_repository),
                                     cache=self.cache, replica=self.replica, mesh=self.mesh, aliases=self.aliases,
                                     runtime=self.runtime.name)
+        self.stale_copies = StaleCopies(registry=self.registry, cache=self.cache, background=self._background)
         self.retirement = Retirement(registry=self.registry, aliases=self.aliases,
                                      unregister=functools.partial(self.control.unload, unregister=True),
                                      grace_s=s.alias_retire_after_s)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Container
 from dataclasses import replace
 
 from meshnode.errors import Aborted, AlreadyExists, DeadlineExceeded, InvalidInput, LoadFailed, ModelNotFound
@@ -26,7 +27,7 @@ from meshnode.mesh.state import MeshState
 from meshnode.state.aliases import Aliases, AliasRecord
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.repository import check_model_name
-from placement.types import LOADED
+from placement.types import LOADED, LOADING
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ class AliasSwitch:
             revision = await self._write(replace(current, switching_to=model, last_error=None), revision)
         started = time.monotonic()
         try:
-            await self._load(model, self._loaded_copies(current.model) if current is not None else 1, budget_s)
+            await self._load(model, self._live_copies(current.model) if current is not None else 1, budget_s)
             remaining = budget_s - (time.monotonic() - started)
-            await self._registry.wait_for(model, lambda r: r is not None and self._loaded_copies(model) > 0,
+            await self._registry.wait_for(model, lambda r: r is not None and self._live_copies(model) > 0,
                                           max(0.1, min(RECORDED_WITHIN_S, remaining)))
         except (LoadFailed, DeadlineExceeded) as error:
             stays = f"alias '{alias}' stays on '{current.model}'" if current is not None else f"alias '{alias}' not set"
@@ -93,26 +94,34 @@ class AliasSwitch:
         if auto_delete:
             await self._registry.update(model, lambda r: replace(r, delete_when_unaliased=True) if r else None)
 
-    def _loaded_copies(self, model: str) -> int:
+    def _live_copies(self, model: str, states: Container[str] = (LOADED,)) -> int:
+        """The model's copies on live nodes in one of `states`, as its record says."""
         record: ModelRecord | None = self._registry.get(model)
         live = self._mesh.nodes()
         return 0 if record is None else sum(
-            1 for node, copy in record.copies.items() if copy["state"] == LOADED and node in live)
+            1 for node, copy in record.copies.items() if copy["state"] in states and node in live)
 
     async def _load(self, model: str, wanted: int, budget_s: float) -> None:
         """Load copies of `model` until `wanted` (at least one) are loaded; LoadFailed if none is."""
         wanted = max(1, wanted)
-        have = self._loaded_copies(model)
+        # A copy recorded as loading counts (a load just done here is recorded as loaded a flush later): the
+        # wait that follows _load waits for it; placing another would find no node, as it holds one already.
+        have = self._live_copies(model, (LOADED, LOADING))
         if have >= wanted:
             return
         loaded, why = await self._copies.add_copies(model, wanted - have, budget_s)
+        reasons = "; ".join(str(error) for error in why)
+        if have + loaded == 0 and not why and self._live_copies(model, (LOADED, LOADING)):
+            return  # a claim lost to a copy recorded meanwhile (a load here, recorded a flush late): it counts
         if have + loaded == 0:
-            message = f"loading '{model}' failed: {'; '.join(why) or 'no node could load it'}"
+            message = f"loading '{model}' failed: {reasons or 'no node could load it'}"
             if self._registry.get(model) is None:  # unregistered meanwhile: NOT_FOUND, not a broken model
                 raise LoadFailed.because(message, ModelNotFound(f"model '{model}' is not registered"))
-            raise LoadFailed(message)
+            # The target's load failure status, when every failed copy says the same (a broken file INTERNAL,
+            # no such version NOT_FOUND, no room RESOURCE_EXHAUSTED); INTERNAL when they differ.
+            raise LoadFailed.because(message, why[0]) if len({e.code for e in why}) == 1 else LoadFailed(message)
         if have + loaded < wanted:
-            log.warning("alias target %s has %d of %d copies: %s", model, have + loaded, wanted, "; ".join(why))
+            log.warning("alias target %s has %d of %d copies: %s", model, have + loaded, wanted, reasons)
 
     async def _write(self, record: AliasRecord, revision: int, quiet: bool = False) -> int:
         written = await self._aliases.write(replace(record, updated_at=time.time()), revision)

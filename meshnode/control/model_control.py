@@ -90,19 +90,24 @@ class ModelControl:
             raise ModelNotFound(
                 f"failed to load '{name}': not in the model repository and no storage_uri or files given")
         hint, keeping = registration.size_hint_bytes, registration.keeping()
-        replaced = existing is not None and (bool(files) or existing.storage != str(storage))
+
+        def replaces(old: ModelRecord | None) -> bool:
+            """New files or a new location: every copy loaded from the old ones is stale."""
+            return old is not None and (bool(files) or old.storage != str(storage))
 
         def register(old: ModelRecord | None) -> ModelRecord:
             if old is None:
                 return ModelRecord(name=name, storage=str(storage), size_hint=hint,
                                    **({"runtime": self._runtime} | keeping))
-            # A reload forgets failures; new files also make every copy in the mesh stale.
+            # A reload forgets failures; new files also make every copy in the mesh stale: the new generation
+            # has every node unload its copy (meshnode.control.stale_copies), and the record forgets them.
+            stale = replaces(old)
             return replace(old, storage=str(storage), enabled=True, size_hint=hint, failures={},
-                           copies={} if replaced else old.copies, size_bytes=None if replaced else old.size_bytes,
-                           **keeping)
+                           copies={} if stale else old.copies, size_bytes=None if stale else old.size_bytes,
+                           generation=old.generation + 1 if stale else old.generation, **keeping)
 
         # Triton's load is a reload: new files or a new location replace what is loaded here.
-        if replaced:
+        if replaces(existing):
             await self._cache.unload_model(name)
         self._cache.failures.clear(name)
         await self._registry.update(name, register)
@@ -124,13 +129,19 @@ class ModelControl:
         self._cache.release(entry)
 
     async def unload(self, name: str, unregister: bool = False) -> None:
-        """RepositoryModelUnload: stop serving the model here and in the mesh; with `unregister`, forget it."""
+        """RepositoryModelUnload: stop serving the model here and in the mesh; with `unregister`, forget it.
+
+        Refused while an alias points (or is switching) at it: the alias would send its requests to a model
+        that is gone. Alias retirement unregisters through here too, and only models no alias points at."""
         if self._registry.get(name) is None:
             raise ModelNotFound(f"failed to unload '{name}': model is not registered")
+        if pointing := self._aliases.pointing_at(name):
+            aliases = ", ".join(f"'{a}'" for a in pointing)
+            plural = "es" if len(pointing) > 1 else ""
+            raise FailedPrecondition(f"cannot {'unregister' if unregister else 'unload'} model '{name}': alias{plural} "
+                                     f"{aliases} point{'' if plural else 's'} at it; move or delete alias{plural} "
+                                     f"{aliases} first")
         if unregister:
-            if pointing := self._aliases.pointing_at(name):
-                raise FailedPrecondition(f"model '{name}' is the target of alias {', '.join(pointing)}: "
-                                         "point the alias elsewhere or delete it first")
             await self._registry.delete(name)
         else:
             await self._registry.update(name, lambda r: replace(r, enabled=False) if r is not None else None)

@@ -7,7 +7,6 @@ and comes back, aetcd 1.0.0 accepts new watches on that Watcher but delivers no 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +16,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from meshnode.background import cancel_and_wait
 from meshnode.etcd.types import EtcdError, EtcdUnavailable, Lease, WatchEvent, WatchResync, is_transient
 
 
@@ -157,9 +157,7 @@ class KeepAlive:
 
     async def stop(self, revoke: bool = False) -> None:
         """Stop refreshing; revoke=True also deletes the lease's keys now instead of after the TTL."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         if revoke:
             try:
                 await self._store.revoke_lease(self.lease)

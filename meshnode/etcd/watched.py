@@ -9,11 +9,11 @@ listed again and replaced outright.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from meshnode.background import cancel_and_wait
 from meshnode.errors import DeadlineExceeded
 from meshnode.etcd.store import EtcdStore, EtcdUnavailable, WatchEvent, WatchResync
 
@@ -61,9 +61,7 @@ class WatchedPrefix(Generic[T]):
 
     async def stop(self) -> None:
         if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            await cancel_and_wait(self._watch)
             self._watch = None
 
     def apply(self, key: str, value: T | None, revision: int) -> None:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from meshnode.background import BackgroundTasks, Periodic
+from meshnode.errors import ModelNotFound, ModelUnavailable
 from meshnode.etcd.types import EtcdError
 from meshnode.mesh.state import MeshState
 from meshnode.net.peers import GrpcPeers
@@ -28,7 +29,7 @@ from meshnode.storage.repository import model_source
 from placement.copies import CopyConfig, CopyLoad, plan_copy_changes, plan_proactive_loads
 from placement.policy import active_failures, choose_load_target, load_exclusions
 from placement.types import LOADED, LOADING, NodeView
-from router.errors import MeshError
+from router.errors import MeshError, NoPlacement, PeerError
 
 log = logging.getLogger(__name__)
 PROACTIVE_EVERY = 6  # rounds: proactive candidates are a scan of every record, so less often
@@ -93,17 +94,19 @@ class CopyManager:
             ))
         return loads
 
-    async def add_copies(self, name: str, more: int, budget_s: float = LOAD_BUDGET_S) -> tuple[int, list[str]]:
+    async def add_copies(self, name: str, more: int,
+                         budget_s: float = LOAD_BUDGET_S) -> tuple[int, list[MeshError]]:
         """Claim up to `more` further copies on nodes placement chooses, then load them at once.
 
-        Returns how many loaded, and why the others did not (no node to place one on, a failed load).
+        Returns how many loaded, and why the others did not (no node to place one on, a failed load), each
+        with its status (a peer's load failure keeps the peer's: a broken file INTERNAL, no version NOT_FOUND).
         """
         targets: list[str] = []
-        why: list[str] = []
+        why: list[MeshError] = []
         for _ in range(more):
             view = self._mesh.model(name)
             if view is None:
-                return 0, [f"model '{name}' is not registered"]
+                return 0, [ModelNotFound(f"model '{name}' is not registered")]
             now = self._now()
             holders = frozenset(c.instance_id for c in view.copies)
             target = choose_load_target(self._mesh.nodes().values(), size_bytes=view.size_bytes, now=now,
@@ -111,8 +114,8 @@ class CopyManager:
                                         runtime=view.runtime)
             if target is None:
                 recent = "; ".join(f"{f.instance_id}: {f.message}" for f in active_failures(view, now))
-                why.append(f"no node to place a copy on (failed recently on {recent})" if recent
-                           else "no node to place a copy on")
+                why.append(NoPlacement(f"no node to place a copy on (failed recently on {recent})" if recent
+                                       else "no node to place a copy on"))
                 break
             if not await self._claim_extra(name, target, len(holders) + 1):
                 break
@@ -122,15 +125,15 @@ class CopyManager:
         loaded = results.count(None)
         return loaded, why
 
-    async def _load_on(self, name: str, target: str, budget_s: float) -> str | None:
+    async def _load_on(self, name: str, target: str, budget_s: float) -> MeshError | None:
         node = self._mesh.nodes().get(target)
         if node is None:
-            return f"{target} left the mesh"
+            return ModelUnavailable(f"{target} left the mesh")
         try:
             await self._peers.load_copy(node, name, budget_s)
         except MeshError as error:
             log.warning("copy of %s on %s failed: %s", name, target, error)
-            return f"{target}: {error}"
+            return PeerError(error.code, f"{target}: {error}", retry_elsewhere=error.retry_elsewhere)
         return None
 
     async def _claim_extra(self, name: str, target: str, wanted: int) -> bool:

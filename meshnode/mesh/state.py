@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from meshnode.background import BackgroundTasks
+from meshnode.background import BackgroundTasks, cancel_and_wait
 from meshnode.etcd.store import EtcdStore
 from meshnode.etcd.types import EtcdError
 from meshnode.etcd.watched import WatchedPrefix
@@ -68,9 +68,7 @@ class MeshState:
 
     async def stop(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await cancel_and_wait(self._flusher)
         await self._background.cancel()
         await self.instances.stop()
 

@@ -195,7 +195,7 @@ class ModelCache:
             model = await asyncio.wait_for(asyncio.shield(load), timeout_s)
         except TimeoutError:
             load.add_done_callback(self._unload_when_done)
-            self._fail(entry, LoadFailed(
+            self._fail(entry, ModelUnavailable(
                 f"loading model '{entry.name}' version {entry.version} timed out after {timeout_s:g}s"))
             return
         except MeshError as error:

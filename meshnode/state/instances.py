@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from meshnode.background import cancel_and_wait
 from meshnode.etcd.store import EtcdStore
 from meshnode.etcd.streams import KeepAlive
 from meshnode.etcd.types import EtcdError, Lease
@@ -128,9 +129,7 @@ class InstancePublisher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._keepalive is not None:
             with contextlib.suppress(EtcdError):
                 await self._keepalive.stop(revoke=True)

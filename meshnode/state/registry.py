@@ -54,6 +54,11 @@ class ModelRecord(JsonRecord):
     runtime: str = ""  # only nodes running this runtime load it ("onnxruntime", "triton"); "" for any
     # Pointed at by an alias with auto_delete: unregistered once no alias points at it any more.
     delete_when_unaliased: bool = False
+    # Bumped by a re-registration with other files or storage: a copy loaded under an older one is stale.
+    generation: int = 0
+    # The remote repository whose listing registered it (meshnode.control.repository_sync): it follows that
+    # store, unregistered once the store no longer lists it. "" for a model registered through the API.
+    origin: str = ""
     # Fields written by newer versions, kept as read so a read-modify-write here does not drop them.
     extra: dict[str, Any] = field(default_factory=dict)
 

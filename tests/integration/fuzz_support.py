@@ -5,9 +5,10 @@ Property: whatever the fields say (unicode, empty, very long, '/', '..', NUL; ne
 any JSON in `config`; any tensors), each call ends within its deadline with a status a client can act on
 (CLIENT_STATUSES: never UNKNOWN, INTERNAL or DEADLINE_EXCEEDED), and the node is still live afterwards.
 
-The one documented exception is the INTERNAL of a failed load whose cause is the model itself (LOAD_FAILED, which
-depends on the node's state), pinned, each cause as an explicit example, by the strict xfail tests at the end of
-the fuzz modules. Inputs the fuzzing found and the node now refuses with a client's status are kept as explicit
+The one documented exception is the INTERNAL of a failed load whose cause is the model itself (LOAD_FAILED: a
+broken file, a runtime's error), as Triton answers it; which requests meet it depends on the node's state, so the
+property recognises it by its message, and explicit tests in test_fuzz_management.py pin each cause's exact status
+and message. Inputs the fuzzing found and the node now refuses with a client's status are kept as explicit
 examples there too, as plain tests of that status.
 
 Fuzzing never points a model at a real directory: every storage_uri is under the module's tmp dir or resolves to
@@ -150,10 +151,10 @@ def check(rpc: Rpc, method: str, request: Any, allowed: frozenset[grpc.StatusCod
 
 
 # A load that fails answers INTERNAL (meshnode.errors.LoadFailed, as Triton answers a failed load) when its cause is
-# the model itself: a broken file, a runtime's error, a timeout. A cause with a status a client can act on keeps it
-# (LoadFailed.because): no versions or an unknown model is NOT_FOUND, too big for any node RESOURCE_EXHAUSTED.
-# The xfail tests test_load_failure_* below pin the INTERNAL causes; the fuzzing recognises them by their messages
-# (which one depends on the node's state, not only on the request) and counts them as known rather than failing.
+# the model itself: a broken file, a runtime's error. A cause with a status a client can act on keeps it
+# (LoadFailed.because): no versions or an unknown model is NOT_FOUND, too big for any node RESOURCE_EXHAUSTED, a load
+# that timed out UNAVAILABLE. The tests test_load_failure_* in test_fuzz_management.py pin each cause; the fuzzing
+# recognises the INTERNAL ones by their messages (which one depends on the node's state, not only on the request).
 LOAD_FAILED = re.compile(r"^(load failed for model '|no copy of model '|alias '.*' (not set|stays on '.*'): )",
                          re.DOTALL)
 
@@ -347,12 +348,6 @@ def load_request(model: str, **parameters: str | bytes | bool) -> pb.RepositoryM
     return request
 
 
-def assert_clients_status(rpc: Rpc, method: str, request: Any) -> None:
-    code, details = rpc.status(method, request)
-    rpc.assert_live(method)
-    assert code in CLIENT_STATUSES, f"{code.name}: {details[:300]}"
-
-
 def assert_status(rpc: Rpc, method: str, request: Any, expected: grpc.StatusCode, says: str) -> str:
     """The call ends with `expected`, its message matching `says`, and the node is live after it."""
     code, details = rpc.status(method, request)
@@ -362,7 +357,3 @@ def assert_status(rpc: Rpc, method: str, request: Any, expected: grpc.StatusCode
 
 
 Bad = Code.INVALID_ARGUMENT
-
-
-LOAD_FAILED_REASON = ("meshnode.errors.LoadFailed answers INTERNAL when the load failed because of the model itself, "
-                      "as Triton answers a failed load: ")

@@ -19,12 +19,10 @@ from meshnode.local.node import NodeProcess
 from meshpb import mpb, pb
 from tests.integration.fuzz_support import (
     FUZZ,
-    LOAD_FAILED_REASON,
     Bad,
     Code,
     Rpc,
     Storage,
-    assert_clients_status,
     assert_status,
     check,
     make_storage,
@@ -68,9 +66,8 @@ def test_every_management_request_ends_with_a_clients_status(
 
 
 # ---- inputs the fuzzing found: each kept as an explicit example ----------------------------------------------
-# Each once ended INTERNAL; now a client's status. The strict xfail tests are the INTERNAL of a load that failed
-# because of the model itself, as Triton answers it (LOAD_FAILED): should that change, they XPASS and fail, the cue
-# to delete their marker and LOAD_FAILED.
+# Each once ended INTERNAL; now a client's status, or (test_load_failure_*) the exact status of a failed load's cause:
+# INTERNAL for the model itself (LOAD_FAILED), as Triton answers it.
 
 
 @pytest.mark.parametrize("uri", ["{missing}/a\x00b", "file://{missing}/a%00b"], ids=["path", "file-uri"])
@@ -94,11 +91,12 @@ def test_storage_uri_with_a_too_long_name(rpc: Rpc, storage: Storage) -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason=LOAD_FAILED_REASON + "a model file ONNX Runtime cannot parse ('failed to load "
-                                       "model') is INTERNAL, as in Triton; INVALID_ARGUMENT would be the client's")
-def test_load_failure_of_a_broken_model_file(rpc: Rpc, storage: Storage) -> None:
-    assert_clients_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-broken", storage_uri=str(storage.root / "broken")))
+def test_load_failure_of_a_broken_model_file_is_internal_with_the_runtimes_reason(rpc: Rpc, storage: Storage) -> None:
+    # As Triton answers a model it cannot load: the request is well formed, the model file is not.
+    assert_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
+        name="fz-broken", storage_uri=str(storage.root / "broken")), Code.INTERNAL,
+        r"^load failed for model 'fz-broken': failed to load model 'fz-broken' version 1 from "
+        r"\S+/broken/1/model\.onnx: \[ONNXRuntimeError\] : 7 : INVALID_PROTOBUF : ")
 
 
 def test_load_failure_of_a_directory_without_versions(rpc: Rpc, storage: Storage) -> None:
@@ -113,25 +111,45 @@ def test_load_failure_of_a_model_bigger_than_any_node(rpc: Rpc, storage: Storage
         r"^load failed for model 'fz-huge': ")
 
 
+def test_load_failure_of_a_load_timing_out_is_unavailable_naming_the_model_and_its_timeout(
+        rpc: Rpc, storage: Storage) -> None:
+    # load_timeout_s=1e-300 is valid (> 0): no load is that quick. It may load in time later or on another node.
+    assert_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
+        name="fz-quick", storage_uri=storage.loadable[0], load_timeout_s=1e-300), Code.UNAVAILABLE,
+        r"^load failed for model 'fz-quick': loading model 'fz-quick' version 1 timed out after 1e-300s$")
 
-@pytest.mark.xfail(strict=True, reason=LOAD_FAILED_REASON + "load_timeout_s=1e-300 passes validation (> 0) and the "
-                                       "load's timeout is INTERNAL (meshnode.serving.cache raises LoadFailed for it; "
-                                       "Triton has no per-load timeout status to follow)")
-def test_load_failure_of_a_load_timing_out(rpc: Rpc, storage: Storage) -> None:
-    assert_clients_status(rpc, "RegisterModel", mpb.RegisterModelRequest(
-        name="fz-quick", storage_uri=storage.loadable[0], load_timeout_s=1e-300))
 
-
-@pytest.mark.xfail(strict=True, reason=LOAD_FAILED_REASON + "SetAlias to a model whose file is broken answers "
-                                                            "INTERNAL ('alias ... not set: loading ... failed')")
-def test_load_failure_of_an_alias_target(rpc: Rpc, storage: Storage) -> None:
+def test_load_failure_of_an_alias_target_is_the_targets_load_failure(rpc: Rpc, storage: Storage) -> None:
     code, details = rpc.status("RegisterModel", mpb.RegisterModelRequest(
         name="fz-target", storage_uri=str(storage.root / "broken"), lazy=True))
     assert code == Code.OK, details
     try:
-        assert_clients_status(rpc, "SetAlias", mpb.SetAliasRequest(alias="fz-alias-of-broken", model="fz-target"))
+        assert_status(rpc, "SetAlias", mpb.SetAliasRequest(alias="fz-alias-of-broken", model="fz-target"),
+                      Code.INTERNAL, r"^alias 'fz-alias-of-broken' not set: loading 'fz-target' failed: (\S+): "
+                                     r"node \1: no copy of model 'fz-target' on this node: failed to load model "
+                                     r"'fz-target' version 1 from \S+/broken/1/model\.onnx: \[ONNXRuntimeError\] : 7 : "
+                                     r"INVALID_PROTOBUF : ")
     finally:
         rpc.status("UnregisterModel", mpb.UnregisterModelRequest(name="fz-target"))
+
+
+def test_a_model_an_alias_points_at_is_neither_unloaded_nor_unregistered(rpc: Rpc, storage: Storage) -> None:
+    registration = mpb.RegisterModelRequest(name="fz-aimed", storage_uri=storage.loadable[0])
+    code, details = rpc.status("RegisterModel", registration)
+    assert code == Code.OK, details
+    code, details = rpc.status("SetAlias", mpb.SetAliasRequest(alias="fz-front", model="fz-aimed"))
+    assert code == Code.OK, details
+    try:
+        for method, request, verb in (
+                ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="fz-aimed"), "unload"),
+                ("UnregisterModel", mpb.UnregisterModelRequest(name="fz-aimed"), "unregister")):
+            assert_status(rpc, method, request, Code.FAILED_PRECONDITION,
+                          rf"^cannot {verb} model 'fz-aimed': alias 'fz-front' points at it; move or delete alias "
+                          r"'fz-front' first$")
+        assert rpc("ModelReady", pb.ModelReadyRequest(name="fz-front")).ready
+    finally:
+        rpc.status("DeleteAlias", mpb.DeleteAliasRequest(alias="fz-front"))
+    assert rpc.status("UnregisterModel", mpb.UnregisterModelRequest(name="fz-aimed")) == (Code.OK, "")
 
 
 @pytest.mark.parametrize("method", ["GetModelStatus", "ModelInfer"])

@@ -89,9 +89,7 @@ def test_the_node_served_a_real_model_after_the_fuzzing(rpc: Rpc) -> None:
 
 
 # ---- inputs the fuzzing found: each kept as an explicit example ----------------------------------------------
-# Each once ended INTERNAL; now a client's status. The strict xfail tests are the INTERNAL of a load that failed
-# because of the model itself, as Triton answers it (LOAD_FAILED): should that change, they XPASS and fail, the cue
-# to delete their marker and LOAD_FAILED.
+# Each once ended INTERNAL; now a client's status.
 
 
 def test_config_nested_too_deep(rpc: Rpc) -> None:

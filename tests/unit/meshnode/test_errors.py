@@ -5,7 +5,14 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from meshnode.errors import DeadlineExceeded, InvalidInput, LoadFailed, ModelNotFound, ResourceExhausted
+from meshnode.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    LoadFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    ResourceExhausted,
+)
 from router.errors import MeshError, NoPlacement, PeerError
 
 Code = grpc.StatusCode
@@ -19,7 +26,8 @@ Code = grpc.StatusCode
     (PeerError(Code.NOT_FOUND, "node n2: gone", retry_elsewhere=False), Code.NOT_FOUND, False),
     (LoadFailed("model file is corrupt"), Code.INTERNAL, True),  # Triton's answer to a failed load
     (DeadlineExceeded("timed out"), Code.INTERNAL, True),
-    (PeerError(Code.UNAVAILABLE, "node n2: unreachable", retry_elsewhere=True), Code.INTERNAL, True),
+    (PeerError(Code.UNAVAILABLE, "node n2: unreachable", retry_elsewhere=True), Code.UNAVAILABLE, True),
+    (ModelUnavailable("load timed out"), Code.UNAVAILABLE, True),
     (ValueError("a bug"), Code.INTERNAL, True),
 ])
 def test_a_failed_load_keeps_its_causes_status_only_when_a_client_can_act_on_it(

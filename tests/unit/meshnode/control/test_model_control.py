@@ -189,18 +189,35 @@ async def test_unregister_forgets_the_model(node: NodeParts) -> None:
     assert node.runtime.unloads == ["m@1"]
 
 
+@pytest.mark.parametrize("unregister", [False, True], ids=["unload", "unregister"])
 @pytest.mark.parametrize("alias", [AliasRecord(alias="front", model="m"),
-                                   AliasRecord(alias="front", model="other", switching_to="m")])
-async def test_a_model_an_alias_points_or_switches_to_cannot_be_unregistered(node: NodeParts,
-                                                                             alias: AliasRecord) -> None:
+                                   AliasRecord(alias="front", model="other", switching_to="m")],
+                         ids=["points", "switches"])
+async def test_a_model_an_alias_points_or_switches_to_can_be_neither_unloaded_nor_unregistered(
+        node: NodeParts, alias: AliasRecord, unregister: bool) -> None:
     await node.register("m")
     await node.use("m")
     assert await node.aliases.write(alias, 0) is not None
     with pytest.raises(FailedPrecondition) as raised:
-        await node.control.unload("m", unregister=True)
-    assert str(raised.value) == ("model 'm' is the target of alias front: point the alias elsewhere or delete it "
-                                 "first")
+        await node.control.unload("m", unregister=unregister)
+    assert str(raised.value) == (f"cannot {'unregister' if unregister else 'unload'} model 'm': alias 'front' "
+                                 "points at it; move or delete alias 'front' first")
     assert node.record("m").enabled and node.cache.has_entry("m", "") and node.runtime.unloads == []
+
+
+async def test_every_alias_of_a_model_is_named_and_once_they_moved_it_unloads(node: NodeParts) -> None:
+    await node.register("m")
+    await node.register("n")
+    for alias in ("b", "a"):
+        assert await node.aliases.write(AliasRecord(alias=alias, model="m"), 0) is not None
+    with pytest.raises(FailedPrecondition, match="^cannot unload model 'm': aliases 'a', 'b' point at it; move or "
+                                                 "delete aliases 'a', 'b' first$"):
+        await node.control.unload("m")
+    for alias in ("a", "b"):
+        _, revision = await node.aliases.read(alias)
+        assert await node.aliases.write(AliasRecord(alias=alias, model="n"), revision) is not None
+    await node.control.unload("m")
+    assert node.record("m").enabled is False
 
 
 async def test_unloading_an_unregistered_model_is_not_found(node: NodeParts) -> None:
@@ -288,3 +305,14 @@ async def test_a_model_too_big_for_any_node_fails_to_load_with_resource_exhauste
         await node.control.register(Registration("huge", storage_uri=str(elsewhere(tmp_path, "huge")),
                                                  size_hint_bytes=2**64 - 1))
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_load_that_times_out_fails_with_unavailable_naming_the_model_and_its_timeout(
+        node: NodeParts, tmp_path: Path) -> None:
+    node.runtime.plan("slow", LoadPlan(gate=asyncio.Event()))
+    with pytest.raises(LoadFailed, match="^load failed for model 'slow': loading model 'slow' version 1 timed out "
+                                         "after 0.05s$") as raised:
+        await node.control.register(Registration("slow", storage_uri=str(elsewhere(tmp_path, "slow")),
+                                                 load_timeout_s=0.05))
+    # It may load in time later, or on another node: a status clients retry, unlike a broken file's INTERNAL.
+    assert (raised.value.code, raised.value.retry_elsewhere) == (grpc.StatusCode.UNAVAILABLE, True)

@@ -7,10 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from meshnode.state.registry import Copy, Failure, ModelRecord
 from placement.types import LOADED, LOADING, NodeView
+from router.errors import MeshError
 from tests.unit.meshnode.fake_etcd import FakeStore
 from tests.unit.meshnode.fakes import ME, NOW, NodeParts, copy_state, node_view, peer_error
 
@@ -48,6 +50,13 @@ async def add_copy(node: NodeParts, name: str, instance_id: str, state: str = LO
 
 
 # -- adding copies --------------------------------------------------------------------------------------
+RESOURCE_EXHAUSTED, NOT_FOUND = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND
+
+
+def said(added: tuple[int, list[MeshError]]) -> tuple[int, list[tuple[grpc.StatusCode, str]]]:
+    """add_copies' answer as (loaded, [(status, message) of each copy that did not load])."""
+    return added[0], [(error.code, str(error)) for error in added[1]]
+
 
 
 async def test_add_copies_claims_copies_on_nodes_placement_chooses_then_has_them_loaded(make: Make) -> None:
@@ -73,23 +82,23 @@ async def test_holders_adding_at_once_converge_on_the_wanted_count(make: Make) -
 async def test_add_copies_says_why_when_no_node_can_take_a_copy(make: Make) -> None:
     node = await make(node_view(ME), node_view("n2", shutting_down=True))
     await held_here(node, "a")
-    assert await node.copies.add_copies("a", 1) == (0, ["no node to place a copy on"])
-    assert await node.copies.add_copies("ghost", 1) == (0, ["model 'ghost' is not registered"])
+    assert said(await node.copies.add_copies("a", 1)) == (0, [(RESOURCE_EXHAUSTED, "no node to place a copy on")])
+    assert said(await node.copies.add_copies("ghost", 1)) == (0, [(NOT_FOUND, "model 'ghost' is not registered")])
     assert node.peers.loads == []
 
 
 async def test_add_copies_names_the_recent_failures_that_exclude_nodes(make: Make) -> None:
     node = await make(node_view(ME), node_view("n2"))
     await held_here(node, "a", failures={"n2": Failure(at=NOW - 10.0, message="CUDA out of memory")})
-    assert await node.copies.add_copies("a", 1) == (0, ["no node to place a copy on (failed recently on n2: "
-                                                        "CUDA out of memory)"])
+    assert said(await node.copies.add_copies("a", 1)) == (0, [(RESOURCE_EXHAUSTED, "no node to place a copy on (failed "
+                                                               "recently on n2: CUDA out of memory)")])
 
 
 async def test_add_copies_reports_a_peer_that_failed_to_load(make: Make) -> None:
     node = await make(node_view(ME), node_view("n2"))
     await held_here(node, "a")
-    node.peers.load_errors["n2"] = [peer_error("n2", "disk full")]
-    assert await node.copies.add_copies("a", 1) == (0, ["n2: node n2: disk full"])
+    node.peers.load_errors["n2"] = [peer_error("n2", "disk full", NOT_FOUND)]
+    assert said(await node.copies.add_copies("a", 1)) == (0, [(NOT_FOUND, "n2: node n2: disk full")])  # the peer's
     assert node.peers.loads == [("n2", "a")]
 
 
