@@ -15,6 +15,7 @@ import socket
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from meshnode.api.access import Access, read_credentials
 from meshnode.api.inference import InferenceServicer
 from meshnode.api.management import ManagementServicer
 from meshnode.background import BackgroundTasks
@@ -23,7 +24,7 @@ from meshnode.control.alias_switch import AliasSwitch
 from meshnode.control.management import Management
 from meshnode.control.model_control import ModelControl
 from meshnode.control.stale_copies import StaleCopies
-from meshnode.etcd.store import EtcdStore
+from meshnode.etcd.store import EtcdAccess, EtcdStore
 from meshnode.mesh.copy_manager import CopyManager
 from meshnode.mesh.drain import hand_off
 from meshnode.mesh.metadata import PeerMetadata
@@ -31,6 +32,8 @@ from meshnode.mesh.runtime_health import RuntimeHealth
 from meshnode.mesh.state import MeshState
 from meshnode.net import transport
 from meshnode.net.peers import GrpcPeers
+from meshnode.net.proof import MeshProof, read_secret
+from meshnode.net.tls import ClientTls, ServerTls
 from meshnode.observability.metrics import MetricsServer, NodeMetrics, NodeState, serve_metrics
 from meshnode.observability.rates import RequestRate, Smoothed
 from meshnode.runtimes import create_runtime
@@ -77,8 +80,12 @@ class Node:
         self.registry = Registry(store)
         self.registry.add_listener(self._on_registry_change)
         self.aliases = Aliases(store)
-        # serving and the mesh
-        self.peers = GrpcPeers()
+        # serving and the mesh; peers prove membership by mutual TLS on the peer port, or else by a MeshProof
+        proof = MeshProof(read_secret(s.mesh_secret_file)) if s.mesh_secret_file is not None else None
+        self._peer_tls = (ServerTls(s.peer_cert, s.peer_key, client_ca=s.peer_ca)
+                          if s.peer_cert is not None and s.peer_key is not None and s.peer_ca is not None else None)
+        self.peers = GrpcPeers(tls=ClientTls(s.peer_ca, s.peer_cert, s.peer_key) if self._peer_tls else None,
+                               proof=None if self._peer_tls else proof)
         self.mesh = MeshState(store, self.registry, self.cache, self.runtime, self.instance_id,
                               on_node_gone=self.peers.forget)
         self.runtime_status = RuntimeStatus()
@@ -106,11 +113,19 @@ class Node:
         management = Management(registry=self.registry, control=self.control, mesh=self.mesh, aliases=self.aliases,
                                 switch=AliasSwitch(aliases=self.aliases, registry=self.registry, mesh=self.mesh,
                                                    copies=self.copies))
-        # api
+        # api: the client port, and the peer port under mutual TLS (where every caller is a mesh member)
+        self.unauthenticated = proof is None and self._peer_tls is None
+        access = Access(members=self.unauthenticated, proof=proof, require_for_infer=s.require_auth_for_infer,
+                        credentials=read_credentials(s.auth_tokens) if s.auth_tokens is not None else None)
+        inference = InferenceServicer(self.dataplane, self.control, self.metrics)
         self._server = transport.create_server()
-        transport.add_inference_service(self._server, InferenceServicer(self.dataplane, self.control).handlers())
-        transport.add_management_service(self._server, ManagementServicer(management).handlers())
+        transport.add_inference_service(self._server, access.guard(inference.handlers()))
+        transport.add_management_service(self._server, access.guard(ManagementServicer(management).handlers()))
         self._health = transport.Health(self._server)
+        self._peer_server = None
+        if self._peer_tls is not None:
+            self._peer_server = transport.create_server()
+            transport.add_inference_service(self._peer_server, Access(members=True).guard(inference.handlers()))
         self.publisher = InstancePublisher(store, self._node_view)
         self.runtime_health = RuntimeHealth(runtime=self.runtime, cache=self.cache, status=self.runtime_status,
                                             publisher=self.publisher, health=self._health)
@@ -118,6 +133,7 @@ class Node:
         self._inflight = Smoothed()
         self._draining = False
         self.port = 0
+        self.peer_port: int | None = None
         self._metrics_server: MetricsServer | None = None
 
     @property
@@ -131,8 +147,13 @@ class Node:
         await self.aliases.start()
         added = await self.control.register_repository()
         log.info("registered %d new models from %s", added, s.model_repository)
-        self.port = transport.bind(self._server, s.host, s.port)
+        client_tls = ServerTls(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
+        self.port = transport.bind(self._server, s.host, s.port, client_tls)
         await self._server.start()
+        if self._peer_server is not None:
+            self.peer_port = transport.bind(self._peer_server, s.host, s.peer_port, self._peer_tls)
+            await self._peer_server.start()
+        warn_if_open(s, self.unauthenticated)
         # Join the mesh only once this node can answer: peers route to it as soon as it is listed.
         await self.publisher.start()
         await self.mesh.start()
@@ -147,7 +168,9 @@ class Node:
     def _node_view(self) -> NodeView:
         stats = self.cache.stats()
         return NodeView(
-            instance_id=self.instance_id, endpoint=f"{self.settings.advertise_host or self.settings.host}:{self.port}",
+            instance_id=self.instance_id,
+            # Where peers reach this node: the peer port when there is one.
+            endpoint=f"{self.settings.advertise_host or self.settings.host}:{self.peer_port or self.port}",
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, model_count=stats.models_loaded,
             lru_time_s=stats.lru_time_s, request_rate=self._rate.update(self.metrics.api_requests),
             inflight=self._inflight.update(self.dataplane.inflight), loads_in_progress=stats.loads_in_progress,
@@ -184,6 +207,8 @@ class Node:
             await self.mesh.stop()
             await asyncio.sleep(LEAVE_PAUSE_S)
         await self._server.stop(grace_s)
+        if self._peer_server is not None:
+            await self._peer_server.stop(grace_s)
         await self.peers.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
@@ -203,16 +228,32 @@ def copy_config(settings: NodeSettings) -> CopyConfig:
                       max_copies=settings.max_copies, cool_rate_per_copy=cool)
 
 
+def warn_if_open(s: NodeSettings, unauthenticated: bool) -> None:
+    """One line at start-up when anyone who reaches the node may steer it (plaintext stays the default)."""
+    management = "" if s.auth_tokens else "management is open to anyone who reaches its port (set --auth-tokens)"
+    if unauthenticated:
+        log.warning("this node is unauthenticated: it honours hops from any caller (set --peer-cert/--peer-key/"
+                    "--peer-ca or --mesh-secret-file)%s", f"; {management}" if management else "")
+    elif management:
+        log.warning("%s", management)
+
+
+def etcd_access(s: NodeSettings) -> EtcdAccess:
+    tls = ClientTls(s.etcd_ca, s.etcd_cert, s.etcd_key) if s.etcd_ca or s.etcd_cert else None
+    return EtcdAccess(tuple(s.etcd_endpoints()), tls, s.etcd_user, s.etcd_password_value())
+
+
 async def run_node(settings: NodeSettings) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    node = Node(settings, await EtcdStore.connect(settings.etcd, settings.etcd_prefix))
+    node = Node(settings, await EtcdStore.connect(etcd_access(settings), settings.etcd_prefix))
     await node.start()
     metrics = f" metrics={settings.host}:{node.metrics_port}" if node.metrics_port is not None else ""
+    peer = f" peer={settings.host}:{node.peer_port}" if node.peer_port is not None else ""
     # Launchers (tests, `meshserve local`) read the bound ports from this line.
-    print(f"{READY_LINE} grpc={settings.host}:{node.port}{metrics} instance={node.instance_id}", flush=True)
+    print(f"{READY_LINE} grpc={settings.host}:{node.port}{metrics} instance={node.instance_id}{peer}", flush=True)
     await stopping.wait()
     log.info("stopping")
     await node.stop()

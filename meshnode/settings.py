@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from meshnode.runtimes import RUNTIMES
@@ -34,8 +34,29 @@ ByteSize = Annotated[int, BeforeValidator(parse_size)]
 class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="forbid")
 
-    etcd: str = Field(description="etcd endpoint HOST:PORT")
+    etcd: str = Field(description="etcd endpoints HOST:PORT[,HOST:PORT...]")
     etcd_prefix: str = "meshserve"
+    # etcd over TLS (CA of etcd's server certificate; a client certificate with --client-cert-auth) and auth.
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    etcd_user: str | None = None
+    etcd_password_file: Path | None = None
+    # Only from the environment (MESHSERVE_ETCD_PASSWORD): a flag's value shows in `ps`.
+    etcd_password: SecretStr | None = None
+    # TLS on the client port (inference and management); with tls_client_ca, clients need a certificate.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Mutual TLS between peers, on a port of its own (advertised as the node's endpoint in the mesh).
+    peer_cert: Path | None = None
+    peer_key: Path | None = None
+    peer_ca: Path | None = None
+    peer_port: int = 0
+    # Without peer TLS, peers prove they are mesh members with an HMAC keyed with this file's secret.
+    mesh_secret_file: Path | None = None
+    auth_tokens: Path | None = None  # `TOKEN ROLE` per line: roles on management (api.access)
+    require_auth_for_infer: bool = False
     host: str = "127.0.0.1"
     advertise_host: str | None = None  # address peers use to reach this node; default: host
     port: int = 8033
@@ -105,6 +126,36 @@ class NodeSettings(BaseSettings):
         if value not in RUNTIMES:
             raise ValueError(f"unknown runtime {value!r}: choose one of {', '.join(RUNTIMES)}")
         return value
+
+    def etcd_endpoints(self) -> list[str]:
+        return [e.strip() for e in self.etcd.split(",") if e.strip()]
+
+    def etcd_password_value(self) -> str | None:
+        if self.etcd_password_file is not None:
+            return self.etcd_password_file.read_text().strip()
+        return self.etcd_password.get_secret_value() if self.etcd_password is not None else None
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> NodeSettings:
+        pairs = (("--tls-cert", self.tls_cert, "--tls-key", self.tls_key),
+                 ("--etcd-cert", self.etcd_cert, "--etcd-key", self.etcd_key))
+        for flag, value, other_flag, other in pairs:
+            if (value is None) != (other is None):
+                raise ValueError(f"{flag} and {other_flag} go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
+        if len({p is None for p in (self.peer_cert, self.peer_key, self.peer_ca)}) > 1:
+            raise ValueError("peer mutual TLS needs all of --peer-cert, --peer-key and --peer-ca")
+        if self.auth_tokens is not None and self.peer_cert is None and self.mesh_secret_file is None:
+            raise ValueError("--auth-tokens needs peers to prove they are mesh members (--peer-cert/--peer-key/"
+                             "--peer-ca or --mesh-secret-file): they ask each other to load copies, an admin's call")
+        if self.require_auth_for_infer and self.auth_tokens is None:
+            raise ValueError("--require-auth-for-infer needs --auth-tokens FILE")
+        if self.etcd_user is not None and self.etcd_password_file is None and self.etcd_password is None:
+            raise ValueError("--etcd-user needs a password: --etcd-password-file FILE or MESHSERVE_ETCD_PASSWORD")
+        if not self.etcd_endpoints():
+            raise ValueError("--etcd needs at least one HOST:PORT")
+        return self
 
     @model_validator(mode="after")
     def _triton_needs_url(self) -> NodeSettings:

@@ -1,16 +1,26 @@
-"""Thin gRPC handlers of Triton's inference protocol: convert, call the dataplane or model control."""
+"""Thin gRPC handlers of Triton's inference protocol: convert, call the dataplane or model control.
+
+A hop (router.hop) from a caller that did not prove it is a mesh member (api.access) is stripped here,
+before the dataplane sees it: the request then routes as a fresh client request, so a client cannot pick
+a load mode. Each stripped hop is counted (`meshserve_hops_stripped`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from meshnode.api.access import from_member
 from meshnode.api.status import maps_errors, status_of
 from meshnode.control.model_control import ModelControl
 from meshnode.control.registration import read_load, read_unregister
+from meshnode.observability.metrics import NodeMetrics
+from meshnode.runtimes.base import CallerMetadata
 from meshnode.serving.dataplane import DataPlane
 from meshpb import pb
-from router.hop import Hop
+from router.hop import HOPS_KEY, MODE_KEY, PARAMETER_KEY, TRIED_KEY, Hop
+
+_HOP_METADATA = frozenset((HOPS_KEY, TRIED_KEY, MODE_KEY))
 
 
 def _parameters(params: Any) -> dict[str, object]:
@@ -22,9 +32,27 @@ def _parameters(params: Any) -> dict[str, object]:
 
 
 class InferenceServicer:
-    def __init__(self, dataplane: DataPlane, control: ModelControl) -> None:
+    def __init__(self, dataplane: DataPlane, control: ModelControl, metrics: NodeMetrics) -> None:
         self._dataplane = dataplane
         self._control = control
+        self._metrics = metrics
+
+    def _caller_metadata(self, context: Any) -> CallerMetadata:
+        """The call's metadata as the dataplane may read it: without hop entries unless a member sent it."""
+        if from_member():
+            return context.invocation_metadata  # type: ignore[no-any-return]
+        metadata: tuple[tuple[str, Any], ...] = tuple(context.invocation_metadata() or ())
+        if not any(key in _HOP_METADATA for key, _ in metadata):
+            return context.invocation_metadata  # type: ignore[no-any-return]
+        self._metrics.hops_stripped += 1
+        kept = tuple((key, value) for key, value in metadata if key not in _HOP_METADATA)
+        return lambda: kept
+
+    def _without_forged_hop(self, request: pb.ModelInferRequest) -> pb.ModelInferRequest:
+        if PARAMETER_KEY in request.parameters and not from_member():
+            del request.parameters[PARAMETER_KEY]
+            self._metrics.hops_stripped += 1
+        return request
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {name: getattr(self, name) for name in (
@@ -47,12 +75,13 @@ class InferenceServicer:
 
     @maps_errors
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        forwarded = Hop.from_metadata(context.invocation_metadata()).hops > 0
+        forwarded = Hop.from_metadata(self._caller_metadata(context)()).hops > 0
         return await self._dataplane.model_metadata(request.name, request.version, forwarded)
 
     @maps_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._dataplane.infer(request, context.invocation_metadata, context.time_remaining)
+        return await self._dataplane.infer(self._without_forged_hop(request), self._caller_metadata(context),
+                                           context.time_remaining)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -60,8 +89,8 @@ class InferenceServicer:
         # Triton's stream semantics: an error answers that request and the stream goes on.
         async for request in requests:
             try:
-                response = await self._dataplane.infer(request, context.invocation_metadata,
-                                                        context.time_remaining)
+                response = await self._dataplane.infer(self._without_forged_hop(request),
+                                                        self._caller_metadata(context), context.time_remaining)
             except Exception as error:
                 yield pb.ModelStreamInferResponse(error_message=status_of(error)[1])
             else:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -19,6 +21,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from meshnode.net import transport
+from meshnode.net.tls import ClientTls
 from meshnode.settings import parse_size
 from meshpb import mpb
 
@@ -36,6 +39,10 @@ def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         p = parent.add_parser(name, help=text)
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"any node, HOST:PORT (default {DEFAULT_TARGET})")
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.add_argument("--token-file", help="file holding a bearer token (default: MESHSERVE_TOKEN)")
+        p.add_argument("--ca", help="CA of the node's certificate: connect over TLS")
+        p.add_argument("--cert", help="client certificate, when the node requires one (with --key)")
+        p.add_argument("--key", help="key of --cert")
         return p
 
     models = sub.add_parser("models", help="list, register, unregister, inspect models").add_subparsers(
@@ -93,8 +100,18 @@ async def _pages(call: Callable[..., Any], request: Any, field: str) -> AsyncIte
         request.page_token = response.next_page_token
 
 
+def open_channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    """The channel to --target: TLS with --ca (--cert/--key: a client certificate), a bearer token if given."""
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("MESHSERVE_TOKEN")
+    entries = (("authorization", f"Bearer {token}"),) if token else ()
+    tls = None
+    if args.ca or args.cert:
+        tls = ClientTls(*(Path(p) if p else None for p in (args.ca, args.cert, args.key)))
+    return transport.create_channel(args.target, tls, (lambda: entries) if entries else None)
+
+
 async def _call(args: argparse.Namespace) -> Result:
-    async with transport.create_channel(args.target) as channel:
+    async with open_channel(args) as channel:
         stub = transport.ManagementStub(channel)
         kind, action = args.command, getattr(args, "action", "")
         if kind == "nodes":

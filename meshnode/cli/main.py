@@ -16,8 +16,9 @@ from meshnode.settings import NodeSettings, parse_size
 def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node = sub.add_parser("node", help="run a mesh node (every flag also reads MESHSERVE_<FLAG>)")
     # Defaults are None so that an unset flag leaves the environment variable or default in force.
-    node.add_argument("--etcd", help="etcd endpoint HOST:PORT (MESHSERVE_ETCD)")
+    node.add_argument("--etcd", help="etcd endpoints HOST:PORT[,HOST:PORT...], tried in turn (MESHSERVE_ETCD)")
     node.add_argument("--etcd-prefix", help="key prefix in etcd (default meshserve)")
+    _security_flags(node)
     node.add_argument("--host", help="address to bind (default 127.0.0.1)")
     node.add_argument("--port", type=int, help="gRPC port (default 8033; 0 picks a free one)")
     node.add_argument("--model-repository", help="Triton-layout model repository directory")
@@ -52,6 +53,27 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                       help="Triton's --model-repository: its models load by name, others are uploaded")
 
 
+def _security_flags(node: argparse.ArgumentParser) -> None:
+    node.add_argument("--etcd-ca", help="CA of etcd's server certificate: talk to etcd over TLS")
+    node.add_argument("--etcd-cert", help="client certificate for etcd (with --etcd-key)")
+    node.add_argument("--etcd-key", help="key of --etcd-cert")
+    node.add_argument("--etcd-user", help="etcd user; its password from --etcd-password-file or "
+                                          "MESHSERVE_ETCD_PASSWORD (never a flag)")
+    node.add_argument("--etcd-password-file", help="file holding the etcd user's password")
+    node.add_argument("--tls-cert", help="certificate of the client port (inference, management): TLS")
+    node.add_argument("--tls-key", help="key of --tls-cert")
+    node.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
+    node.add_argument("--peer-cert", help="this node's certificate towards peers (mutual TLS between nodes)")
+    node.add_argument("--peer-key", help="key of --peer-cert")
+    node.add_argument("--peer-ca", help="the mesh CA: peers must present a certificate it signed")
+    node.add_argument("--peer-port", type=int, help="port for peers under mutual TLS (default 0: a free one)")
+    node.add_argument("--mesh-secret-file", help="without peer TLS: peers prove membership with an HMAC keyed "
+                                                 "with this secret, so only they may send a hop")
+    node.add_argument("--auth-tokens", help="file of `TOKEN ROLE` lines (roles reader, admin) for management")
+    node.add_argument("--require-auth-for-infer", action="store_const", const=True,
+                      help="inference also needs a token (any role)")
+
+
 def _local_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     local = sub.add_parser("local", help="start an etcd and N nodes on loopback for development")
     local.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
@@ -60,6 +82,8 @@ def _local_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     local.add_argument("--capacity", default="1GiB", help="each node's capacity (default 1GiB)")
     local.add_argument("--triton", action="store_true",
                        help="run each node beside a Triton server of its own (`make triton` installs it)")
+    local.add_argument("--tls", action="store_true",
+                       help="generate a throwaway CA and certificates: mutual TLS between peers, TLS for clients")
 
 
 def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -100,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from meshnode.local.mesh import run_local
 
-        return run_local(args.nodes, Path(args.model_repository), args.port, args.capacity, args.triton)
+        return run_local(args.nodes, Path(args.model_repository), args.port, args.capacity, args.triton, args.tls)
     return run_admin_command(args)
 
 

@@ -1,5 +1,7 @@
 """The etcd client the node uses: a store with compare-and-set writes and bounded retries, the watch
-and lease keep-alive streams, and watched prefixes (a dict kept current by a watch).
+and lease keep-alive streams, watched prefixes (a dict kept current by a watch), and the connection
+(endpoints with fail-over, TLS, authentication).
 
-Knows keys and bytes, not records. May import only errors (and the router's error root through it).
+Knows keys and bytes, not records. May import only errors and net (the channel), and the router's error
+root through errors.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -22,6 +21,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from meshnode.etcd.connection import Connection, EtcdAccess
 from meshnode.etcd.streams import KeepAlive, watch_prefix
 from meshnode.etcd.types import (
     Entry,
@@ -31,13 +31,11 @@ from meshnode.etcd.types import (
     Lease,
     WatchEvent,
     WatchResync,
-    grpc_status,
-    is_transient,
 )
 
 # Re-exported: callers import the whole etcd layer from this module.
 __all__ = ["Entry", "EtcdConflict", "EtcdError", "EtcdStore", "EtcdUnavailable", "KeepAlive"]
-__all__ += ["Lease", "WatchEvent", "WatchResync"]
+__all__ += ["EtcdAccess", "Lease", "WatchEvent", "WatchResync"]
 
 T = TypeVar("T")
 
@@ -70,11 +68,12 @@ def encode(value: object) -> bytes:
 class EtcdStore:
     """Keys relative to `prefix + "/"`; build with `await EtcdStore.connect(...)`."""
 
-    def __init__(self, endpoint: str, prefix: str, op_timeout: float = 2.0, retry_window: float = 5.0) -> None:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"etcd endpoint must be HOST:PORT, got {endpoint!r}")
-        self.endpoint = endpoint
+    def __init__(self, access: EtcdAccess | str, prefix: str, op_timeout: float = 2.0,
+                 retry_window: float = 5.0) -> None:
+        """access: the endpoints, TLS and user; or just "HOST:PORT[,HOST:PORT...]" in plaintext."""
+        access = EtcdAccess.plain(access) if isinstance(access, str) else access
+        self._connection = Connection(access, op_timeout, dict(_CHANNEL_OPTIONS))
+        self.endpoint = self._connection.endpoints
         self.prefix = prefix.rstrip("/")
         self.op_timeout = op_timeout
         self.retry_window = retry_window
@@ -86,12 +85,16 @@ class EtcdStore:
         # Updates of one key from this process queue here instead of racing each other in etcd:
         # compare-and-set retries are then only spent on other processes' writes.
         self._update_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._client = aetcd.Client(host=host, port=int(port), timeout=op_timeout, options=dict(_CHANNEL_OPTIONS))
+
+    @property
+    def _client(self) -> aetcd.Client:
+        return self._connection.client
 
     @classmethod
-    async def connect(cls, endpoint: str, prefix: str, op_timeout: float = 2.0, retry_window: float = 5.0) -> EtcdStore:
+    async def connect(cls, access: EtcdAccess | str, prefix: str, op_timeout: float = 2.0,
+                      retry_window: float = 5.0) -> EtcdStore:
         """Open the channel and prove etcd answers (EtcdUnavailable if not within retry_window)."""
-        store = cls(endpoint, prefix, op_timeout, retry_window)
+        store = cls(access, prefix, op_timeout, retry_window)
         try:
             await store.get("")
         except BaseException:
@@ -100,7 +103,7 @@ class EtcdStore:
         return store
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._connection.close()
 
     def full_key(self, key: str) -> bytes:
         return self._root + key.encode()
@@ -108,28 +111,24 @@ class EtcdStore:
     def relative_key(self, full: bytes) -> str:
         return full[len(self._root) :].decode()
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """What a call of our own sends: the auth token, when etcd wants one."""
+        return cast(tuple[tuple[str, str], ...] | None, self._client.metadata)
+
     async def channel(self) -> grpc.aio.Channel:
         """The client's gRPC channel, for the streaming calls in meshnode.etcd_streams."""
         await self._client.connect()
         assert self._client.channel is not None
         return cast(grpc.aio.Channel, self._client.channel)
 
+    async def lost(self, channel: grpc.aio.Channel, error: BaseException) -> None:
+        """A stream on `channel` failed with `error`: fail over, or authenticate again, as a call would."""
+        await self._connection.lost(channel, error)
+
     async def retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run op, retrying transient failures with backoff until retry_window has passed."""
-        deadline = time.monotonic() + self.retry_window
-        delay = 0.05
-        while True:
-            try:
-                return await op()
-            except (aetcd.ClientError, grpc.aio.AioRpcError) as e:
-                if not is_transient(e):
-                    raise EtcdError(f"etcd refused {what}: {e}", grpc_status(e)) from e
-                if time.monotonic() + delay > deadline:
-                    raise EtcdUnavailable(
-                        f"etcd at {self.endpoint} unavailable for {self.retry_window:g} s ({what}): {e}"
-                    ) from e
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+        return await self._connection.retrying(what, op, self.retry_window)
 
     # --- reads ---
 
@@ -171,7 +170,7 @@ class EtcdStore:
         # aetcd's get_range cannot set limit or revision, which paging needs.
         await self._client.connect()
         assert self._client.kvstub is not None
-        return await self._client.kvstub.Range(request, timeout=self.op_timeout)
+        return await self._client.kvstub.Range(request, timeout=self.op_timeout, metadata=self.metadata)
 
     # --- writes: each returns the revision it happened at, or None when it did not happen ---
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal, Protocol
@@ -17,6 +18,7 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from meshnode.background import cancel_and_wait
+from meshnode.etcd.connection import TokenRefused
 from meshnode.etcd.types import EtcdError, EtcdUnavailable, Lease, WatchEvent, WatchResync, is_transient
 
 
@@ -26,9 +28,13 @@ class StreamHost(Protocol):
 
     highest_revision: int
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None: ...
+
     def full_key(self, key: str) -> bytes: ...
     def relative_key(self, full: bytes) -> str: ...
     async def channel(self) -> grpc.aio.Channel: ...
+    async def lost(self, channel: grpc.aio.Channel, error: BaseException) -> None: ...
     async def refresh_lease(self, lease: Lease) -> int: ...
     async def grant_lease(self, ttl: int) -> Lease: ...
     async def revoke_lease(self, lease: Lease) -> None: ...
@@ -36,6 +42,16 @@ class StreamHost(Protocol):
 log = logging.getLogger(__name__)
 
 _MAX_DELAY = 1.0
+
+
+_REFUSED_TOKEN = re.compile("permission denied|invalid auth token", re.IGNORECASE)
+
+
+def _resumable(error: grpc.aio.AioRpcError) -> bool:
+    """Worth watching again: a lost connection, a token etcd forgot, or a stream reset as etcd shuts down
+    (over TLS that ends the stream INTERNAL, RST_STREAM). A watch only reads: resuming it is always safe."""
+    return is_transient(error) or error.code() == grpc.StatusCode.UNAUTHENTICATED or (
+        error.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (error.details() or ""))
 
 
 class _StreamEnded(Exception):
@@ -53,10 +69,12 @@ async def watch_prefix(store: StreamHost, key_prefix: str, start_revision: int) 
     next_revision = start_revision
     delay = 0.05
     down_since: float | None = None
+    token_retried = False
     while True:
-        call = None
+        call = channel = None
         try:
-            call = rpc.WatchStub(await store.channel()).Watch()
+            channel = await store.channel()
+            call = rpc.WatchStub(channel).Watch(metadata=store.metadata)
             create.start_revision = next_revision
             # Taken before the request goes out: etcd had applied every revision seen so far
             # before it creates the watch, so its current revision cannot be lower.
@@ -72,6 +90,11 @@ async def watch_prefix(store: StreamHost, key_prefix: str, start_revision: int) 
                         f"{resp.compact_revision} compacted, needed {next_revision}"
                     )
                 if resp.canceled:
+                    if _REFUSED_TOKEN.search(resp.cancel_reason) and not token_retried:
+                        # After a restart etcd forgot our token and says so this way to a watch (permission
+                        # denied, or invalid auth token): once per token, authenticate again and watch again.
+                        token_retried = True
+                        raise TokenRefused(resp.cancel_reason)
                     raise WatchResync(f"watch on {key_prefix} canceled by etcd: {resp.cancel_reason}")
                 if resp.created:
                     if resp.header.revision < seen:
@@ -95,13 +118,19 @@ async def watch_prefix(store: StreamHost, key_prefix: str, start_revision: int) 
                     # past it and not from a revision etcd may have compacted meanwhile.
                     next_revision = max(next_revision, resp.header.revision + 1)
                     continue
+                token_retried = False
                 for ev in resp.events:
                     next_revision = ev.kv.mod_revision + 1
                     kind: Literal["put", "delete"] = "delete" if ev.type == rpc.Event.DELETE else "put"
                     yield WatchEvent(kind, store.relative_key(ev.kv.key), ev.kv.value, ev.kv.mod_revision)
-        except (_StreamEnded, grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-            if isinstance(e, grpc.aio.AioRpcError) and not is_transient(e):
-                raise EtcdError(f"etcd refused the watch on {key_prefix}: {e.details()}", e.code()) from e
+        except (_StreamEnded, grpc.aio.AioRpcError, asyncio.InvalidStateError, TokenRefused) as e:
+            if isinstance(e, TokenRefused) and channel is not None:
+                await store.lost(channel, e)
+            if isinstance(e, grpc.aio.AioRpcError):
+                if channel is not None:
+                    await store.lost(channel, e)
+                if not _resumable(e):
+                    raise EtcdError(f"etcd refused the watch on {key_prefix}: {e.details()}", e.code()) from e
             if down_since is None:
                 down_since = time.monotonic()
                 log.warning(

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from meshnode.local.process import HOST, LaunchError, ServerProcess
@@ -32,6 +34,15 @@ def _find_binary() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """etcd's server certificate, and the CA its clients' certificates must come from (--client-cert-auth)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
 class EtcdProcess(ServerProcess):
     """One etcd server process; `start()` returns it ready to serve client requests."""
 
@@ -39,8 +50,11 @@ class EtcdProcess(ServerProcess):
     ERROR = EtcdProcessError
     TAIL_LINES = 20
 
-    def __init__(self, binary: str, root: Path, owns_root: bool, client_port: int, peer_port: int) -> None:
+    def __init__(self, binary: str, root: Path, owns_root: bool, client_port: int, peer_port: int,
+                 health_port: int | None = None, tls: EtcdTls | None = None) -> None:
         super().__init__()
+        self.tls = tls
+        self._health_port = health_port  # with TLS: /health in plaintext on a port of its own
         self._binary = binary
         self.data_dir = root
         self._owns_root = owns_root
@@ -61,8 +75,11 @@ class EtcdProcess(ServerProcess):
         return self.endpoint
 
     @classmethod
-    def start(cls, data_dir: Path | None = None, ready_timeout: float = 10.0) -> EtcdProcess:
-        """Start etcd on free loopback ports; data_dir (kept on stop) or a temp dir (removed on stop)."""
+    def start(cls, data_dir: Path | None = None, ready_timeout: float = 10.0, tls: EtcdTls | None = None
+              ) -> EtcdProcess:
+        """Start etcd on free loopback ports; data_dir (kept on stop) or a temp dir (removed on stop).
+
+        tls: clients connect over TLS and must present a certificate signed by its client_ca."""
         binary = _find_binary()
         owns_root = data_dir is None
         root = Path(tempfile.mkdtemp(prefix="meshserve-etcd-")) if data_dir is None else Path(data_dir)
@@ -74,8 +91,11 @@ class EtcdProcess(ServerProcess):
                 shutil.rmtree(root / _STORE_NAME, ignore_errors=True)
 
         try:
-            return cls._start_on_free_ports(2, lambda ports: cls(binary, root, owns_root, *ports), ready_timeout,
-                                            stop_timeout=2.0, after_failure=after_failure)
+            def make(p: list[int]) -> EtcdProcess:
+                return cls(binary, root, owns_root, p[0], p[1], p[2] if tls else None, tls)
+
+            return cls._start_on_free_ports(2 if tls is None else 3, make, ready_timeout, stop_timeout=2.0,
+                                            after_failure=after_failure)
         except BaseException:
             if owns_root:
                 shutil.rmtree(root, ignore_errors=True)
@@ -100,11 +120,32 @@ class EtcdProcess(ServerProcess):
         self._kill()
         self._cleanup(keep_data)
 
+    def enable_auth(self, password: str, timeout_s: float = 10.0) -> None:
+        """Add the root user with `password` and turn authentication on (etcdctl, as an operator would)."""
+        etcdctl = shutil.which("etcdctl")
+        if etcdctl is None:
+            raise EtcdProcessError("etcdctl not found on PATH: install the etcd-client package")
+        scheme = "https" if self.tls else "http"
+        common = [etcdctl, f"--endpoints={scheme}://{self.endpoint}"]
+        if self.tls is not None:
+            # etcd's own pair is signed by the CA it trusts for clients, as in a mesh run by one CA.
+            common += [f"--cacert={self.tls.client_ca}", f"--cert={self.tls.cert}", f"--key={self.tls.key}"]
+        for command in (["user", "add", f"root:{password}"], ["auth", "enable"]):
+            done = subprocess.run([*common, *command], capture_output=True, text=True, timeout=timeout_s,
+                                  env={**self._env(), "ETCDCTL_API": "3"})
+            if done.returncode != 0:
+                raise EtcdProcessError(f"etcdctl {command[0]} {command[1]} failed: {done.stderr.strip()}")
+
     def _args(self) -> list[str]:
-        client = f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        client = f"{scheme}://{self.host}:{self.port}"
         peer = f"http://{self.host}:{self._peer_port}"
+        secure = [] if self.tls is None else [
+            "--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
+            "--trusted-ca-file", str(self.tls.client_ca), "--client-cert-auth",
+            "--listen-metrics-urls", f"http://{self.host}:{self._health_port}"]
         return [
-            self._binary,
+            self._binary, *secure,
             "--name", "meshserve",
             "--data-dir", str(self.data_dir / _STORE_NAME),
             "--listen-client-urls", client,
@@ -123,7 +164,7 @@ class EtcdProcess(ServerProcess):
         return {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
 
     def _ready_url(self) -> str:
-        return f"http://{self.endpoint}/health"
+        return f"http://{self.host}:{self._health_port or self.port}/health"
 
     def _healthy(self, body: bytes) -> bool:
         return bool(json.loads(body).get("health") == "true")  # "false" while there is no leader yet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import signal
 import tempfile
 import threading
@@ -9,7 +10,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypedDict
 
-from meshnode.local.etcd import EtcdProcess
+from meshnode.local.certs import MeshCerts
+from meshnode.local.etcd import EtcdProcess, EtcdTls
 from meshnode.local.node import NodeProcess
 from meshnode.local.triton import TritonProcess
 
@@ -25,8 +27,11 @@ class _StartArgs(TypedDict):
 
 class LocalMesh:
     def __init__(self, etcd: EtcdProcess, nodes: list[NodeProcess], log_dir: Path, start_args: _StartArgs,
-                 node_args: list[list[str]], tritons: list[TritonProcess]) -> None:
+                 node_args: list[list[str]], tritons: list[TritonProcess], certs: MeshCerts | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.etcd = etcd
+        self.certs = certs  # with tls: the CAs and certificates, for clients
+        self._env = env
         self.nodes = nodes
         self.log_dir = log_dir
         self.tritons = tritons  # with --runtime triton: node i's Triton
@@ -37,16 +42,32 @@ class LocalMesh:
     def start(
         cls, *, nodes: int, model_repository: Path, capacity: str = "1GiB", first_port: int = 0,
         first_metrics_port: int | None = 0, log_dir: Path | None = None, etcd_prefix: str = "meshserve",
-        extra_args: list[str] | None = None, triton: bool = False,
+        extra_args: list[str] | None = None, triton: bool = False, tls: bool = False,
+        require_client_certs: bool = False,
     ) -> LocalMesh:
         """Ports count up from first_port (0: any free ones); each node is named node-<i>.
 
         triton: each node runs beside a Triton server of its own (meshnode.local.triton) on the same
         model repository, as `--runtime triton`.
+        tls: throwaway certificates (meshnode.local.certs): mutual TLS between peers, TLS on the client ports
+        (client certificates required with require_client_certs), etcd over mutual TLS with auth enabled.
         """
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="meshserve-local-"))
         log_dir.mkdir(parents=True, exist_ok=True)
-        etcd = EtcdProcess.start()
+        certs = MeshCerts.generate(log_dir / "certs") if tls else None
+        env = None
+        if certs is not None:
+            etcd = EtcdProcess.start(tls=EtcdTls(certs.etcd.cert, certs.etcd.key, certs.mesh_ca))
+            password = secrets.token_urlsafe(16)
+            try:
+                etcd.enable_auth(password)
+            except BaseException:
+                etcd.stop()
+                raise
+            env = {"MESHSERVE_ETCD_PASSWORD": password}
+            extra_args = [*certs.node_args(require_client_certs), "--etcd-user", "root", *(extra_args or [])]
+        else:
+            etcd = EtcdProcess.start()
         common: _StartArgs = {"etcd": etcd.endpoint, "model_repository": model_repository, "capacity": capacity,
                               "etcd_prefix": etcd_prefix}
         started: list[NodeProcess] = []
@@ -62,7 +83,7 @@ class LocalMesh:
                 started.append(NodeProcess.start(
                     **common, extra_args=node_args[i], port=first_port + i if first_port else 0,
                     metrics_port=(first_metrics_port + i if first_metrics_port else first_metrics_port),
-                    instance_id=f"node-{i}", log_file=log_dir / f"node-{i}.log",
+                    instance_id=f"node-{i}", log_file=log_dir / f"node-{i}.log", env=env,
                 ))
         except BaseException:
             for node in started:
@@ -71,7 +92,7 @@ class LocalMesh:
                 server.stop()
             etcd.stop()
             raise
-        return cls(etcd, started, log_dir, common, node_args, tritons)
+        return cls(etcd, started, log_dir, common, node_args, tritons, certs, env)
 
     def restart(self, i: int) -> NodeProcess:
         """Stop node i gracefully (it drains) and start it again with the same id and ports."""
@@ -83,7 +104,7 @@ class LocalMesh:
         old = self.nodes[i]
         self.nodes[i] = NodeProcess.start(
             **self._start_args, extra_args=self._node_args[i], port=old.port, metrics_port=old.metrics_port,
-            instance_id=old.instance_id, log_file=self.log_dir / f"{old.instance_id}.log",
+            instance_id=old.instance_id, log_file=self.log_dir / f"{old.instance_id}.log", env=self._env,
         )
         return self.nodes[i]
 
@@ -97,6 +118,10 @@ class LocalMesh:
             lines.append(f"{node.instance_id:<9} {node.target}{metrics}")
         for i, server in enumerate(self.tritons):
             lines.append(f"triton-{i:<2} {server.grpc_target}  (node-{i}'s runtime)")
+        if self.certs is not None:
+            c = self.certs
+            lines.append(f"tls       clients: --ca {c.client_ca} (--cert {c.client.cert} --key {c.client.key}); "
+                         f"peers: mutual TLS with {c.mesh_ca}")
         lines.append(f"logs      {self.log_dir}")
         return "\n".join(lines)
 
@@ -114,13 +139,14 @@ class LocalMesh:
         self.stop()
 
 
-def run_local(nodes: int, model_repository: Path, port: int, capacity: str, triton: bool = False) -> int:
+def run_local(nodes: int, model_repository: Path, port: int, capacity: str, triton: bool = False,
+              tls: bool = False) -> int:
     """Start the mesh, print where it is, and stop it all on Ctrl-C or SIGTERM."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with LocalMesh.start(nodes=nodes, model_repository=model_repository, capacity=capacity, first_port=port,
-                         first_metrics_port=2112, triton=triton) as mesh:
+                         first_metrics_port=2112, triton=triton, tls=tls) as mesh:
         print(f"meshserve local: {nodes} nodes on loopback, models from {model_repository}")
         print(mesh.describe())
         print("Ctrl-C stops them all.", flush=True)

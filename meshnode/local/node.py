@@ -17,13 +17,15 @@ from pathlib import Path
 from meshnode.local.process import LaunchError, terminate
 from meshnode.node import READY_LINE
 
-_READY = re.compile(re.escape(READY_LINE) + r" grpc=(\S+):(\d+)(?: metrics=\S+:(\d+))? instance=(\S+)")
+_READY = re.compile(re.escape(READY_LINE) + r" grpc=(\S+):(\d+)(?: metrics=\S+:(\d+))? instance=(\S+)"
+                                           r"(?: peer=\S+:(\d+))?")
 
 
 class NodeProcess:
     def __init__(self, process: subprocess.Popen[str], host: str, port: int, metrics_port: int | None,
-                 instance_id: str, log_tail: deque[str]) -> None:
+                 instance_id: str, log_tail: deque[str], peer_port: int | None = None) -> None:
         self.process = process
+        self.peer_port = peer_port  # with peer mutual TLS: where peers call it
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
@@ -78,7 +80,8 @@ class NodeProcess:
             raise LaunchError("meshserve node did not become ready:\n" + "\n".join(tail))
         match = found[0]
         return cls(process, match.group(1), int(match.group(2)),
-                   int(match.group(3)) if match.group(3) else None, match.group(4), tail)
+                   int(match.group(3)) if match.group(3) else None, match.group(4), tail,
+                   int(match.group(5)) if match.group(5) else None)
 
     def log(self) -> str:
         return "\n".join(self._log_tail)

@@ -2,6 +2,9 @@
 
 A peer that fails to answer (connection refused, reset mid-request) is a suspect for a few
 seconds, so concurrent requests stop choosing it before its lease has even expired.
+
+Peers prove they are mesh members, so that the hop they send is honoured: by their certificate over
+mutual TLS (`tls`), or else by a MeshProof on each call (`proof`, with the mesh secret).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import grpc
 
 from meshnode.background import BackgroundTasks
 from meshnode.net import params, transport
+from meshnode.net.proof import MeshProof
+from meshnode.net.tls import ClientTls
 from meshpb import pb
 from placement.types import NodeView
 from router.errors import NOT_HERE_PREFIX, OVERLOADED_PREFIX, RETRY_ELSEWHERE_CODES, Overloaded, PeerError
@@ -39,7 +44,10 @@ def peer_error(peer: str, error: grpc.aio.AioRpcError, *,
 
 
 class GrpcPeers:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, tls: ClientTls | None = None,
+                 proof: MeshProof | None = None) -> None:
+        self._tls = tls
+        self._proof = proof
         self._stubs: dict[str, tuple[str, grpc.aio.Channel, transport.InferenceStub]] = {}
         self._outstanding: dict[str, int] = {}
         self._suspect_until: dict[str, float] = {}
@@ -64,7 +72,7 @@ class GrpcPeers:
         if found is None or found[0] != node.endpoint:  # new, or restarted elsewhere under its id
             if found is not None:
                 self._closing.spawn(found[1].close())
-            channel = transport.create_channel(node.endpoint)
+            channel = transport.create_channel(node.endpoint, self._tls)
             found = (node.endpoint, channel, transport.InferenceStub(channel))
             self._stubs[node.instance_id] = found
         return found[2]
@@ -75,8 +83,9 @@ class GrpcPeers:
         self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
         try:
             request.parameters[PARAMETER_KEY].string_param = hop.encode()
-            # Only trace context goes as metadata, and only when the client sent some.
-            return await self._stub(node).ModelInfer(request, timeout=budget_s, metadata=hop.propagated or None)
+            # Only trace context (when the client sent some) and the proof go as metadata.
+            return await self._stub(node).ModelInfer(request, timeout=budget_s,
+                                                     metadata=self._metadata("ModelInfer", hop.propagated))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -103,7 +112,8 @@ class GrpcPeers:
         request = pb.RepositoryModelLoadRequest(
             model_name=name, parameters={params.COPY: pb.ModelRepositoryParameter(bool_param=True)})
         try:
-            await self._stub(node).RepositoryModelLoad(request, timeout=budget_s)
+            await self._stub(node).RepositoryModelLoad(request, timeout=budget_s,
+                                                       metadata=self._metadata("RepositoryModelLoad"))
         except grpc.aio.AioRpcError as error:
             raise peer_error(node.instance_id, error) from None
 
@@ -113,7 +123,8 @@ class GrpcPeers:
         hop = Hop(hops=1, mode=Mode.COPY)
         try:
             return await self._stub(node).ModelMetadata(
-                pb.ModelMetadataRequest(name=name, version=version), timeout=budget_s, metadata=hop.to_metadata())
+                pb.ModelMetadataRequest(name=name, version=version), timeout=budget_s,
+                metadata=self._metadata("ModelMetadata", hop.to_metadata()))
         except grpc.aio.AioRpcError as error:
             # Any copy answers metadata as well as another: whatever this one said, ask the next.
             raise peer_error(node.instance_id, error, retry_elsewhere=True) from None
@@ -121,10 +132,16 @@ class GrpcPeers:
     async def ready(self, node: NodeView, budget_s: float = 2.0) -> bool:
         """Does the peer answer a readiness probe now? (before this node lets go of a copy)"""
         try:
-            reply = await self._stub(node).ServerReady(pb.ServerReadyRequest(), timeout=budget_s)
+            reply = await self._stub(node).ServerReady(pb.ServerReadyRequest(), timeout=budget_s,
+                                                       metadata=self._metadata("ServerReady"))
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.ready)
+
+    def _metadata(self, method: str, entries: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...] | None:
+        if self._proof is not None:
+            entries = (*entries, self._proof.sign(method))
+        return entries or None
 
     def forget(self, instance_id: str) -> None:
         """The peer left the mesh: close its channel once the calls still out on it have ended."""

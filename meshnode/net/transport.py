@@ -5,7 +5,7 @@ TLS/mTLS, interceptors (tracing) and message-size limits plug in here and nowher
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import grpc
@@ -14,6 +14,7 @@ from grpc.aio import StreamStreamMultiCallable, UnaryUnaryMultiCallable
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from meshnode.net.tls import ClientTls, ServerTls, channel_credentials, server_credentials
 from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MANAGEMENT_SERVICE, Methods, mpb, pb
 
 # Tensors are large and Triton sets no practical limit; 2 GiB is protobuf's own ceiling.
@@ -56,9 +57,11 @@ def create_server(interceptors: list[Any] | None = None) -> grpc.aio.Server:
     return grpc.aio.server(options=_OPTIONS, interceptors=interceptors or None)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind insecurely (TLS will be chosen here); returns the bound port, useful with port 0."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, tls: ServerTls | None = None) -> int:
+    """Bind in plaintext, or with TLS (re-read when its files change); returns the bound port (for port 0)."""
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if tls is None else server.add_secure_port(
+        address, server_credentials(tls))
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     return bound
@@ -125,8 +128,31 @@ class Health:
         await self._servicer.set(self.RUNTIME_SERVICE, status)
 
 
-def create_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=_OPTIONS)
+Extra = Callable[[], Sequence[tuple[str, str]]]
+
+
+class _AddsMetadata(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds `extra()`'s entries to every unary call's metadata (the CLI's bearer token). Streams are left out:
+    grpc.aio's intercepted streaming calls are slow to end when cancelled, and nothing needs them here."""
+
+    def __init__(self, extra: Extra) -> None:
+        self._extra = extra
+
+    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails,
+                                    request: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._extra())
+        return await continuation(grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
+                                                             details.credentials, details.wait_for_ready), request)
+
+
+def create_channel(target: str, tls: ClientTls | None = None, metadata: Extra | None = None,
+                   options: Mapping[str, Any] | None = None) -> grpc.aio.Channel:
+    """A channel in plaintext or TLS; `metadata` (called per call) adds entries to every unary call."""
+    interceptors = [_AddsMetadata(metadata)] if metadata is not None else None
+    opts = list({**dict(_OPTIONS), **(options or {})}.items())
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, channel_credentials(tls), options=opts, interceptors=interceptors)
 
 
 class Stub:

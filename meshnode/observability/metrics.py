@@ -59,6 +59,8 @@ _COUNTERS = (
     ("meshserve_requests_rejected", "requests_rejected",
      "Inference requests refused at once (RESOURCE_EXHAUSTED) because a bound of waiting or in-flight requests "
      "was reached"),
+    ("meshserve_hops_stripped", "hops_stripped",
+     "Hop parameters stripped from requests whose caller did not prove it is a mesh member"),
 )
 
 _READ_TIMEOUT_S = 5.0
@@ -160,6 +162,7 @@ class NodeMetrics:
         self.evictions = 0
         self.etcd_writes = 0  # the etcd store's count, as of the last scrape
         self.requests_rejected = 0
+        self.hops_stripped = 0  # forged or unauthenticated hops (meshnode.api.inference)
         # Requests that ran without waiting (a free run slot on a loaded copy): the queue delay histogram's
         # zeros, bumped as an int on the hit path.
         self.ran_without_waiting = 0

@@ -37,6 +37,7 @@ COUNTERS = {
     "modelmesh_evictions": "evictions",
     "meshserve_etcd_writes": "etcd_writes",
     "meshserve_requests_rejected": "requests_rejected",
+    "meshserve_hops_stripped": "hops_stripped",
 }
 GAUGES = {
     "modelmesh_instance_lru_seconds",
