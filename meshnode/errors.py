@@ -73,6 +73,19 @@ class LoadFailed(MeshError):
         return error
 
 
+class PermissionDenied(MeshError):
+    """The store refused the node's credentials for an object (bad key, no access)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class StorageUnavailable(MeshError):
+    """The model store cannot be reached now; a node that has the model on disk may still serve it."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    retry_elsewhere = True
+
+
 class ResourceExhausted(MeshError):
     """No room on this node; another node may have it."""
 

@@ -23,6 +23,7 @@ from meshnode.control.alias_retirement import Retirement
 from meshnode.control.alias_switch import AliasSwitch
 from meshnode.control.management import Management
 from meshnode.control.model_control import ModelControl
+from meshnode.control.repository_sync import RepositorySync
 from meshnode.control.stale_copies import StaleCopies
 from meshnode.etcd.store import EtcdAccess, EtcdStore
 from meshnode.mesh.copy_manager import CopyManager
@@ -45,7 +46,8 @@ from meshnode.settings import NodeSettings
 from meshnode.state.aliases import Aliases
 from meshnode.state.instances import InstancePublisher
 from meshnode.state.registry import ModelRecord, Registry
-from meshnode.storage.repository import ModelRepository
+from meshnode.storage.node_storage import open_storage
+from meshnode.storage.uris import StoreOptions
 from placement.copies import CopyConfig
 from placement.types import NodeView
 from router.router import Router
@@ -71,6 +73,11 @@ class Node:
         self._background = BackgroundTasks()
         self.metrics = NodeMetrics()
         self.runtime = create_runtime(settings)
+        self.storage = open_storage(
+            repository=s.model_repository, model_store=s.model_store, allowed=s.allowed_storage_prefixes(),
+            disk_cache=s.disk_cache, disk_cache_size=s.disk_cache_size,
+            options=StoreOptions(s3_endpoint_url=s.s3_endpoint_url, s3_region=s.s3_region,
+                                 s3_anonymous=s.s3_anonymous))
         self.cache = ModelCache(
             self.runtime, capacity_bytes=s.capacity, metrics=self.metrics, load_timeout_s=s.load_timeout_s,
             failure_backoff_s=s.load_failure_backoff_s, load_concurrency=s.load_concurrency,
@@ -90,7 +97,8 @@ class Node:
                               on_node_gone=self.peers.forget)
         self.runtime_status = RuntimeStatus()
         self.replica = LocalReplica(instance_id=self.instance_id, registry=self.registry, cache=self.cache,
-                                    runtime=self.runtime, metrics=self.metrics, status=self.runtime_status)
+                                    runtime=self.runtime, metrics=self.metrics, status=self.runtime_status,
+                                    files=self.storage.files)
         self.dataplane = DataPlane(
             replica=self.replica, router=Router(self.replica, self.mesh, self.peers), cache=self.cache,
             registry=self.registry, alias_targets=self.aliases.targets,
@@ -103,9 +111,18 @@ class Node:
             config=copy_config(s), interval_s=s.copy_check_interval_s, proactive=s.proactive_loads,
         )
         # control
-        self.control = ModelControl(registry=self.registry, repository=ModelRepository(s.model_repository),
-                                    cache=self.cache, replica=self.replica, mesh=self.mesh, aliases=self.aliases,
+        self.control = ModelControl(registry=self.registry, repository=self.storage.local_repository,
+                                    locations=self.storage.locations, cache=self.cache, replica=self.replica,
+                                    mesh=self.mesh, aliases=self.aliases,
                                     runtime=self.runtime.name)
+        # A store's repository is followed by one node for the mesh (the lowest live instance id).
+        self.repository_sync = RepositorySync(
+            repository_uri=s.model_repository, list_models=functools.partial(self.storage.store.list_models,
+                                                                             s.model_repository),
+            registry=self.registry, unregister=functools.partial(self.control.unload, unregister=True),
+            polls_here=lambda: min(self.mesh.nodes(), default=self.instance_id) >= self.instance_id,
+            runtime=self.runtime.name, interval_s=s.repository_poll_interval,
+        ) if self.storage.local_repository is None else None
         self.stale_copies = StaleCopies(registry=self.registry, cache=self.cache, background=self._background)
         self.retirement = Retirement(registry=self.registry, aliases=self.aliases,
                                      unregister=functools.partial(self.control.unload, unregister=True),
@@ -159,6 +176,8 @@ class Node:
         await self.mesh.start()
         self.copies.start()
         self.retirement.start()
+        if self.repository_sync is not None:
+            self.repository_sync.start()
         self.runtime_health.start()
         if s.metrics_port is not None:
             self._metrics_server = await serve_metrics(self.metrics, s.host, s.metrics_port, self._state)
@@ -199,6 +218,8 @@ class Node:
         if self.publisher.started:
             await self.copies.stop()
             await self.retirement.stop()
+            if self.repository_sync is not None:
+                await self.repository_sync.stop()
             await self.runtime_health.stop()
             await self.publisher.publish_now()  # placement elsewhere stops choosing this node
             moved, failed = await hand_off(self.cache, self.mesh, self.peers)
@@ -214,6 +235,7 @@ class Node:
             await self._metrics_server.close()
         await self.cache.close()
         await self.runtime.close()
+        self.storage.close()
         await self.registry.stop()
         await self.aliases.stop()
         await self._background.cancel()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
@@ -29,6 +29,8 @@ def parse_size(text: str | int) -> int:
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
+# A local path or a store's URI (meshnode.storage): a Path given in code is taken as its text.
+Location = Annotated[str, BeforeValidator(lambda value: str(value) if isinstance(value, PurePath) else value)]
 
 
 class NodeSettings(BaseSettings):
@@ -60,7 +62,21 @@ class NodeSettings(BaseSettings):
     host: str = "127.0.0.1"
     advertise_host: str | None = None  # address peers use to reach this node; default: host
     port: int = 8033
-    model_repository: Path
+    # Where models are (meshnode.storage): a Triton-layout directory, or a store's prefix (s3://bucket/models)
+    # whose listing the mesh follows, polled every repository_poll_interval seconds by one node.
+    model_repository: Location
+    repository_poll_interval: float = Field(default=30.0, gt=0)
+    model_store: Location | None = None  # where uploads go (RepositoryModelLoad file: ...); default: the repository
+    # Prefixes (paths or URIs, comma-separated) a registration's storage_uri must lie under; none: anywhere.
+    allowed_storage: str | None = None
+    # The disk tier between memory and a store: models downloaded once, kept, evicted by least recent use.
+    # Without a directory, a temporary one that lives as long as the node.
+    disk_cache: Path | None = None
+    disk_cache_size: ByteSize = Field(default=10 * 2**30, gt=0)
+    # S3-compatible stores; unset, botocore's standard AWS variables and files apply (AWS_ENDPOINT_URL, ...).
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_anonymous: bool = False
     capacity: ByteSize = Field(gt=0)
     instance_id: str | None = None
     metrics_port: int | None = 2112
@@ -126,6 +142,9 @@ class NodeSettings(BaseSettings):
         if value not in RUNTIMES:
             raise ValueError(f"unknown runtime {value!r}: choose one of {', '.join(RUNTIMES)}")
         return value
+
+    def allowed_storage_prefixes(self) -> list[str]:
+        return [p.strip() for p in (self.allowed_storage or "").split(",") if p.strip()]
 
     def etcd_endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd.split(",") if e.strip()]

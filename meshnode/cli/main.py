@@ -21,7 +21,9 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _security_flags(node)
     node.add_argument("--host", help="address to bind (default 127.0.0.1)")
     node.add_argument("--port", type=int, help="gRPC port (default 8033; 0 picks a free one)")
-    node.add_argument("--model-repository", help="Triton-layout model repository directory")
+    node.add_argument("--model-repository",
+                      help="Triton-layout model repository: a directory, or a store's prefix (s3://bucket/models)")
+    _storage_flags(node)
     node.add_argument("--capacity", help="memory for loaded models: 512MiB, 2GiB, or bytes")
     node.add_argument("--instance-id", help="this node's id in the mesh (default HOST-PID)")
     node.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 2112; 0 picks one)")
@@ -51,6 +53,20 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     node.add_argument("--triton-url", help="Triton's gRPC HOST:PORT, for --runtime triton (explicit model control)")
     node.add_argument("--triton-model-repository",
                       help="Triton's --model-repository: its models load by name, others are uploaded")
+
+
+def _storage_flags(node: argparse.ArgumentParser) -> None:
+    node.add_argument("--repository-poll-interval", type=float,
+                      help="seconds between listings of a store's repository for models added or removed (30)")
+    node.add_argument("--model-store", help="where uploaded models are written (default: --model-repository)")
+    node.add_argument("--allowed-storage",
+                      help="comma-separated path or URI prefixes a registration's storage_uri must lie under")
+    node.add_argument("--disk-cache", help="directory keeping models downloaded from stores (default: a temporary "
+                                           "one, removed when the node stops)")
+    node.add_argument("--disk-cache-size", help="most bytes the disk cache keeps: 20GiB, ... (default 10GiB)")
+    node.add_argument("--s3-endpoint-url", help="S3-compatible store's endpoint (default: AWS, or AWS_ENDPOINT_URL)")
+    node.add_argument("--s3-region", help="S3 region (default: AWS_REGION or the AWS config files)")
+    node.add_argument("--s3-anonymous", action="store_const", const=True, help="read public buckets unsigned")
 
 
 def _security_flags(node: argparse.ArgumentParser) -> None:

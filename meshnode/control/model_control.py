@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from meshnode.control.registration import CopyHere, Registration
 from meshnode.errors import (
@@ -24,7 +23,8 @@ from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
 from meshnode.state.aliases import Aliases
 from meshnode.state.registry import Copy, ModelRecord, Registry
-from meshnode.storage.repository import ModelRepository, check_model_name, resolve_storage_uri
+from meshnode.storage.locations import Locations
+from meshnode.storage.repository import ModelRepository, check_model_name
 from placement.types import LOADED, LOADING
 from router.errors import MeshError
 
@@ -41,9 +41,10 @@ class IndexEntry:
 
 class ModelControl:
     def __init__(
-        self, *, registry: Registry, repository: ModelRepository, cache: ModelCache, replica: LocalReplica,
-        mesh: MeshState, aliases: Aliases, runtime: str,
+        self, *, registry: Registry, repository: ModelRepository | None, locations: Locations, cache: ModelCache,
+        replica: LocalReplica, mesh: MeshState, aliases: Aliases, runtime: str,
     ) -> None:
+        self._locations = locations  # where registrations may point, and where uploads go
         self._runtime = runtime  # this node's: models it registers run on nodes like it unless told otherwise
         self._aliases = aliases
         self._registry = registry
@@ -54,6 +55,8 @@ class ModelControl:
 
     async def register_repository(self) -> int:
         """Register every model directory of the repository not registered yet; returns how many."""
+        if self._repository is None:
+            return 0  # a store's repository: meshnode.control.repository_sync follows its listing
         added = 0
         for name, directory in self._repository.scan().items():
             now = time.time()
@@ -79,13 +82,13 @@ class ModelControl:
         existing = self._registry.get(name)
         files = registration.files
         if files:
-            storage = self._repository.store_files(name, dict(files))
+            storage = await self._locations.upload(name, files)
         elif registration.storage_uri is not None:
-            storage = resolve_storage_uri(registration.storage_uri)
+            storage = await self._locations.resolve(registration.storage_uri)
         elif existing is not None:
-            storage = Path(existing.storage)
-        elif (found := self._repository.scan().get(name)) is not None:
-            storage = found
+            storage = existing.storage
+        elif self._repository is not None and (found := self._repository.scan().get(name)) is not None:
+            storage = str(found)
         else:
             raise ModelNotFound(
                 f"failed to load '{name}': not in the model repository and no storage_uri or files given")
@@ -93,16 +96,17 @@ class ModelControl:
 
         def replaces(old: ModelRecord | None) -> bool:
             """New files or a new location: every copy loaded from the old ones is stale."""
-            return old is not None and (bool(files) or old.storage != str(storage))
+            return old is not None and (bool(files) or old.storage != storage)
 
         def register(old: ModelRecord | None) -> ModelRecord:
             if old is None:
-                return ModelRecord(name=name, storage=str(storage), size_hint=hint,
+                return ModelRecord(name=name, storage=storage, size_hint=hint,
                                    **({"runtime": self._runtime} | keeping))
             # A reload forgets failures; new files also make every copy in the mesh stale: the new generation
             # has every node unload its copy (meshnode.control.stale_copies), and the record forgets them.
             stale = replaces(old)
-            return replace(old, storage=str(storage), enabled=True, size_hint=hint, failures={},
+            origin = old.origin if storage == old.storage else ""  # moved through the API: it stays registered
+            return replace(old, storage=storage, origin=origin, enabled=True, size_hint=hint, failures={},
                            copies={} if stale else old.copies, size_bytes=None if stale else old.size_bytes,
                            generation=old.generation + 1 if stale else old.generation, **keeping)
 

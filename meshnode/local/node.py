@@ -38,7 +38,7 @@ class NodeProcess:
 
     @classmethod
     def start(
-        cls, *, etcd: str, model_repository: Path, capacity: str | int, etcd_prefix: str = "meshserve",
+        cls, *, etcd: str, model_repository: Path | str, capacity: str | int, etcd_prefix: str = "meshserve",
         port: int = 0, metrics_port: int | None = 0, instance_id: str | None = None,
         extra_args: list[str] | None = None, env: dict[str, str] | None = None, timeout_s: float = 30.0,
         log_file: Path | None = None,

@@ -15,7 +15,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 from meshnode.background import BackgroundTasks, Periodic
 from meshnode.errors import ModelNotFound, ModelUnavailable
@@ -25,7 +24,6 @@ from meshnode.net.peers import GrpcPeers
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
 from meshnode.state.registry import NO_COPY, Copy, ModelRecord, Registry
-from meshnode.storage.repository import model_source
 from placement.copies import CopyConfig, CopyLoad, plan_copy_changes, plan_proactive_loads
 from placement.policy import active_failures, choose_load_target, load_exclusions
 from placement.types import LOADED, LOADING, NodeView
@@ -187,10 +185,12 @@ class CopyManager:
                 self._mesh.instance_id:
             return
         try:
-            source = model_source(name, Path(record.storage), "")
+            async with self._replica.source(record, "") as source:  # a store's model: on this node's disk first
+                started = self._cache.load_in_background(source, self._replica.load_options(record, source),
+                                                         evict=False)
         except MeshError:
-            return
-        if not self._cache.load_in_background(source, self._replica.load_options(record, source), evict=False):
+            started = False
+        if not started:
             self._mesh.copy_changed(name)  # the claim stays unfulfilled: let the record be corrected
 
 

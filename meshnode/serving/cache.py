@@ -91,6 +91,11 @@ class ModelCache:
             entry.drained.set()
 
     # -- miss path ------------------------------------------------------------------------
+    @property
+    def load_timeout_s(self) -> float:
+        """A load's timeout unless its model's record sets one."""
+        return self._load_timeout_s
+
     async def acquire(self, source: ModelSource, requested_version: str, options: LoadOptions) -> CachedModel:
         """The loaded entry for `source`, loading it once however many callers wait.
 

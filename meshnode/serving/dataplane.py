@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Protocol
 
 from meshnode.errors import ModelLost
@@ -24,7 +23,6 @@ from meshnode.runtimes.base import CallerMetadata, TensorSpec
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
 from meshnode.state.registry import Registry
-from meshnode.storage.repository import available_versions
 from meshpb import pb
 from placement.types import LOADED
 from router.errors import MeshError, Overloaded
@@ -142,9 +140,11 @@ class DataPlane:
                for c in record.copies.values()):
             return True
         try:
-            versions = available_versions(Path(record.storage))
+            versions = self._replica.served_versions(record)
         except MeshError:  # a broken config.pbtxt: not ready, and a load would say why
             return False
+        if versions is None:  # a store's model this node never pulled: loadable as far as it knows
+            return not self._cache.failures.active(name, version) if version else True
         wanted = version or (versions[-1] if versions else "")
         return wanted in versions and not self._cache.failures.active(name, wanted)
 
@@ -168,7 +168,7 @@ class DataPlane:
             loaded = entry.model
             assert loaded is not None
             record = self._registry.get(name)
-            versions = available_versions(Path(record.storage)) if record else [loaded.version]
+            versions = (self._replica.served_versions(record) if record else None) or [loaded.version]
             return pb.ModelMetadataResponse(
                 name=name,
                 versions=versions,

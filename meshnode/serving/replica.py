@@ -11,8 +11,9 @@ loaded, which it does not reload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 from meshnode.errors import DeadlineExceeded, ModelLost, ModelNotFound, ModelUnavailable
 from meshnode.observability.metrics import NodeMetrics
@@ -21,14 +22,16 @@ from meshnode.serving.cache import ModelCache
 from meshnode.serving.entries import CachedModel, LoadOptions
 from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.state.registry import ModelRecord, Registry
-from meshnode.storage.repository import ModelSource, model_source
+from meshnode.storage.model_files import ModelFiles
+from meshnode.storage.repository import ModelSource, available_versions, model_source
 from meshpb import pb
 
 
 class LocalReplica:
     def __init__(self, *, instance_id: str, registry: Registry, cache: ModelCache, runtime: Runtime,
-                 metrics: NodeMetrics, status: RuntimeStatus) -> None:
+                 metrics: NodeMetrics, status: RuntimeStatus, files: ModelFiles | None = None) -> None:
         self.instance_id = instance_id
+        self._files = files or ModelFiles(None)  # where a model's files are here: local, or a store's on disk
         self._status = status
         self._registry = registry
         self._records = registry.view  # the view itself (kept current in place): one dict get per request
@@ -84,8 +87,21 @@ class LocalReplica:
         if self._status.down_reason is not None:  # another node serves it (retry_elsewhere)
             raise ModelUnavailable(f"model '{name}' cannot be served on node {self.instance_id}: "
                                    f"{self._status.down_reason}")
-        source = model_source(name, Path(record.storage), version)
-        return await self._cache.acquire(source, version, self.load_options(record, source, churn_guard))
+        async with self.source(record, version) as source:
+            return await self._cache.acquire(source, version, self.load_options(record, source, churn_guard))
+
+    @contextlib.asynccontextmanager
+    async def source(self, record: ModelRecord, version: str) -> AsyncIterator[ModelSource]:
+        """The files of one version of the model here, for as long as the block runs: a store's model is
+        downloaded to this node's disk tier first (once), within the model's load timeout."""
+        async with self._files.opened(record.storage, record.load_timeout_s or self._cache.load_timeout_s) as files:
+            yield model_source(record.name, files, version)
+
+    def served_versions(self, record: ModelRecord) -> list[str] | None:
+        """The versions the model's policy serves, read from its files here; None when this node does not have
+        them (a store's model it never pulled). Raises LoadFailed for a broken config.pbtxt."""
+        files = self._files.on_disk(record.storage)
+        return available_versions(files) if files is not None else None
 
     def load_options(self, record: ModelRecord, source: ModelSource, churn_guard: bool = False) -> LoadOptions:
         return LoadOptions(predicted_bytes=record.effective_size(lambda: self._runtime.predict_size(source)),

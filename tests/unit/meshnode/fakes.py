@@ -30,7 +30,10 @@ from meshnode.serving.replica import LocalReplica
 from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.state.aliases import Aliases
 from meshnode.state.registry import ModelRecord, Registry
+from meshnode.storage.locations import Locations
+from meshnode.storage.remote import ObjectStore
 from meshnode.storage.repository import ModelRepository, ModelSource
+from meshnode.storage.uris import StoreOptions
 from meshpb import pb
 from placement.copies import CopyConfig
 from placement.types import NodeView
@@ -314,7 +317,8 @@ class NodeParts:
                                   replica=self.replica, config=copy_config or CopyConfig(), interval_s=3600.0,
                                   proactive=False, clock=self.clock, rng=random.Random(7))
         self.repository = repository
-        self.control = ModelControl(registry=self.registry, repository=ModelRepository(repository), cache=self.cache,
+        self.control = ModelControl(registry=self.registry, repository=ModelRepository(repository),
+                                    locations=Locations(ObjectStore(StoreOptions()), str(repository)), cache=self.cache,
                                     replica=self.replica, mesh=self.mesh, aliases=self.aliases,
                                     runtime=self.runtime.name)
         self._mesh_started = False
