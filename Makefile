@@ -11,9 +11,14 @@ TRITON_VENV := .triton-venv
 TRITON_SERVER := $(TRITON_VENV)/server
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: install triton demo test proto proto-check lint typecheck bench clean
+# checkov (policy checks of deploy/k8s and deploy/Dockerfile in tests/deploy) in a venv of its own: it pins
+# boto3 1.35, whose botocore s3fs's aiobotocore refuses.
+CHECKOV_VENV := .checkov-venv
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-install: $(STAMP) $(TRITON_STAMP)
+.PHONY: install triton demo test proto proto-check lint typecheck bench clean image
+
+install: $(STAMP) $(TRITON_STAMP) $(CHECKOV_STAMP)
 	@command -v etcd >/dev/null 2>&1 || { \
 	  echo "installing etcd-server from Debian"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client) >/dev/null \
@@ -26,6 +31,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 triton: $(TRITON_STAMP)
+
+$(CHECKOV_STAMP):
+	test -x $(CHECKOV_VENV)/bin/python || $(PY) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
+	touch $(CHECKOV_STAMP)
 
 # The server tree is copied out of site-packages so its backends folder can hold the one stub for this
 # Python; the stub links libpython3.11.so.1.0, which Debian's libpython3.11 provides when nothing does.
@@ -70,5 +81,18 @@ demo: install
 bench: install
 	$(BIN)/python -m bench.node_vs_floor
 
+# The node's container image (deploy/Dockerfile, deploy/README.md), with docker or else podman, whichever can
+# build here; without either it says so and builds nothing.
+IMAGE ?= meshserve:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	@# BuildKit reads deploy/Dockerfile.dockerignore by itself; podman is told.
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then engine=docker; ignore=; \
+	elif command -v podman >/dev/null 2>&1 && podman info >/dev/null 2>&1; then \
+	  engine=podman; ignore="--ignorefile deploy/Dockerfile.dockerignore"; \
+	else echo "make image: no container engine that can build here (neither docker with a running daemon nor" \
+	  "podman): image $(IMAGE) not built"; exit 0; fi; \
+	echo "building $(IMAGE) with $$engine"; \
+	$$engine build --file deploy/Dockerfile $$ignore --tag $(IMAGE) . && $$engine image ls $(IMAGE)
+
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,7 @@ import pytest
 from meshnode.local.etcd import EtcdProcess
 
 TESTS = Path(__file__).parent
-KINDS = ("unit", "integration")
+KINDS = ("unit", "integration", "deploy")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
