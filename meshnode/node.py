@@ -7,12 +7,15 @@ that follow state subscribe to it themselves (listeners), so the order below is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Container, Iterable
 from importlib.metadata import PackageNotFoundError, version
 
 from meshnode.api.access import Access, read_credentials
@@ -35,8 +38,11 @@ from meshnode.net import transport
 from meshnode.net.peers import GrpcPeers
 from meshnode.net.proof import MeshProof, read_secret
 from meshnode.net.tls import ClientTls, ServerTls
-from meshnode.observability.metrics import MetricsServer, NodeMetrics, NodeState, serve_metrics
+from meshnode.observability import logging as node_logging
+from meshnode.observability.endpoint import MetricsServer, serve_metrics
+from meshnode.observability.metrics import MeshTotals, NodeMetrics, NodeState
 from meshnode.observability.rates import RequestRate, Smoothed
+from meshnode.observability.tracing import Tracing, tracer_provider
 from meshnode.runtimes import create_runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.dataplane import DataPlane
@@ -46,10 +52,11 @@ from meshnode.settings import NodeSettings
 from meshnode.state.aliases import Aliases
 from meshnode.state.instances import InstancePublisher
 from meshnode.state.registry import ModelRecord, Registry
+from meshnode.storage.materializer import StorageStats
 from meshnode.storage.node_storage import open_storage
 from meshnode.storage.uris import StoreOptions
 from placement.copies import CopyConfig
-from placement.types import NodeView
+from placement.types import LOADED, NodeView
 from router.router import Router
 
 log = logging.getLogger("meshserve.node")
@@ -71,7 +78,11 @@ class Node:
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self._store = store
         self._background = BackgroundTasks()
-        self.metrics = NodeMetrics()
+        self.metrics = NodeMetrics(s.per_model_metrics)
+        # Tracing: on with --otlp-endpoint or the OTEL_* variables; off, no part holds a Tracing.
+        self._tracer_provider = tracer_provider(s.otlp_endpoint, os.environ, self.instance_id)
+        tracing = (Tracing(self._tracer_provider.get_tracer("meshnode"), s.advertise_host or s.host)
+                   if self._tracer_provider is not None else None)
         self.runtime = create_runtime(settings)
         self.storage = open_storage(
             repository=s.model_repository, model_store=s.model_store, allowed=s.allowed_storage_prefixes(),
@@ -82,6 +93,7 @@ class Node:
             self.runtime, capacity_bytes=s.capacity, metrics=self.metrics, load_timeout_s=s.load_timeout_s,
             failure_backoff_s=s.load_failure_backoff_s, load_concurrency=s.load_concurrency,
             churn_guard_s=s.churn_guard_s, runs_per_copy=s.runs_per_copy, max_queued=s.max_queued_per_model,
+            tracing=tracing,
         )
         # state
         self.registry = Registry(store)
@@ -92,19 +104,20 @@ class Node:
         self._peer_tls = (ServerTls(s.peer_cert, s.peer_key, client_ca=s.peer_ca)
                           if s.peer_cert is not None and s.peer_key is not None and s.peer_ca is not None else None)
         self.peers = GrpcPeers(tls=ClientTls(s.peer_ca, s.peer_cert, s.peer_key) if self._peer_tls else None,
-                               proof=None if self._peer_tls else proof)
+                               proof=None if self._peer_tls else proof,
+                               client_span=tracing.client if tracing is not None else None)
         self.mesh = MeshState(store, self.registry, self.cache, self.runtime, self.instance_id,
                               on_node_gone=self.peers.forget)
         self.runtime_status = RuntimeStatus()
         self.replica = LocalReplica(instance_id=self.instance_id, registry=self.registry, cache=self.cache,
                                     runtime=self.runtime, metrics=self.metrics, status=self.runtime_status,
-                                    files=self.storage.files)
+                                    tracing=tracing, files=self.storage.files)
         self.dataplane = DataPlane(
-            replica=self.replica, router=Router(self.replica, self.mesh, self.peers), cache=self.cache,
+            replica=self.replica, router=Router(self.replica, self.mesh, self.peers, tracer=tracing), cache=self.cache,
             registry=self.registry, alias_targets=self.aliases.targets,
             metadata_elsewhere=PeerMetadata(mesh=self.mesh, registry=self.registry, peers=self.peers,
                                             runtime=self.runtime.name),
-            metrics=self.metrics, version=software_version(), max_inflight=s.max_inflight,
+            metrics=self.metrics, version=software_version(), max_inflight=s.max_inflight, tracing=tracing,
         )
         self.copies = CopyManager(
             cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, replica=self.replica,
@@ -134,15 +147,15 @@ class Node:
         self.unauthenticated = proof is None and self._peer_tls is None
         access = Access(members=self.unauthenticated, proof=proof, require_for_infer=s.require_auth_for_infer,
                         credentials=read_credentials(s.auth_tokens) if s.auth_tokens is not None else None)
-        inference = InferenceServicer(self.dataplane, self.control, self.metrics)
+        inference = InferenceServicer(self.dataplane, self.control, self.metrics).handlers()
         self._server = transport.create_server()
-        transport.add_inference_service(self._server, access.guard(inference.handlers()))
+        transport.add_inference_service(self._server, access.guard(inference))
         transport.add_management_service(self._server, access.guard(ManagementServicer(management).handlers()))
         self._health = transport.Health(self._server)
         self._peer_server = None
         if self._peer_tls is not None:
             self._peer_server = transport.create_server()
-            transport.add_inference_service(self._peer_server, Access(members=True).guard(inference.handlers()))
+            transport.add_inference_service(self._peer_server, Access(members=True).guard(inference))
         self.publisher = InstancePublisher(store, self._node_view)
         self.runtime_health = RuntimeHealth(runtime=self.runtime, cache=self.cache, status=self.runtime_status,
                                             publisher=self.publisher, health=self._health)
@@ -199,11 +212,15 @@ class Node:
 
     def _state(self) -> NodeState:
         stats = self.cache.stats()
-        return NodeState(
+        live = self.mesh.nodes()
+        # The mesh's totals come from one node, as from ModelMesh's leader: the lowest live instance id.
+        reports = min(live, default=self.instance_id) >= self.instance_id
+        return with_storage(NodeState(
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, models_loaded=stats.models_loaded,
-            models_managed=len(self.registry.names()), models_with_failure=self.cache.failures.count(),
             lru_time_s=stats.lru_time_s, etcd_writes=self._store.writes, requests_queued=self.cache.queues.queued,
-        )
+            mesh=mesh_totals(self.registry.records(), live, time.time(), self.settings.load_failure_backoff_s)
+            if reports else None,
+        ), self.storage.files.stats())
 
     def _on_registry_change(self, name: str, record: ModelRecord | None) -> None:
         # Another node (or the CLI) unregistered or disabled the model: stop serving it here too.
@@ -240,6 +257,19 @@ class Node:
         await self.aliases.stop()
         await self._background.cancel()
         await self._store.close()
+        if self._tracer_provider is not None:
+            await asyncio.to_thread(self._tracer_provider.shutdown)  # exports the spans still batched
+
+
+def mesh_totals(records: Iterable[ModelRecord], live: Container[str], now: float,
+                failure_window_s: float) -> MeshTotals:
+    """Models with a loaded copy on a live node, with a load failure in the last `failure_window_s`, and all."""
+    loaded = failed = managed = 0
+    for record in records:
+        managed += 1
+        loaded += any(c["state"] == LOADED for c in record.live_copies(live).values())
+        failed += any(now - f["at"] < failure_window_s for f in record.failures.values())
+    return MeshTotals(models_loaded=loaded, models_with_failure=failed, models_managed=managed)
 
 
 def copy_config(settings: NodeSettings) -> CopyConfig:
@@ -260,6 +290,15 @@ def warn_if_open(s: NodeSettings, unauthenticated: bool) -> None:
         log.warning("%s", management)
 
 
+def with_storage(state: NodeState, stats: StorageStats | None) -> NodeState:
+    """The state with the disk tier's figures; as it is for a node without stores."""
+    if stats is None:
+        return state
+    return dataclasses.replace(state, storage_pulled_bytes=stats.bytes_pulled, storage_pull_seconds=stats.pull_seconds,
+                               disk_cache_hits=stats.hits, disk_cache_misses=stats.misses,
+                               disk_cache_bytes=stats.disk_bytes, disk_cache_models=stats.disk_models)
+
+
 def etcd_access(s: NodeSettings) -> EtcdAccess:
     tls = ClientTls(s.etcd_ca, s.etcd_cert, s.etcd_key) if s.etcd_ca or s.etcd_cert else None
     return EtcdAccess(tuple(s.etcd_endpoints()), tls, s.etcd_user, s.etcd_password_value())
@@ -270,6 +309,8 @@ async def run_node(settings: NodeSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR1, node_logging.more_verbose)
+    loop.add_signal_handler(signal.SIGUSR2, node_logging.less_verbose)
     node = Node(settings, await EtcdStore.connect(etcd_access(settings), settings.etcd_prefix))
     await node.start()
     metrics = f" metrics={settings.host}:{node.metrics_port}" if node.metrics_port is not None else ""
@@ -282,7 +323,6 @@ async def run_node(settings: NodeSettings) -> None:
 
 
 def main_node(settings: NodeSettings) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node_logging.configure(settings.log_format, logging.INFO, sys.stderr)
     asyncio.run(run_node(settings))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path, PurePath
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,6 +123,11 @@ class NodeSettings(BaseSettings):
     # A model marked by an alias with auto_delete is unregistered once no alias has pointed at it for
     # this long (requests already resolved to it finish; every node's watch sees the change first).
     alias_retire_after_s: float = Field(default=10.0, ge=0)
+    # Observability (meshnode.observability): traces go to this OTLP/gRPC collector (OTEL_EXPORTER_OTLP_*
+    # variables work too); logs as text or JSON lines; `modelId` labels for the N busiest models only.
+    otlp_endpoint: str | None = None
+    log_format: Literal["text", "json"] = "text"
+    per_model_metrics: int = Field(default=0, ge=0)
 
     @property
     def runs_per_copy(self) -> int:

@@ -66,3 +66,10 @@ class Peers(Protocol):
         """Forward; raises router.errors.PeerError, or router.errors.Overloaded when the peer's copy (or the
         peer) is at its bound of waiting requests."""
         ...
+
+
+class RouteTracer(Protocol):
+    def decided(self, model: str, started_ns: int, chosen: str, candidates: int, reason: str) -> None:
+        """Record one routing decision, from `started_ns` (time.time_ns) until now: `candidates` copies were
+        considered and `chosen` serves the request, because of `reason` (copy, load, claimed)."""
+        ...

@@ -30,7 +30,7 @@ from placement.policy import (
 from placement.types import FailureView, ModelView, NodeView
 from router.errors import OVERLOADED_PREFIX, GaveUp, MeshError, NoPlacement, NotHere, OutOfTime, Overloaded
 from router.hop import MAX_HOPS, Hop, Mode
-from router.ports import LocalNode, MeshView, Peers
+from router.ports import LocalNode, MeshView, Peers, RouteTracer
 
 MAX_ATTEMPTS = 6
 
@@ -39,7 +39,7 @@ class Router:
     def __init__(
         self, local: LocalNode, mesh: MeshView, peers: Peers, *, rng: random.Random | None = None,
         clock: Callable[[], float] = time.time, placement: PlacementConfig | None = None,
-        max_attempts: int = MAX_ATTEMPTS,
+        max_attempts: int = MAX_ATTEMPTS, tracer: RouteTracer | None = None,
     ) -> None:
         self._local = local
         self._mesh = mesh
@@ -48,6 +48,7 @@ class Router:
         self._now = clock
         self._placement = placement or PlacementConfig()
         self._max_attempts = max_attempts
+        self._tracer = tracer
 
     async def route(self, request: Any, hop: Hop, budget_s: float | None,
                     overloaded_here: Overloaded | None = None) -> Any:
@@ -71,6 +72,7 @@ class Router:
             overloaded.add(me)
             last_error = overloaded_here
         for _ in range(self._max_attempts):
+            started_ns = time.time_ns()
             if deadline is not None and time.monotonic() >= deadline:
                 break  # checked before a claim too: no load is claimed for a request that cannot wait for it
             model = self._mesh.model(name)
@@ -83,7 +85,7 @@ class Router:
             target = choose_copy(model.copies, nodes=nodes, local_outstanding=self._peers.outstanding(),
                                  exclude=unavailable, rng=self._rng,
                                  version=request.model_version or model.newest_version)
-            mode, guard = Mode.COPY, False
+            mode, guard, why = Mode.COPY, False, "copy"
             if target is None:
                 if overloaded and _every_copy_in(model, nodes, overloaded):
                     # Copies exist and are busy: a load would not be for a miss. (An overloaded node the view
@@ -105,7 +107,11 @@ class Router:
                                            runtime=model.runtime) is not None
                 holder = await self._mesh.claim_load(name, target, excluded)
                 mode = (Mode.LOAD if guard else Mode.LOAD_LAST) if holder == target else Mode.COPY
+                # "claimed": another request's claim (on `holder`) was there first.
+                why = "load" if holder == target else "claimed"
                 target = holder
+            if self._tracer is not None:
+                self._tracer.decided(name, started_ns, target, len(model.copies), why)
             try:
                 if target == me:
                     return await self._local.infer(request, guard and mode is Mode.LOAD)

@@ -53,6 +53,11 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     node.add_argument("--triton-url", help="Triton's gRPC HOST:PORT, for --runtime triton (explicit model control)")
     node.add_argument("--triton-model-repository",
                       help="Triton's --model-repository: its models load by name, others are uploaded")
+    node.add_argument("--otlp-endpoint", help="send traces to this OTLP/gRPC collector, e.g. http://HOST:4317 "
+                                              "(also on with OTEL_EXPORTER_OTLP_ENDPOINT; OTEL_* variables apply)")
+    node.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or JSON")
+    node.add_argument("--per-model-metrics", type=int,
+                      help="label the metrics of the N busiest models with modelId (default 0: no model labels)")
 
 
 def _storage_flags(node: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 
 import grpc
 
@@ -25,6 +26,9 @@ from router.errors import NOT_HERE_PREFIX, OVERLOADED_PREFIX, RETRY_ELSEWHERE_CO
 from router.hop import PARAMETER_KEY, Hop, Mode
 
 SUSPECT_S = 3.0
+# A traced call: (method, endpoint) -> a span around the call, yielding the trace context to send with it
+# (meshnode.observability.tracing.Tracing.client).
+ClientSpan = Callable[[str, str], AbstractContextManager[tuple[tuple[str, str], ...]]]
 
 
 def peer_error(peer: str, error: grpc.aio.AioRpcError, *,
@@ -45,8 +49,9 @@ def peer_error(peer: str, error: grpc.aio.AioRpcError, *,
 
 class GrpcPeers:
     def __init__(self, clock: Callable[[], float] = time.monotonic, tls: ClientTls | None = None,
-                 proof: MeshProof | None = None) -> None:
+                 proof: MeshProof | None = None, client_span: ClientSpan | None = None) -> None:
         self._tls = tls
+        self._client_span = client_span  # None: tracing is off
         self._proof = proof
         self._stubs: dict[str, tuple[str, grpc.aio.Channel, transport.InferenceStub]] = {}
         self._outstanding: dict[str, int] = {}
@@ -83,9 +88,13 @@ class GrpcPeers:
         self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
         try:
             request.parameters[PARAMETER_KEY].string_param = hop.encode()
-            # Only trace context (when the client sent some) and the proof go as metadata.
-            return await self._stub(node).ModelInfer(request, timeout=budget_s,
-                                                     metadata=self._metadata("ModelInfer", hop.propagated))
+            # Only trace context (when the client sent some, or ours when tracing) and the proof go as metadata.
+            if self._client_span is None:
+                return await self._stub(node).ModelInfer(request, timeout=budget_s,
+                                                         metadata=self._metadata("ModelInfer", hop.propagated))
+            with self._client_span("ModelInfer", node.endpoint) as trace:
+                return await self._stub(node).ModelInfer(request, timeout=budget_s,
+                                                         metadata=self._metadata("ModelInfer", trace))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

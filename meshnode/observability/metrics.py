@@ -2,10 +2,15 @@
 
 Why the hot path does not touch OpenTelemetry instruments: measured here, ``Histogram.record()`` costs
 ~8.5 µs and ``Counter.add()`` ~7.5 µs (SDK 1.45.2), against a ~200 µs CPU budget per request. So the
-request path only bumps plain ints and a local fixed-bucket histogram (bisect + list slot, well under
-1 µs); OTel observable instruments read the ints at scrape time, and the histograms are published by a
-prometheus_client collector on the same private registry, because OTel has no asynchronous histogram.
-All seven histograms share that mechanism so their bucket layout and naming cannot drift apart.
+request path only bumps plain ints and local fixed-bucket histograms (observability.histograms); OTel
+observable instruments read the ints at scrape time, and the histograms are prometheus_client collectors
+on the same private registry, because OTel has no asynchronous histogram.
+
+Labels are ModelMesh's and bounded: `method` and `code` (a gRPC status name) on the API and invoke
+histograms and the message sizes; `modelId` too with `per_model_metrics` N > 0, for the N models with the
+most requests lately only (every other model's requests go under modelId=""), so a mesh of 100K models
+cannot explode the series count. The mesh-wide gauges (models loaded, with failures, managed) are exported
+only by the node given the mesh's totals (`NodeState.mesh`: one node per mesh), as ModelMesh's leader does.
 
 Everything here is meant to be touched from the node's event loop thread only: ``+=`` on an attribute
 and the histogram slot increments are not atomic across threads, and scrapes run on the loop, which
@@ -14,13 +19,10 @@ also makes each scrape a consistent snapshot.
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import heapq
 import time
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import accumulate
 from operator import attrgetter
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -28,20 +30,18 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import HistogramMetricFamily
 
-__all__ = ["MetricsServer", "NodeMetrics", "NodeState", "serve_metrics"]
+from meshnode.observability.histograms import (
+    AGE_BUCKETS_MS,
+    MESSAGE_BUCKETS,
+    MODEL_SIZE_BUCKETS,
+    MS_BUCKETS,
+    Histogram,
+)
 
-_log = logging.getLogger(__name__)
+__all__ = ["MeshTotals", "NodeMetrics", "NodeState"]
 
 _Callback = Callable[[CallbackOptions], Iterable[Observation]]
-
-# ModelMesh's MS_TIME_BUCKETS and AGE_HISTO buckets, so existing histogram_quantile panels line up.
-_MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 6e4, 1.2e5, 3e5)
-_AGE_BUCKETS_MS = tuple(
-    minutes * 60_000 for minutes in (0.5, 5, 15, 60, 240, 720, 1440, 10080, 43200, 129600)
-)
 
 # (Prometheus family name, NodeMetrics attribute, help); the exporter appends ``_total``.
 _COUNTERS = (
@@ -53,7 +53,9 @@ _COUNTERS = (
     ("modelmesh_loadmodel", "loads", "Count of model loads"),
     ("modelmesh_loadmodel_failure", "load_failures", "Model load failures"),
     ("modelmesh_unloadmodel", "unloads", "Count of model unloads"),
-    ("modelmesh_unloadmodel_failure", "unload_failures", "Unload model failures"),
+    ("modelmesh_unloadmodel_failure", "unload_failures",
+     "Unload model failures (not counting multiple attempts for same copy)"),
+    ("modelmesh_unloadmodel_attempt_failure", "unload_attempt_failures", "Unload model attempt failures"),
     ("modelmesh_evictions", "evictions", "Count of model copy evictions"),
     ("meshserve_etcd_writes", "etcd_writes", "Write requests this node sent to etcd"),
     ("meshserve_requests_rejected", "requests_rejected",
@@ -63,8 +65,13 @@ _COUNTERS = (
      "Hop parameters stripped from requests whose caller did not prove it is a mesh member"),
 )
 
-_READ_TIMEOUT_S = 5.0
-_MAX_REQUEST_HEAD = 8192
+@dataclass(frozen=True, slots=True)
+class MeshTotals:
+    """Counts over the whole mesh, exported by one node only (ModelMesh's global gauges)."""
+
+    models_loaded: int  # models with at least one loaded copy on a live node
+    models_with_failure: int  # models with a recent load failure
+    models_managed: int  # registered models
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +80,22 @@ class NodeState:
 
     capacity_bytes: int
     used_bytes: int
-    models_loaded: int
-    models_managed: int
-    models_with_failure: int
+    models_loaded: int  # copies loaded here
     lru_time_s: float | None  # epoch seconds of the least recently used loaded copy; None if none loaded
     etcd_writes: int = 0  # write requests sent to etcd since start
     requests_queued: int = 0  # requests waiting here for a model's load or for a run slot of its copy
+    # The disk tier's counts since start and its size now (meshnode.storage.materializer.StorageStats).
+    storage_pulled_bytes: int = 0
+    storage_pull_seconds: float = 0.0
+    disk_cache_hits: int = 0
+    disk_cache_misses: int = 0
+    disk_cache_bytes: int = 0
+    disk_cache_models: int = 0
+    mesh: MeshTotals | None = None  # given to the one node that reports for the mesh
+
+
+def _mesh(read: Callable[[MeshTotals], int]) -> Callable[[NodeState], float | None]:
+    return lambda state: None if state.mesh is None else read(state.mesh)
 
 
 def _lru_age_s(state: NodeState) -> float:
@@ -89,6 +106,17 @@ def _lru_age_s(state: NodeState) -> float:
 def _used_bps(state: NodeState) -> int:
     return 0 if state.capacity_bytes <= 0 else int(state.used_bytes * 10_000 / state.capacity_bytes)
 
+
+# Counters kept by other parts and read from the scrape's state: (Prometheus name, help, reader).
+_STATE_COUNTERS: tuple[tuple[str, str, Callable[[NodeState], float]], ...] = (
+    ("meshserve_storage_pulled_bytes", "Bytes of models downloaded from model stores",
+     attrgetter("storage_pulled_bytes")),
+    ("meshserve_storage_pull_seconds", "Seconds spent downloading models from stores",
+     attrgetter("storage_pull_seconds")),
+    ("meshserve_disk_cache_hits", "Loads of a store's model found current in the disk tier",
+     attrgetter("disk_cache_hits")),
+    ("meshserve_disk_cache_misses", "Loads of a store's model that downloaded it", attrgetter("disk_cache_misses")),
+)
 
 # (Prometheus name, OTel unit, help, reader); the exporter maps "s"/"By" to the suffixes already present.
 _GAUGES: tuple[tuple[str, str, str, Callable[[NodeState], float | None]], ...] = (
@@ -104,52 +132,26 @@ _GAUGES: tuple[tuple[str, str, str, Callable[[NodeState], float | None]], ...] =
     ("modelmesh_instance_models_total", "", "Number of model copies loaded in pod",
      attrgetter("models_loaded")),
     ("modelmesh_models_loaded_total", "", "Total number of models with at least one loaded copy",
-     attrgetter("models_loaded")),
-    ("modelmesh_models_with_failure_total", "", "Total number of models with recent load failures",
-     attrgetter("models_with_failure")),
-    ("modelmesh_models_managed_total", "", "Total number of models managed", attrgetter("models_managed")),
+     _mesh(attrgetter("models_loaded"))),
+    ("modelmesh_models_with_failure_total", "", "Total number of models with one or more recent load failures",
+     _mesh(attrgetter("models_with_failure"))),
+    ("modelmesh_models_managed_total", "", "Total number of models managed", _mesh(attrgetter("models_managed"))),
+    ("meshserve_disk_cache_bytes", "By", "Bytes of models kept in the disk tier", attrgetter("disk_cache_bytes")),
+    ("meshserve_disk_cache_models", "", "Models kept in the disk tier", attrgetter("disk_cache_models")),
     ("meshserve_requests_queued", "", "Inference requests waiting on this node for a model's load or for a "
      "free run slot of its copy", attrgetter("requests_queued")),
 )  # fmt: skip
-
-
-class _LocalHistogram:
-    """Fixed-bucket histogram in milliseconds, also its own prometheus_client collector."""
-
-    __slots__ = ("name", "help", "bounds", "les", "counts", "sum", "_zeros")
-
-    def __init__(self, name: str, help_text: str, bounds: tuple[float, ...],
-                 zeros: Callable[[], int] | None = None) -> None:
-        """`zeros`: observations of 0 counted elsewhere as a plain int (cheaper than `observe(0)` on a hot
-        path), added to the first bucket when scraped."""
-        self.name = name
-        self.help = help_text
-        self.bounds = bounds
-        # repr(float) matches the Go-style ``le`` strings prometheus_client emits for bounds below 1e16.
-        self.les = (*(repr(float(b)) for b in bounds), "+Inf")
-        self.counts = [0] * (len(bounds) + 1)  # last slot is the +Inf overflow
-        self.sum = 0.0
-        self._zeros = zeros
-
-    def observe(self, value: float) -> None:
-        # bisect_left puts a value equal to a bound in that bound's slot, matching Prometheus' ``le``.
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def collect(self) -> Iterator[HistogramMetricFamily]:
-        counts = self.counts if self._zeros is None else [self.counts[0] + self._zeros(), *self.counts[1:]]
-        buckets = list(zip(self.les, accumulate(counts), strict=True))
-        yield HistogramMetricFamily(self.name, self.help, buckets, self.sum, unit="milliseconds")
 
 
 class NodeMetrics:
     """One node's metrics: plain-int counters, cheap histograms, gauges from a state callback.
 
     Counters are public ints, incremented by the caller (``metrics.cache_hits += 1``); the ``observe_*``
-    methods record milliseconds only and do not touch the counters. No labels: a mesh holds ~100K models.
+    methods record into histograms only and do not touch the counters.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_model_metrics: int = 0) -> None:
+        """`per_model_metrics`: how many of the busiest models get a `modelId` label of their own (0: none)."""
         self.invoke_count = 0
         self.invoke_failures = 0
         self.api_requests = 0
@@ -159,6 +161,7 @@ class NodeMetrics:
         self.load_failures = 0
         self.unloads = 0
         self.unload_failures = 0
+        self.unload_attempt_failures = 0
         self.evictions = 0
         self.etcd_writes = 0  # the etcd store's count, as of the last scrape
         self.requests_rejected = 0
@@ -167,33 +170,41 @@ class NodeMetrics:
         # zeros, bumped as an int on the hit path.
         self.ran_without_waiting = 0
 
-        hist = _LocalHistogram
-        self._invoke = hist(
-            "modelmesh_invoke_model_milliseconds", "Internal inference request time", _MS_BUCKETS
-        )
-        self._api = hist("modelmesh_api_request_milliseconds", "External inference request time", _MS_BUCKETS)
-        self._cache_miss = hist("modelmesh_cache_miss_milliseconds", "Cache miss delay", _MS_BUCKETS)
-        self._load = hist("modelmesh_loadmodel_milliseconds", "Time taken to load model", _MS_BUCKETS)
-        self._unload = hist("modelmesh_unloadmodel_milliseconds", "Time taken to unload model", _MS_BUCKETS)
-        self._eviction_age = hist(
-            "modelmesh_age_at_eviction_milliseconds",
-            "Time since model was last used when evicted",
-            _AGE_BUCKETS_MS,
-        )
-        self._queue_delay = hist(
+        self._per_model = per_model_metrics
+        self._requests_by_model: dict[str, int] = {}  # lately, halved at each scrape; only with per-model labels
+        self._busiest: frozenset[str] = frozenset()
+        labels = ("method", "code", "modelId") if per_model_metrics else ("method", "code")
+        self._invoke = Histogram("modelmesh_invoke_model_milliseconds", "Internal model server inference request "
+                                 "time", MS_BUCKETS, labels=labels)
+        self._api = Histogram("modelmesh_api_request_milliseconds", "External inference request time", MS_BUCKETS,
+                              labels=labels)
+        self._request_size = Histogram("modelmesh_request_size_bytes", "Inference request payload size",
+                                       MESSAGE_BUCKETS, unit="bytes", labels=labels)
+        self._response_size = Histogram("modelmesh_response_size_bytes", "Inference response payload size",
+                                        MESSAGE_BUCKETS, unit="bytes", labels=labels)
+        self._labelled = (self._invoke, self._api, self._request_size, self._response_size)
+        self._cache_miss = Histogram("modelmesh_cache_miss_milliseconds", "Cache miss delay", MS_BUCKETS)
+        self._load = Histogram("modelmesh_loadmodel_milliseconds", "Time taken to load model", MS_BUCKETS)
+        self._unload = Histogram("modelmesh_unloadmodel_milliseconds", "Time taken to unload model", MS_BUCKETS)
+        self._eviction_age = Histogram("modelmesh_age_at_eviction_milliseconds",
+                                       "Time since model was last used when evicted", AGE_BUCKETS_MS)
+        self._queue_delay = Histogram(
             "modelmesh_req_queue_delay_milliseconds",
             "Time a request waited on this node before it ran: for its model's load, then for a run slot",
-            _MS_BUCKETS,
-            zeros=lambda: self.ran_without_waiting,
-        )
+            MS_BUCKETS, zeros=lambda: self.ran_without_waiting)
+        self._loading_queue_delay = Histogram("modelmesh_loading_queue_delay_milliseconds",
+                                              "Time spent in model loading queue", MS_BUCKETS)
+        self._sizing = Histogram("modelmesh_model_sizing_milliseconds", "Time taken to perform model sizing",
+                                 MS_BUCKETS)
+        self._model_size = Histogram("modelmesh_loaded_model_size_bytes", "Reported size of loaded model",
+                                     MODEL_SIZE_BUCKETS, unit="bytes")
 
         self._scrape_state: NodeState | None = None
 
         # Private registry and provider so several nodes (or tests) can coexist in one process.
         self._registry = CollectorRegistry()
-        histograms = (self._invoke, self._api, self._cache_miss, self._load, self._unload, self._eviction_age,
-                      self._queue_delay)
-        for histogram in histograms:
+        for histogram in (*self._labelled, self._cache_miss, self._load, self._unload, self._eviction_age,
+                          self._queue_delay, self._loading_queue_delay, self._sizing, self._model_size):
             self._registry.register(histogram)
         reader = PrometheusMetricReader(
             disable_target_info=True, scope_info_enabled=False, registry=self._registry
@@ -207,22 +218,39 @@ class NodeMetrics:
             meter.create_observable_counter(
                 name, callbacks=[self._counter_callback(attr)], description=help_text
             )
+        for name, help_text, count in _STATE_COUNTERS:
+            meter.create_observable_counter(name, callbacks=[self._state_callback(count)], description=help_text)
         for name, unit, help_text, read in _GAUGES:
             meter.create_observable_gauge(
-                name, callbacks=[self._gauge_callback(read)], unit=unit, description=help_text
+                name, callbacks=[self._state_callback(read)], unit=unit, description=help_text
             )
 
-    def observe_invoke_ms(self, ms: float) -> None:
-        self._invoke.observe(ms)
+    def _labels(self, method: str, code: str, model: str) -> tuple[str, ...]:
+        if not self._per_model:
+            return (method, code)
+        self._requests_by_model[model] = self._requests_by_model.get(model, 0) + 1
+        return (method, code, model if model in self._busiest else "")
 
-    def observe_api_ms(self, ms: float) -> None:
-        self._api.observe(ms)
+    def observe_api(self, method: str, code: str, ms: float, model: str, request_bytes: int,
+                    response_bytes: int | None) -> None:
+        """One external request (`code`: its gRPC status name); `response_bytes` None when it failed."""
+        labels = self._labels(method, code, model)
+        self._api.observe(ms, labels)
+        self._request_size.observe(request_bytes, labels)
+        if response_bytes is not None:
+            self._response_size.observe(response_bytes, labels)
+
+    def observe_invoke(self, method: str, code: str, ms: float, model: str) -> None:
+        """One run of a request on a copy here."""
+        labels = (method, code, model if model in self._busiest else "") if self._per_model else (method, code)
+        self._invoke.observe(ms, labels)
 
     def observe_cache_miss_ms(self, ms: float) -> None:
         self._cache_miss.observe(ms)
 
-    def observe_load_ms(self, ms: float) -> None:
+    def observe_load(self, ms: float, size_bytes: int) -> None:
         self._load.observe(ms)
+        self._model_size.observe(size_bytes)
 
     def observe_unload_ms(self, ms: float) -> None:
         self._unload.observe(ms)
@@ -235,12 +263,30 @@ class NodeMetrics:
         by `ran_without_waiting += 1` instead."""
         self._queue_delay.observe(ms)
 
+    def observe_loading_queue_delay_ms(self, ms: float) -> None:
+        """A load's wait in the load queue before it started."""
+        self._loading_queue_delay.observe(ms)
+
+    def observe_sizing_ms(self, ms: float) -> None:
+        self._sizing.observe(ms)
+
+    def _choose_busiest(self) -> None:
+        """The models labelled from now on: the most requested since the last scrapes (halved each time, so a
+        model that went quiet leaves the set); series of models that left it are no longer exported."""
+        counts = self._requests_by_model
+        self._busiest = frozenset(heapq.nlargest(self._per_model, counts, key=counts.__getitem__))
+        self._requests_by_model = {m: n // 2 for m, n in counts.items() if n > 1}
+        for histogram in self._labelled:
+            histogram.keep_only(2, self._busiest)
+
     def render(self, state: NodeState | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every metric of this node; gauges only with
         a `state` (one snapshot, so that all gauges of one scrape describe the same moment)."""
         self._scrape_state = state
         if state is not None:
             self.etcd_writes = state.etcd_writes
+        if self._per_model:
+            self._choose_busiest()
         try:
             return generate_latest(self._registry)
         finally:
@@ -252,72 +298,9 @@ class NodeMetrics:
 
         return observe
 
-    def _gauge_callback(self, read: Callable[[NodeState], float | None]) -> _Callback:
+    def _state_callback(self, read: Callable[[NodeState], float | None]) -> _Callback:
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
             value = None if self._scrape_state is None else read(self._scrape_state)
             return () if value is None else (Observation(value),)
 
         return observe
-
-
-class MetricsServer:
-    """A bound /metrics listener on the running event loop."""
-
-    def __init__(self, server: asyncio.Server, connections: set[asyncio.Task[None]]) -> None:
-        self._server = server
-        self._connections = connections
-        self.port: int = server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
-
-
-async def serve_metrics(metrics: NodeMetrics, host: str, port: int,
-                        state: Callable[[], NodeState] | None = None) -> MetricsServer:
-    """Serve ``GET /metrics`` on host:port (0 picks a free port, see ``.port``); `state` is read once
-    per scrape (it may walk every model record).
-
-    Runs on the caller's loop: a render is pure Python, which a thread would not take off the loop
-    under the GIL anyway, and staying on the loop keeps scrapes race-free with the hot path.
-    """
-    connections: set[asyncio.Task[None]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # asyncio runs stream callbacks inside a task
-        connections.add(task)
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
-            writer.write(_respond(metrics, state, head))
-            await asyncio.wait_for(writer.drain(), _READ_TIMEOUT_S)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            pass  # the peer stalled, vanished or sent an oversized head: not a scraper worth answering
-        finally:
-            connections.discard(task)
-            writer.close()
-
-    server = await asyncio.start_server(handle, host, port, limit=_MAX_REQUEST_HEAD)
-    return MetricsServer(server, connections)
-
-
-def _respond(metrics: NodeMetrics, state: Callable[[], NodeState] | None, head: bytes) -> bytes:
-    parts = head.split(b"\r\n", 1)[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        return _response("400 Bad Request", b"bad request\n")
-    if parts[0] != b"GET" or parts[1].split(b"?", 1)[0] != b"/metrics":
-        return _response("404 Not Found", b"not found\n")
-    try:
-        return _response("200 OK", metrics.render(state() if state is not None else None), CONTENT_TYPE_PLAIN_0_0_4)
-    except Exception:
-        # A broken state source must cost one scrape, not the endpoint.
-        _log.exception("rendering /metrics failed")
-        return _response("500 Internal Server Error", b"render failed\n")
-
-
-def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-    return (head + "Connection: close\r\n\r\n").encode("ascii") + body

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import tritonclient.grpc.aio as triton_aio
 from google.protobuf import json_format
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from tritonclient.utils import InferenceServerException
 
 from meshnode.errors import (
@@ -58,6 +59,7 @@ START_WAIT_S = 60.0  # for Triton to answer when the node starts
 PROBE_TIMEOUT_S = 2.0
 NOT_READY = "is not at ready state"  # Triton's words for a request to a version it does not hold
 CONTROL_TIMEOUT_S = 600.0  # a load may run that long; the cache's own load timeout is the real bound
+_W3C = TraceContextTextMapPropagator()
 
 
 def _first_paragraph(message: str) -> str:
@@ -86,7 +88,11 @@ class TritonModel:
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
                     caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
-        trace = trace_context(caller_metadata()) if caller_metadata is not None else ()
+        # Triton's trace continues from the node's span running this request when the node traces (the
+        # propagator writes nothing without one), else from the caller's trace context, passed on as it came.
+        carrier: dict[str, str] = {}
+        _W3C.inject(carrier)
+        trace = tuple(carrier.items()) or (trace_context(caller_metadata()) if caller_metadata is not None else ())
         # Triton may hold other versions of the name: without this it would answer with its newest.
         request.model_version = self.version
         try:

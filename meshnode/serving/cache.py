@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from meshnode.background import BackgroundTasks
 from meshnode.errors import LoadFailed, ModelNotFound, ModelUnavailable, ResourceExhausted
 from meshnode.observability.metrics import NodeMetrics
+from meshnode.observability.tracing import Tracing
 from meshnode.runtimes.base import LoadedModel, Runtime
 from meshnode.serving.entries import CachedModel, CacheStats, LoadOptions
 from meshnode.serving.load_failures import LoadFailures
@@ -45,8 +46,10 @@ class ModelCache:
         runs_per_copy: int = 2,
         max_queued: int = 32,
         wall_clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> None:
         self.ready: dict[tuple[str, str], CachedModel] = {}
+        self._tracing = tracing  # None: tracing is off
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
         self._runtime = runtime
@@ -165,7 +168,8 @@ class ModelCache:
         self._loading += 1
         rank = priority(waiting, options.last_used)
         timeout_s = options.timeout_s or self._load_timeout_s
-        self._background.spawn(self.loads.run(rank, lambda: self._load(entry, source, timeout_s)))
+        queued = time.perf_counter()
+        self._background.spawn(self.loads.run(rank, lambda: self._load(entry, source, timeout_s, queued)))
         self._changed(source.name)
         return entry
 
@@ -188,14 +192,20 @@ class ModelCache:
         for victim in plan.victims:
             self._evict(self._lru[victim])
 
-    async def _load(self, entry: CachedModel, source: ModelSource, timeout_s: float) -> None:
+    async def _load(self, entry: CachedModel, source: ModelSource, timeout_s: float, queued: float) -> None:
+        """Runs when the load queue gives it a slot (`queued`: perf_counter when it joined the queue)."""
         assert entry.loaded is not None
         if entry.discarded:  # unloaded while it queued (its waiters may have been told already)
             if not entry.loaded.done():
                 entry.loaded.set_result(None)
             return
         started = time.perf_counter()
-        load = asyncio.ensure_future(self._runtime.load(source))
+        queued_ms = (started - queued) * 1000.0
+        self._metrics.observe_loading_queue_delay_ms(queued_ms)
+        loading = self._runtime.load(source)
+        # Started inside the load's span when tracing: what the runtime calls (Triton) continues the trace.
+        load = asyncio.ensure_future(loading if self._tracing is None
+                                     else self._tracing.load(loading, entry.name, entry.version, queued_ms))
         try:
             model = await asyncio.wait_for(asyncio.shield(load), timeout_s)
         except TimeoutError:
@@ -211,7 +221,7 @@ class ModelCache:
             self._fail(entry, LoadFailed(f"failed to load model '{entry.name}' version {entry.version}: {error}"))
             return
         self._metrics.loads += 1
-        self._metrics.observe_load_ms((time.perf_counter() - started) * 1000.0)
+        self._metrics.observe_load((time.perf_counter() - started) * 1000.0, model.size_bytes)
         if entry.discarded:
             self._background.spawn(self._unload(model))
             if not entry.loaded.done():
@@ -321,7 +331,8 @@ class ModelCache:
         try:
             await self._runtime.unload(model)
         except Exception:
-            self._metrics.unload_failures += 1
+            self._metrics.unload_failures += 1  # one attempt per copy: each failure is both
+            self._metrics.unload_attempt_failures += 1
             log.exception("unload of %s@%s failed", model.name, model.version)
             return
         self._metrics.unloads += 1

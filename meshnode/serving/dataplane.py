@@ -19,6 +19,7 @@ from typing import Protocol
 
 from meshnode.errors import ModelLost
 from meshnode.observability.metrics import NodeMetrics
+from meshnode.observability.tracing import Tracing, status_code
 from meshnode.runtimes.base import CallerMetadata, TensorSpec
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
@@ -31,6 +32,7 @@ from router.router import Router
 
 TimeRemaining = Callable[[], float | None]
 
+INFER = "ModelInfer"  # the method in metrics' labels and span names
 SERVER_NAME = "meshserve"
 SERVER_EXTENSIONS = ("model_repository", "model_repository(unload_dependents)", "parameters")
 
@@ -45,7 +47,7 @@ class DataPlane:
     def __init__(
         self, *, replica: LocalReplica, router: Router, cache: ModelCache, registry: Registry,
         alias_targets: Mapping[str, str], metadata_elsewhere: MetadataElsewhere, metrics: NodeMetrics, version: str,
-        max_inflight: int = 512,
+        max_inflight: int = 512, tracing: Tracing | None = None,
     ) -> None:
         self._replica = replica
         self._router = router
@@ -63,6 +65,7 @@ class DataPlane:
         self._queues = cache.queues
         self._runs_per_copy = cache.queues.runs_per_copy
         self._max_per_copy = cache.queues.runs_per_copy + cache.queues.max_queued
+        self._tracing = tracing  # None: tracing is off
 
     @property
     def ready(self) -> bool:
@@ -78,6 +81,30 @@ class DataPlane:
     ) -> pb.ModelInferResponse:
         """A client's or a peer's request: a local hit, else routed through the mesh."""
         started = time.perf_counter()
+        response = error = None
+        try:
+            if self._tracing is None:
+                response = await self._infer(request, started, metadata, time_remaining)
+                return response
+            with self._tracing.server(INFER, metadata() if metadata is not None else None) as span:
+                if span.is_recording():
+                    sent = request.parameters.get(PARAMETER_KEY)
+                    self._tracing.describe(span, INFER, request.model_name, request.model_version,
+                                           Hop.decode(sent.string_param) if sent is not None else Hop())
+                response = await self._infer(request, started, metadata, time_remaining)
+                return response
+        except BaseException as failed:
+            error = failed
+            raise
+        finally:
+            self._metrics.observe_api(INFER, status_code(error).name, (time.perf_counter() - started) * 1000.0,
+                                      request.model_name, request.ByteSize(),
+                                      None if response is None else response.ByteSize())
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, started: float, metadata: CallerMetadata | None,
+        time_remaining: TimeRemaining | None,
+    ) -> pb.ModelInferResponse:
         metrics = self._metrics
         metrics.api_requests += 1
         if self.inflight >= self._max_inflight:
@@ -112,6 +139,8 @@ class DataPlane:
             sent = request.parameters.get(PARAMETER_KEY)
             if sent is not None:  # from a peer: the hop rides in the request (router.hop)
                 hop = Hop.decode(sent.string_param, hop.propagated)
+            if self._tracing is not None:
+                self._tracing.routed(hop)
             # The router knows no protocol (router.ports): it answers what this node or a peer answered.
             response: pb.ModelInferResponse = await self._router.route(
                 request, hop, time_remaining() if time_remaining is not None else None, overloaded)
@@ -121,7 +150,6 @@ class DataPlane:
             raise
         finally:
             self.inflight -= 1
-            metrics.observe_api_ms((time.perf_counter() - started) * 1000.0)
 
     def _copy_overloaded(self, name: str, inflight: int) -> Overloaded:
         return Overloaded(f"model '{name}' has {inflight - self._runs_per_copy} requests waiting on node "

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from meshnode.errors import DeadlineExceeded, ModelLost, ModelNotFound, ModelUnavailable
 from meshnode.observability.metrics import NodeMetrics
+from meshnode.observability.tracing import Tracing, status_code
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, Runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.entries import CachedModel, LoadOptions
@@ -26,12 +27,16 @@ from meshnode.storage.model_files import ModelFiles
 from meshnode.storage.repository import ModelSource, available_versions, model_source
 from meshpb import pb
 
+INVOKE = "ModelInfer"  # the runtime's method, in the invoke metrics' labels
+
 
 class LocalReplica:
     def __init__(self, *, instance_id: str, registry: Registry, cache: ModelCache, runtime: Runtime,
-                 metrics: NodeMetrics, status: RuntimeStatus, files: ModelFiles | None = None) -> None:
+                 metrics: NodeMetrics, status: RuntimeStatus, tracing: Tracing | None = None,
+                 files: ModelFiles | None = None) -> None:
         self.instance_id = instance_id
         self._files = files or ModelFiles(None)  # where a model's files are here: local, or a store's on disk
+        self._tracing = tracing  # None: tracing is off
         self._status = status
         self._registry = registry
         self._records = registry.view  # the view itself (kept current in place): one dict get per request
@@ -50,7 +55,9 @@ class LocalReplica:
         """
         started = time.perf_counter()
         entry = await self.acquire(request.model_name, request.model_version, churn_guard)
-        return await self.run(entry, request, started)
+        if self._tracing is None:
+            return await self.run(entry, request, started)
+        return await self._tracing.run(self.run(entry, request, started), entry.name, entry.version)
 
     async def run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float,
                   timeout_s: float | None = None, metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
@@ -61,6 +68,7 @@ class LocalReplica:
         """
         metrics = self._metrics
         assert entry.model is not None  # acquired entries are loaded
+        code = "OK"
         try:
             record = self._records.get(entry.name)
             if record is None or record.timeout_ms is None:
@@ -68,13 +76,14 @@ class LocalReplica:
             return await _bounded(entry.model, request, record.timeout_ms, timeout_s, metadata)
         except BaseException as error:
             metrics.invoke_failures += 1
+            code = status_code(error).name
             if isinstance(error, ModelLost):
                 self._cache.forget(entry)
             raise
         finally:
             self._cache.release(entry)
             metrics.invoke_count += 1
-            metrics.observe_invoke_ms((time.perf_counter() - started) * 1000.0)
+            metrics.observe_invoke(INVOKE, code, (time.perf_counter() - started) * 1000.0, entry.name)
 
     async def acquire(self, name: str, version: str, churn_guard: bool = False) -> CachedModel:
         """A loaded entry for the model (loading it here if needed); the caller releases it."""
@@ -104,9 +113,16 @@ class LocalReplica:
         return available_versions(files) if files is not None else None
 
     def load_options(self, record: ModelRecord, source: ModelSource, churn_guard: bool = False) -> LoadOptions:
-        return LoadOptions(predicted_bytes=record.effective_size(lambda: self._runtime.predict_size(source)),
+        return LoadOptions(predicted_bytes=record.effective_size(lambda: self._predicted_size(source)),
                            timeout_s=record.load_timeout_s, pinned=record.pinned, churn_guard=churn_guard,
                            last_used=record.last_used)
+
+    def _predicted_size(self, source: ModelSource) -> int:
+        started = time.perf_counter()
+        try:
+            return self._runtime.predict_size(source)
+        finally:
+            self._metrics.observe_sizing_ms((time.perf_counter() - started) * 1000.0)
 
 
 async def _bounded(model: LoadedModel, request: pb.ModelInferRequest, timeout_ms: int, timeout_s: float | None,

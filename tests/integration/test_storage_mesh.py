@@ -8,6 +8,7 @@ store, and loads recover once the store is back.
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from deploy.local.models import mlp_reference, write_add_sub, write_mlp
@@ -122,6 +124,9 @@ def test_a_node_restarted_with_its_disk_cache_reloads_without_reading_an_object(
         client.load_model("simple")  # loads here again, from the disk tier
         assert served(mesh.nodes[2].target, "simple")
     assert mesh.s3.object_gets() == []  # listings only: the ETags matched what is on disk
+    figures = scrape(mesh.nodes[2])
+    assert figures["meshserve_disk_cache_hits_total"] >= 1 and figures["meshserve_storage_pulled_bytes_total"] == 0
+    assert figures["meshserve_disk_cache_bytes"] > 0
 
 
 def test_the_store_stopped_leaves_loaded_models_serving_and_loads_recover_after(mesh: Mesh, tmp_path: Path) -> None:
@@ -146,6 +151,12 @@ def test_the_store_stopped_leaves_loaded_models_serving_and_loads_recover_after(
         mesh.s3.put_files("models/never-pulled", model_files(tmp_path / "never-pulled"))
     # The store came back empty, then filled: the mesh may have followed it through both; either way it serves.
     wait_until_blocking(lambda: served(mesh.nodes[1].target, "never-pulled"), 20, "a load after the store returned")
+
+
+def scrape(node: NodeProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{node.host}:{node.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def _registered(target: str, name: str) -> bool:
