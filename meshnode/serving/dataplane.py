@@ -22,6 +22,7 @@ from meshnode.observability.metrics import NodeMetrics
 from meshnode.observability.tracing import Tracing, status_code
 from meshnode.runtimes.base import CallerMetadata, TensorSpec
 from meshnode.serving.cache import ModelCache
+from meshnode.serving.entries import CachedModel
 from meshnode.serving.replica import LocalReplica
 from meshnode.state.registry import Registry
 from meshpb import pb
@@ -123,10 +124,12 @@ class DataPlane:
                 inflight = entry.inflight
                 if inflight < self._runs_per_copy:
                     metrics.ran_without_waiting += 1
-                elif inflight < self._max_per_copy:
-                    self._queues.wait_for_slot(entry, started)
-                else:
+                elif inflight >= self._max_per_copy:
                     overloaded = self._copy_overloaded(entry.name, inflight)
+                elif (late := self._past_deadline(entry, inflight, time_remaining)) is not None:
+                    overloaded = late
+                else:
+                    self._queues.wait_for_slot(entry, started)
                 if overloaded is None:
                     entry.inflight += 1
                     metrics.cache_hits += 1
@@ -150,6 +153,20 @@ class DataPlane:
             raise
         finally:
             self.inflight -= 1
+
+    def _past_deadline(self, entry: CachedModel, inflight: int,
+                       time_remaining: TimeRemaining | None) -> Overloaded | None:
+        """Refused now, rather than queued to miss its deadline: the runs ahead of it on this copy (at the copy's
+        smoothed run time) and its own would take longer than the client's time left. Another copy may serve it."""
+        remaining = time_remaining() if time_remaining is not None else None
+        if remaining is None or not entry.run_s:
+            return None
+        expected_s = (inflight - self._runs_per_copy + 1) * entry.run_s / self._runs_per_copy + entry.run_s
+        if expected_s <= remaining:
+            return None
+        return Overloaded(f"model '{entry.name}' would answer in about {expected_s * 1000:.0f} ms on node "
+                          f"{self._replica.instance_id} ({inflight - self._runs_per_copy} waiting before it), after "
+                          f"the request's deadline ({remaining * 1000:.0f} ms left)")
 
     def _copy_overloaded(self, name: str, inflight: int) -> Overloaded:
         return Overloaded(f"model '{name}' has {inflight - self._runs_per_copy} requests waiting on node "

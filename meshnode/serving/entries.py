@@ -21,6 +21,9 @@ class CachedModel:
     loaded: asyncio.Future[None] | None = None
     inflight: int = 0
     requests: int = 0  # served here since loaded: per-copy load for extra-copy decisions
+    # Smoothed seconds one request runs on this copy, measured on requests that did not wait (0: none yet):
+    # how long a request that would queue here should expect to wait (meshnode.serving.dataplane).
+    run_s: float = 0.0
     pinned: bool = False
     discarded: bool = False
     drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes

@@ -28,6 +28,7 @@ from meshnode.storage.repository import ModelSource, available_versions, model_s
 from meshpb import pb
 
 INVOKE = "ModelInfer"  # the runtime's method, in the invoke metrics' labels
+RUN_TIME_WEIGHT = 0.2  # of each new run in a copy's smoothed run time: a few runs follow a change in load
 
 
 class LocalReplica:
@@ -69,6 +70,8 @@ class LocalReplica:
         metrics = self._metrics
         assert entry.model is not None  # acquired entries are loaded
         code = "OK"
+        began = time.perf_counter()
+        waited = entry.inflight > self._cache.queues.runs_per_copy  # then its time says more of the queue
         try:
             record = self._records.get(entry.name)
             if record is None or record.timeout_ms is None:
@@ -83,7 +86,10 @@ class LocalReplica:
         finally:
             self._cache.release(entry)
             metrics.invoke_count += 1
-            metrics.observe_invoke(INVOKE, code, (time.perf_counter() - started) * 1000.0, entry.name)
+            ended = time.perf_counter()
+            if code == "OK" and not waited:
+                entry.run_s += RUN_TIME_WEIGHT * (ended - began - entry.run_s) if entry.run_s else ended - began
+            metrics.observe_invoke(INVOKE, code, (ended - started) * 1000.0, entry.name)
 
     async def acquire(self, name: str, version: str, churn_guard: bool = False) -> CachedModel:
         """A loaded entry for the model (loading it here if needed); the caller releases it."""

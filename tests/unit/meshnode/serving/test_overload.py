@@ -96,6 +96,37 @@ def queue_delays(node: NodeParts) -> float:
 # -- a loaded copy: run slots, then a bounded queue -------------------------------------------------
 
 
+async def test_a_copy_learns_its_run_time_from_requests_that_did_not_wait(kit: Kit) -> None:
+    gate = await slow_copy(kit.node)
+    entry = kit.node.cache.ready[("m", "")]
+    gate.set()
+    await kit.dataplane.infer(pb.ModelInferRequest(model_name="m", id="alone"))
+    assert entry.run_s > 0
+
+
+async def test_a_request_that_would_wait_past_its_deadline_goes_to_the_router_instead_of_the_queue(kit: Kit) -> None:
+    node, dataplane = kit.node, kit.dataplane
+    gate = await slow_copy(node)
+    entry = node.cache.ready[("m", "")]
+    entry.run_s = 0.2  # as measured on runs that did not wait
+    blocked = send(dataplane, RUNS)  # both run slots busy: a next request waits about one run, then runs one
+    await node.runtime.models["m@1"].requests.wait_len(RUNS)
+
+    patient = asyncio.create_task(dataplane.infer(pb.ModelInferRequest(model_name="m", id="patient"),
+                                                  time_remaining=lambda: 5.0))
+    await node.runtime.models["m@1"].requests.wait_len(RUNS + 1)  # 0.1 s wait + 0.2 s run fit in 5 s: queued
+    hurried = await dataplane.infer(pb.ModelInferRequest(model_name="m", id="hurried"), time_remaining=lambda: 0.25)
+
+    assert hurried.id == "routed"  # about 0.4 s here (two ahead, then its own run) is past its 0.25 s left
+    [routed] = kit.router.routed
+    assert routed.overloaded_here is not None and routed.overloaded_here.startswith(
+        "overloaded: model 'm' would answer in about 400 ms on node me (1 waiting before it), after the request's "
+        "deadline (250 ms left)")
+    gate.set()
+    assert sorted(r.id for r in await asyncio.gather(*blocked, patient)) == ["patient", "r0", "r1"]
+
+
+
 async def test_a_copy_runs_its_slots_queues_up_to_its_bound_then_hands_a_client_request_to_the_router(kit: Kit) -> None:
     node, dataplane = kit.node, kit.dataplane
     gate = await slow_copy(node)
