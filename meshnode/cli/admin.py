@@ -20,10 +20,11 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from meshnode.net import params as wire
 from meshnode.net import transport
 from meshnode.net.tls import ClientTls
 from meshnode.settings import parse_size
-from meshpb import mpb
+from meshpb import mpb, pb
 
 DEFAULT_TARGET = "127.0.0.1:8033"
 TIMEOUT_S = 120.0
@@ -51,7 +52,10 @@ def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--prefix", default="", help="only names starting with this")
     register = command(models, "register", "register a model (and load it unless --lazy)")
     register.add_argument("name")
-    register.add_argument("storage_uri", help="model directory or file: a path or file:// URI")
+    register.add_argument("storage_uri", help="where the model is: a path or URI the nodes can read (s3://, "
+                                              "http(s)://, file://), or with --upload a local directory or file")
+    register.add_argument("--upload", action="store_true",
+                          help="send the local model's files; the mesh writes them to its model store")
     register.add_argument("--lazy", action="store_true", help="register only; load on first request")
     register.add_argument("--size-hint", help="expected size in memory (512MiB, bytes)")
     register.add_argument("--pinned", action="store_true", help="never evict it once loaded")
@@ -110,6 +114,28 @@ def open_channel(args: argparse.Namespace) -> grpc.aio.Channel:
     return transport.create_channel(args.target, tls, (lambda: entries) if entries else None)
 
 
+def upload_request(args: argparse.Namespace) -> pb.RepositoryModelLoadRequest:
+    """`models register --upload`: the local model's files as RepositoryModelLoad's `file:` parameters (a single
+    file becomes version 1 of a Triton layout), with the registration's settings in its `config`."""
+    source = Path(args.storage_uri.removeprefix("file://")).expanduser()
+    if source.is_file():
+        files = {f"1/{source.name}": source.read_bytes()}
+    elif source.is_dir():
+        files = {p.relative_to(source).as_posix(): p.read_bytes() for p in sorted(source.rglob("*"))
+                 if p.is_file() and "__pycache__" not in p.parts}
+    else:
+        raise SystemExit(f"meshserve: --upload: no local file or directory {source}")
+    config = {key: value for key, value in (("min_copies", args.min_copies), ("load_timeout_s", args.load_timeout),
+                                            ("timeout_ms", args.timeout_ms), ("runtime", args.runtime),
+                                            ("pinned", args.pinned)) if value}
+    parameters = {f"file:{name}": pb.ModelRepositoryParameter(bytes_param=content) for name, content in files.items()}
+    parameters["config"] = pb.ModelRepositoryParameter(string_param=json.dumps(config))
+    parameters[wire.LAZY] = pb.ModelRepositoryParameter(bool_param=args.lazy)
+    if args.size_hint:
+        parameters[wire.SIZE_HINT] = pb.ModelRepositoryParameter(string_param=str(parse_size(args.size_hint)))
+    return pb.RepositoryModelLoadRequest(model_name=args.name, parameters=parameters)
+
+
 async def _call(args: argparse.Namespace) -> Result:
     async with open_channel(args) as channel:
         stub = transport.ManagementStub(channel)
@@ -119,6 +145,9 @@ async def _call(args: argparse.Namespace) -> Result:
         if kind == "models":
             if action == "list":
                 return [m async for m in _pages(stub.ListModels, mpb.ListModelsRequest(prefix=args.prefix), "models")]
+            if action == "register" and args.upload:
+                await transport.InferenceStub(channel).RepositoryModelLoad(upload_request(args), timeout=TIMEOUT_S)
+                return await stub.GetModelStatus(mpb.GetModelStatusRequest(name=args.name), timeout=TIMEOUT_S)
             if action == "register":
                 return await stub.RegisterModel(mpb.RegisterModelRequest(
                     name=args.name, storage_uri=args.storage_uri, lazy=args.lazy, pinned=args.pinned,

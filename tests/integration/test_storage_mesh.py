@@ -8,6 +8,8 @@ store, and loads recover once the store is back.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -108,6 +110,17 @@ def test_an_upload_through_one_node_lands_in_the_store_and_another_serves_it(mes
     keys = {o["Key"] for o in mesh.s3.client().list_objects_v2(Bucket=BUCKET, Prefix="models/uploaded/")["Contents"]}
     assert keys == {f"models/uploaded/{k}" for k in files}
     assert served(mesh.nodes[2].target, "uploaded")
+
+
+def test_models_register_upload_sends_a_client_machines_files_to_the_store(mesh: Mesh, tmp_path: Path) -> None:
+    local = write_add_sub(tmp_path, "from-laptop")  # on this machine only: no node can read this path
+    done = subprocess.run([sys.executable, "-m", "meshnode", "models", "register", "from-laptop", str(local),
+                           "--upload", "--lazy", "--target", mesh.nodes[1].target], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = mesh.s3.client().list_objects_v2(Bucket=BUCKET, Prefix="models/from-laptop/")["Contents"]
+    assert {o["Key"] for o in listed} == {"models/from-laptop/1/model.onnx"}
+    assert served(mesh.nodes[0].target, "from-laptop")
 
 
 def test_a_model_added_to_the_bucket_appears_without_a_restart(mesh: Mesh, tmp_path: Path) -> None:
