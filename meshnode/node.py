@@ -19,8 +19,11 @@ from collections.abc import Container, Iterable
 from importlib.metadata import PackageNotFoundError, version
 
 from meshnode.api.access import Access, read_credentials
+from meshnode.api.config import ModelConfigs
+from meshnode.api.http.server import RestServer
 from meshnode.api.inference import InferenceServicer
 from meshnode.api.management import ManagementServicer
+from meshnode.api.protocol_extras import ProtocolExtrasServicer
 from meshnode.background import BackgroundTasks
 from meshnode.control.alias_retirement import Retirement
 from meshnode.control.alias_switch import AliasSwitch
@@ -34,6 +37,7 @@ from meshnode.mesh.drain import hand_off
 from meshnode.mesh.metadata import PeerMetadata
 from meshnode.mesh.runtime_health import RuntimeHealth
 from meshnode.mesh.state import MeshState
+from meshnode.mesh.statistics import MeshStatistics
 from meshnode.net import transport
 from meshnode.net.peers import GrpcPeers
 from meshnode.net.proof import MeshProof, read_secret
@@ -48,6 +52,7 @@ from meshnode.serving.cache import ModelCache
 from meshnode.serving.dataplane import DataPlane
 from meshnode.serving.replica import LocalReplica
 from meshnode.serving.runtime_status import RuntimeStatus
+from meshnode.serving.statistics import ModelStatistics
 from meshnode.settings import NodeSettings
 from meshnode.state.aliases import Aliases
 from meshnode.state.instances import InstancePublisher
@@ -109,9 +114,10 @@ class Node:
         self.mesh = MeshState(store, self.registry, self.cache, self.runtime, self.instance_id,
                               on_node_gone=self.peers.forget)
         self.runtime_status = RuntimeStatus()
+        self.statistics = ModelStatistics()
         self.replica = LocalReplica(instance_id=self.instance_id, registry=self.registry, cache=self.cache,
                                     runtime=self.runtime, metrics=self.metrics, status=self.runtime_status,
-                                    tracing=tracing, files=self.storage.files)
+                                    tracing=tracing, statistics=self.statistics, files=self.storage.files)
         self.dataplane = DataPlane(
             replica=self.replica, router=Router(self.replica, self.mesh, self.peers, tracer=tracing), cache=self.cache,
             registry=self.registry, alias_targets=self.aliases.targets,
@@ -147,11 +153,21 @@ class Node:
         self.unauthenticated = proof is None and self._peer_tls is None
         access = Access(members=self.unauthenticated, proof=proof, require_for_infer=s.require_auth_for_infer,
                         credentials=read_credentials(s.auth_tokens) if s.auth_tokens is not None else None)
-        inference = InferenceServicer(self.dataplane, self.control, self.metrics).handlers()
+        extras = ProtocolExtrasServicer(
+            configs=ModelConfigs(registry=self.registry, cache=self.cache, replica=self.replica, mesh=self.mesh,
+                                 peers=self.peers, alias_targets=self.aliases.targets),
+            statistics=MeshStatistics(local=self.statistics, mesh=self.mesh, peers=self.peers, registry=self.registry,
+                                      alias_targets=self.aliases.targets),
+            tracing=tracing is not None, log_format=s.log_format)
+        inference = {**InferenceServicer(self.dataplane, self.control, self.metrics).handlers(), **extras.handlers()}
         self._server = transport.create_server()
-        transport.add_inference_service(self._server, access.guard(inference))
+        guarded = access.guard(inference)
+        transport.add_inference_service(self._server, guarded)
+        # KServe v2 REST: the same guarded handlers, called with the request converted (api.http)
+        self._rest = RestServer(guarded, s.http_max_request_size) if s.http_port is not None else None
         transport.add_management_service(self._server, access.guard(ManagementServicer(management).handlers()))
         self._health = transport.Health(self._server)
+        transport.add_reflection(self._server)
         self._peer_server = None
         if self._peer_tls is not None:
             self._peer_server = transport.create_server()
@@ -165,6 +181,10 @@ class Node:
         self.port = 0
         self.peer_port: int | None = None
         self._metrics_server: MetricsServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self._rest.port if self._rest is not None else None
 
     @property
     def metrics_port(self) -> int | None:
@@ -183,6 +203,8 @@ class Node:
         if self._peer_server is not None:
             self.peer_port = transport.bind(self._peer_server, s.host, s.peer_port, self._peer_tls)
             await self._peer_server.start()
+        if self._rest is not None and s.http_port is not None:
+            await self._rest.start(s.host, s.http_port, client_tls)
         warn_if_open(s, self.unauthenticated)
         # Join the mesh only once this node can answer: peers route to it as soon as it is listed.
         await self.publisher.start()
@@ -224,6 +246,8 @@ class Node:
 
     def _on_registry_change(self, name: str, record: ModelRecord | None) -> None:
         # Another node (or the CLI) unregistered or disabled the model: stop serving it here too.
+        if record is None:
+            self.statistics.forget(name)
         if (record is None or not record.enabled) and self.cache.has_entry(name, ""):
             self._background.spawn(self.cache.unload_model(name))
 
@@ -247,6 +271,8 @@ class Node:
         await self._server.stop(grace_s)
         if self._peer_server is not None:
             await self._peer_server.stop(grace_s)
+        if self._rest is not None:
+            await self._rest.close()
         await self.peers.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
@@ -315,6 +341,7 @@ async def run_node(settings: NodeSettings) -> None:
     await node.start()
     metrics = f" metrics={settings.host}:{node.metrics_port}" if node.metrics_port is not None else ""
     peer = f" peer={settings.host}:{node.peer_port}" if node.peer_port is not None else ""
+    peer += f" http={settings.host}:{node.http_port}" if node.http_port is not None else ""
     # Launchers (tests, `meshserve local`) read the bound ports from this line.
     print(f"{READY_LINE} grpc={settings.host}:{node.port}{metrics} instance={node.instance_id}{peer}", flush=True)
     await stopping.wait()

@@ -128,6 +128,10 @@ class NodeSettings(BaseSettings):
     otlp_endpoint: str | None = None
     log_format: Literal["text", "json"] = "text"
     per_model_metrics: int = Field(default=0, ge=0)
+    # KServe v2 REST (meshnode.api.http) on this port, beside gRPC; None: off. A request body over
+    # http_max_request_size is refused with 413 before it is read: a client cannot make the node hold more.
+    http_port: int | None = None
+    http_max_request_size: ByteSize = Field(default=64 * 2**20, gt=0)
 
     @property
     def runs_per_copy(self) -> int:

@@ -40,6 +40,12 @@ _NEEDED: dict[str, Role | str | None] = {
     "GetModelStatus": Role.READER, "ListModels": Role.READER, "GetAlias": Role.READER,
     "ListAliases": Role.READER, "ListNodes": Role.READER,
     "RegisterModel": Role.ADMIN, "UnregisterModel": Role.ADMIN, "SetAlias": Role.ADMIN, "DeleteAlias": Role.ADMIN,
+    # Triton's other methods: a client asks config and shared memory before inferring; statistics are a status;
+    # registering memory is refused anyway; trace and log settings change the node.
+    "ModelConfig": INFER, "ModelStatistics": Role.READER, "SystemSharedMemoryStatus": INFER,
+    "SystemSharedMemoryRegister": INFER, "SystemSharedMemoryUnregister": INFER, "CudaSharedMemoryStatus": INFER,
+    "CudaSharedMemoryRegister": INFER, "CudaSharedMemoryUnregister": INFER, "TraceSetting": Role.ADMIN,
+    "LogSettings": Role.ADMIN,
 }  # fmt: skip
 
 _MEMBER: ContextVar[bool] = ContextVar("meshserve_member", default=False)

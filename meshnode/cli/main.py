@@ -27,6 +27,9 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     node.add_argument("--capacity", help="memory for loaded models: 512MiB, 2GiB, or bytes")
     node.add_argument("--instance-id", help="this node's id in the mesh (default HOST-PID)")
     node.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 2112; 0 picks one)")
+    node.add_argument("--http-port", type=int, help="KServe v2 REST port (default: off; 0 picks a free one)")
+    node.add_argument("--http-max-request-size",
+                      help="largest REST request body: 64MiB (default), ...; larger ones get 413")
     node.add_argument("--load-timeout", dest="load_timeout_s", type=float, help="seconds a load may take")
     node.add_argument("--load-failure-backoff", dest="load_failure_backoff_s", type=float,
                       help="seconds before a failed model is tried again on this node")

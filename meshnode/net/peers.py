@@ -13,8 +13,10 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from meshnode.background import BackgroundTasks
 from meshnode.net import params, transport
@@ -136,6 +138,16 @@ class GrpcPeers:
                 metadata=self._metadata("ModelMetadata", hop.to_metadata()))
         except grpc.aio.AioRpcError as error:
             # Any copy answers metadata as well as another: whatever this one said, ask the next.
+            raise peer_error(node.instance_id, error, retry_elsewhere=True) from None
+
+    async def ask(self, node: NodeView, method: str, request: Message, entries: tuple[tuple[str, str], ...] = (),
+                  budget_s: float = 5.0) -> Any:
+        """One unary call of the inference service's `method` (ModelConfig, ModelStatistics) on `node`; a failure
+        is a PeerError: another node may answer as well."""
+        try:
+            return await getattr(self._stub(node), method)(request, timeout=budget_s,
+                                                           metadata=self._metadata(method, entries))
+        except grpc.aio.AioRpcError as error:
             raise peer_error(node.instance_id, error, retry_elsewhere=True) from None
 
     async def ready(self, node: NodeView, budget_s: float = 2.0) -> bool:

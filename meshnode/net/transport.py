@@ -10,12 +10,25 @@ from typing import Any, Protocol, cast
 
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc.aio import StreamStreamMultiCallable, UnaryUnaryMultiCallable
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2 as triton_pb
 
 from meshnode.net.tls import ClientTls, ServerTls, channel_credentials, server_credentials
 from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MANAGEMENT_SERVICE, Methods, mpb, pb
+
+# Triton's methods that meshserve's own messages leave out (ModelConfig, ModelStatistics, shared memory, trace and
+# log settings) are served with tritonclient's messages, which are Triton's: the same service path, and
+# reflection describes the service from that same descriptor.
+_TRITON_SERVICE = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+TRITON_ONLY_METHODS: Methods = {
+    m.name: (GetMessageClass(m.input_type), GetMessageClass(m.output_type), m.client_streaming, m.server_streaming)
+    for m in _TRITON_SERVICE.methods if m.name not in INFERENCE_METHODS
+}
+SERVED_INFERENCE_METHODS: Methods = {**INFERENCE_METHODS, **TRITON_ONLY_METHODS}
 
 # Tensors are large and Triton sets no practical limit; 2 GiB is protobuf's own ceiling.
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -94,11 +107,18 @@ def add_service(server: grpc.aio.Server, service: str, methods: Methods,
 
 def add_inference_service(server: grpc.aio.Server, handlers: Mapping[str, Callable[..., Any]]) -> None:
     """Serve Triton's inference protocol on Triton's own service path."""
-    add_service(server, INFERENCE_SERVICE, INFERENCE_METHODS, handlers)
+    add_service(server, INFERENCE_SERVICE, SERVED_INFERENCE_METHODS, handlers)
 
 
 def add_management_service(server: grpc.aio.Server, handlers: Mapping[str, Callable[..., Any]]) -> None:
     add_service(server, MANAGEMENT_SERVICE, MANAGEMENT_METHODS, handlers)
+
+
+def add_reflection(server: grpc.aio.Server) -> None:
+    """gRPC server reflection (what `grpcurl list` and `describe` ask) for every service the node serves."""
+    reflection.enable_server_reflection(
+        (_TRITON_SERVICE.full_name, MANAGEMENT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
 
 
 class Health:
@@ -183,9 +203,12 @@ class InferenceStub(Stub):
     RepositoryIndex: UnaryUnaryMultiCallable[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse]
     RepositoryModelLoad: UnaryUnaryMultiCallable[pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse]
     RepositoryModelUnload: UnaryUnaryMultiCallable[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse]
+    # Triton's messages (tritonclient ships no types)
+    ModelConfig: UnaryUnaryMultiCallable[Any, Any]
+    ModelStatistics: UnaryUnaryMultiCallable[Any, Any]
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        super().__init__(channel, INFERENCE_SERVICE, INFERENCE_METHODS)
+        super().__init__(channel, INFERENCE_SERVICE, SERVED_INFERENCE_METHODS)
 
 
 class ManagementStub(Stub):

@@ -102,6 +102,14 @@ class TritonModel:
             raise self._runtime.infer_error(self.name, error) from None
         return response
 
+    async def model_config(self) -> Any:
+        """Triton's own config of this model (auto-completed by Triton), for ModelConfig (api.config)."""
+        try:
+            return (await self._runtime.client.get_model_config(self.name, self.version,
+                                                                client_timeout=CONTROL_TIMEOUT_S)).config
+        except InferenceServerException as error:
+            raise ModelUnavailable(f"model '{self.name}': {self._runtime._control_message(error)}") from None
+
 
 class TritonRuntime:
     name = "triton"

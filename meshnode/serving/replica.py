@@ -22,6 +22,7 @@ from meshnode.runtimes.base import CallerMetadata, LoadedModel, Runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.entries import CachedModel, LoadOptions
 from meshnode.serving.runtime_status import RuntimeStatus
+from meshnode.serving.statistics import ModelStatistics
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.model_files import ModelFiles
 from meshnode.storage.repository import ModelSource, available_versions, model_source
@@ -34,7 +35,7 @@ RUN_TIME_WEIGHT = 0.2  # of each new run in a copy's smoothed run time: a few ru
 class LocalReplica:
     def __init__(self, *, instance_id: str, registry: Registry, cache: ModelCache, runtime: Runtime,
                  metrics: NodeMetrics, status: RuntimeStatus, tracing: Tracing | None = None,
-                 files: ModelFiles | None = None) -> None:
+                 statistics: ModelStatistics | None = None, files: ModelFiles | None = None) -> None:
         self.instance_id = instance_id
         self._files = files or ModelFiles(None)  # where a model's files are here: local, or a store's on disk
         self._tracing = tracing  # None: tracing is off
@@ -44,6 +45,7 @@ class LocalReplica:
         self._cache = cache
         self._runtime = runtime
         self._metrics = metrics
+        self._statistics = statistics or ModelStatistics()  # what ran here, for ModelStatistics
 
     def has_copy(self, name: str, version: str) -> bool:
         return self._cache.has_entry(name, version)
@@ -70,7 +72,7 @@ class LocalReplica:
         metrics = self._metrics
         assert entry.model is not None  # acquired entries are loaded
         code = "OK"
-        began = time.perf_counter()
+        inputs, began = entry.model.inputs, time.perf_counter()  # the entry may be forgotten by the end
         waited = entry.inflight > self._cache.queues.runs_per_copy  # then its time says more of the queue
         try:
             record = self._records.get(entry.name)
@@ -89,6 +91,8 @@ class LocalReplica:
             ended = time.perf_counter()
             if code == "OK" and not waited:
                 entry.run_s += RUN_TIME_WEIGHT * (ended - began - entry.run_s) if entry.run_s else ended - began
+            self._statistics.finished(entry.name, entry.version, inputs, request, started, began, ended,
+                                      code == "OK")
             metrics.observe_invoke(INVOKE, code, (ended - started) * 1000.0, entry.name)
 
     async def acquire(self, name: str, version: str, churn_guard: bool = False) -> CachedModel:
