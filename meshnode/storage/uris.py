@@ -100,8 +100,10 @@ class StorageUri:
 
 def parse_uri(text: str) -> StorageUri:
     """InvalidInput for what no store can hold: an empty URI, a NUL byte, a remote URI without a location."""
-    if not text or "\x00" in text:
-        raise InvalidInput(f"invalid storage_uri '{shown_uri(text)}': empty or contains a NUL byte")
+    if not text:
+        raise InvalidInput("invalid storage_uri '': empty")
+    if "\x00" in text:
+        raise InvalidInput(f"storage_uri '{shown_uri(text)}' contains a NUL byte")
     scheme = urlsplit(text).scheme.lower() if "://" in text else ""
     if scheme not in LOCAL_SCHEMES and not text.partition("://")[2].strip("/"):
         raise InvalidInput(f"invalid storage_uri '{shown_uri(text)}': no bucket or host")

@@ -21,9 +21,10 @@ def test_the_scheme_says_whether_a_model_is_used_in_place(text: str, scheme: str
     assert (uri.scheme, uri.is_local) == (scheme, local)
 
 
-@pytest.mark.parametrize("text", ["", "s3://", "s3:///", "/a\x00b"])
-def test_a_uri_naming_no_location_is_invalid_input(text: str) -> None:
-    with pytest.raises(InvalidInput, match="invalid storage_uri"):
+@pytest.mark.parametrize(("text", "says"), [("", "empty"), ("s3://", "no bucket"), ("s3:///", "no bucket"),
+                                           ("/a\x00b", r"^storage_uri '/a\\x00b' contains a NUL byte$")])
+def test_a_uri_naming_no_location_is_invalid_input(text: str, says: str) -> None:
+    with pytest.raises(InvalidInput, match=says):
         parse_uri(text)
 
 
