@@ -14,7 +14,8 @@ from meshnode.settings import NodeSettings, parse_size
 
 
 def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    node = sub.add_parser("node", help="run a mesh node (every flag also reads MESHSERVE_<FLAG>)")
+    # No abbreviations: `--etcd-password X` must be refused, not read as --etcd-password-file X.
+    node = sub.add_parser("node", help="run a mesh node (every flag also reads MESHSERVE_<FLAG>)", allow_abbrev=False)
     # Defaults are None so that an unset flag leaves the environment variable or default in force.
     node.add_argument("--etcd", help="etcd endpoints HOST:PORT[,HOST:PORT...], tried in turn (MESHSERVE_ETCD)")
     node.add_argument("--etcd-prefix", help="key prefix in etcd (default meshserve)")

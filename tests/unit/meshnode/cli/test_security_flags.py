@@ -98,3 +98,9 @@ async def test_the_admin_commands_send_the_token_over_tls(node_port: tuple[MeshC
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await transport.ManagementStub(channel).ListNodes(mpb.ListNodesRequest(), timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_password_flag_is_refused_not_taken_for_the_password_files(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["node", "--etcd-password", "hunter2"])
+    assert "unrecognized arguments: --etcd-password" in capsys.readouterr().err
