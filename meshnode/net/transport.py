@@ -6,6 +6,7 @@ TLS/mTLS, interceptors (tracing) and message-size limits plug in here and nowher
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol, cast
 
 import grpc
@@ -80,6 +81,37 @@ def bind(server: grpc.aio.Server, host: str, port: int, tls: ServerTls | None = 
     return bound
 
 
+# The sizes of a call's messages as they cross the wire, for the metrics: known here for free, where a message
+# is parsed and written, while Message.ByteSize() would encode it once more (2.7 ms for a 1 MB tensor). Set in
+# the task that runs the handler: grpc.aio parses, calls the handler and writes the reply in that one task.
+REQUEST_BYTES: ContextVar[int] = ContextVar("meshserve_request_bytes", default=0)
+RESPONSE_BYTES_TO: ContextVar[Callable[[int], None] | None] = ContextVar("meshserve_response_bytes_to",
+                                                                         default=None)
+
+
+def _parsed(cls: type[Message]) -> Callable[[bytes], Message]:
+    parse = cls.FromString
+
+    def parsed(data: bytes) -> Message:
+        REQUEST_BYTES.set(len(data))
+        return parse(data)
+
+    return parsed
+
+
+def _written(cls: type[Message]) -> Callable[[Message], bytes]:
+    write = cls.SerializeToString
+
+    def written(message: Message) -> bytes:
+        data = write(message)
+        report = RESPONSE_BYTES_TO.get()
+        if report is not None:
+            report(len(data))
+        return data
+
+    return written
+
+
 def add_service(server: grpc.aio.Server, service: str, methods: Methods,
                 handlers: Mapping[str, Callable[..., Any]]) -> None:
     """Serve `handlers` (method name -> coroutine or async generator) under the service path `service`."""
@@ -98,8 +130,8 @@ def add_service(server: grpc.aio.Server, service: str, methods: Methods,
             make = grpc.unary_unary_rpc_method_handler
         method_handlers[method] = make(
             handler,
-            request_deserializer=request_cls.FromString,
-            response_serializer=response_cls.SerializeToString,
+            request_deserializer=_parsed(request_cls),
+            response_serializer=_written(response_cls),
         )
     add_registered_method_handlers(server, service, method_handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, method_handlers),))

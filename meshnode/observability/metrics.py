@@ -19,6 +19,7 @@ also makes each scrape a consistent snapshot.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import time
 from collections.abc import Callable, Iterable
@@ -232,13 +233,16 @@ class NodeMetrics:
         return (method, code, model if model in self._busiest else "")
 
     def observe_api(self, method: str, code: str, ms: float, model: str, request_bytes: int,
-                    response_bytes: int | None) -> None:
-        """One external request (`code`: its gRPC status name); `response_bytes` None when it failed."""
+                    response_bytes: int | None = None) -> Callable[[int], None]:
+        """One external request (`code`: its gRPC status name); `response_bytes` None when it failed or is not
+        known yet. Returns what records the response's size later: its length as the gRPC edge writes it
+        (meshnode.net.transport), since measuring a message here would serialize it once more."""
         labels = self._labels(method, code, model)
         self._api.observe(ms, labels)
         self._request_size.observe(request_bytes, labels)
         if response_bytes is not None:
             self._response_size.observe(response_bytes, labels)
+        return functools.partial(self._response_size.observe, labels=labels)
 
     def observe_invoke(self, method: str, code: str, ms: float, model: str) -> None:
         """One run of a request on a copy here."""

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from meshnode.errors import ModelLost
+from meshnode.net import transport
 from meshnode.observability.metrics import NodeMetrics
 from meshnode.observability.tracing import Tracing, status_code
 from meshnode.runtimes.base import CallerMetadata, TensorSpec
@@ -98,9 +99,11 @@ class DataPlane:
             error = failed
             raise
         finally:
-            self._metrics.observe_api(INFER, status_code(error).name, (time.perf_counter() - started) * 1000.0,
-                                      request.model_name, request.ByteSize(),
-                                      None if response is None else response.ByteSize())
+            response_size = self._metrics.observe_api(INFER, status_code(error).name,
+                                                      (time.perf_counter() - started) * 1000.0, request.model_name,
+                                                      transport.REQUEST_BYTES.get())
+            if response is not None:
+                transport.RESPONSE_BYTES_TO.set(response_size)
 
     async def _infer(
         self, request: pb.ModelInferRequest, started: float, metadata: CallerMetadata | None,

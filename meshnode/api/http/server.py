@@ -28,6 +28,7 @@ from meshnode.api.http.codec import (
     parse_json,
 )
 from meshnode.api.status import status_of
+from meshnode.net import transport
 from meshnode.net.tls import ServerTls
 from meshpb import pb
 
@@ -179,10 +180,13 @@ class RestServer:
 
     async def _infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
-        message, binary_all, binary_names = infer_request(name, version, await request.read(),
-                                                          request.headers.get(HEADER_LENGTH))
+        raw = await request.read()
+        transport.REQUEST_BYTES.set(len(raw))  # the body's size for the metrics, as gRPC's edge records it
+        message, binary_all, binary_names = infer_request(name, version, raw, request.headers.get(HEADER_LENGTH))
         body, header_length = infer_response(await self._call("ModelInfer", message, request), binary_all,
                                              binary_names)
+        if (report := transport.RESPONSE_BYTES_TO.get()) is not None:
+            report(len(body))
         if header_length == len(body):
             return web.Response(body=body, content_type="application/json")
         return web.Response(body=body, content_type="application/octet-stream",
