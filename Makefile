@@ -23,6 +23,11 @@ install: $(STAMP) $(TRITON_STAMP) $(CHECKOV_STAMP)
 	  echo "installing etcd-server from Debian"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client) >/dev/null \
 	  || { echo "could not install etcd-server (need root or sudo)"; exit 1; }; }
+	@# nft and ip: the multi-host tests (tests/integration/test_hosts.py) filter and cut links inside namespaces.
+	@command -v nft >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || { \
+	  echo "installing nftables and iproute2 from Debian"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2) >/dev/null \
+	  || echo "could not install nftables/iproute2: the multi-host tests will skip"; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

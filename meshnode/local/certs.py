@@ -43,22 +43,25 @@ class MeshCerts:
     etcd: Pair  # etcd's server certificate
     client: Pair  # a client's certificate (CLI, tests), signed by the client CA
     _client_authority: trustme.CA = field(repr=False)
+    _names: tuple[str, ...] = _NAMES
 
     @classmethod
-    def generate(cls, directory: Path) -> MeshCerts:
+    def generate(cls, directory: Path, names: tuple[str, ...] = _NAMES) -> MeshCerts:
+        """names: the addresses and DNS names the servers' certificates cover (hosts with addresses of their own)."""
         directory.mkdir(parents=True, exist_ok=True)
         mesh, client = trustme.CA(), trustme.CA()
         mesh.cert_pem.write_to_path(str(directory / "mesh-ca.pem"))
         client.cert_pem.write_to_path(str(directory / "client-ca.pem"))
         return cls(directory, directory / "mesh-ca.pem", directory / "client-ca.pem",
-                   peer=_issue(mesh, directory, "peer", *_NAMES, "meshserve-node"),
-                   server=_issue(client, directory, "server", *_NAMES),
-                   etcd=_issue(mesh, directory, "etcd", *_NAMES),
-                   client=_issue(client, directory, "client", "meshserve-client"), _client_authority=client)
+                   peer=_issue(mesh, directory, "peer", *names, "meshserve-node"),
+                   server=_issue(client, directory, "server", *names),
+                   etcd=_issue(mesh, directory, "etcd", *names),
+                   client=_issue(client, directory, "client", "meshserve-client"), _client_authority=client,
+                   _names=names)
 
     def reissue_server(self) -> None:
         """A new client-port certificate in place of the old, as cert-manager rotates it."""
-        _issue(self._client_authority, self.directory, "server", *_NAMES)
+        _issue(self._client_authority, self.directory, "server", *self._names)
 
     def issue_client(self, name: str, identity: str) -> Pair:
         """Another client certificate, naming `identity` (which the tokens file may map to a role)."""

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +52,16 @@ class EtcdProcess(ServerProcess):
     TAIL_LINES = 20
 
     def __init__(self, binary: str, root: Path, owns_root: bool, client_port: int, peer_port: int,
-                 health_port: int | None = None, tls: EtcdTls | None = None) -> None:
+                 health_port: int | None = None, tls: EtcdTls | None = None, host: str = HOST,
+                 wrapper: Sequence[str] = ()) -> None:
         super().__init__()
+        self._wrapper = list(wrapper)
         self.tls = tls
         self._health_port = health_port  # with TLS: /health in plaintext on a port of its own
         self._binary = binary
         self.data_dir = root
         self._owns_root = owns_root
-        self.host = HOST
+        self.host = host
         self.port = client_port
         self._peer_port = peer_port
 
@@ -75,11 +78,12 @@ class EtcdProcess(ServerProcess):
         return self.endpoint
 
     @classmethod
-    def start(cls, data_dir: Path | None = None, ready_timeout: float = 10.0, tls: EtcdTls | None = None
-              ) -> EtcdProcess:
+    def start(cls, data_dir: Path | None = None, ready_timeout: float = 10.0, tls: EtcdTls | None = None,
+              host: str = HOST, wrapper: Sequence[str] = ()) -> EtcdProcess:
         """Start etcd on free loopback ports; data_dir (kept on stop) or a temp dir (removed on stop).
 
-        tls: clients connect over TLS and must present a certificate signed by its client_ca."""
+        tls: clients connect over TLS and must present a certificate signed by its client_ca.
+        host, wrapper: listen there instead, run under the wrapper (`ip netns exec NS`: a host of its own)."""
         binary = _find_binary()
         owns_root = data_dir is None
         root = Path(tempfile.mkdtemp(prefix="meshserve-etcd-")) if data_dir is None else Path(data_dir)
@@ -92,7 +96,7 @@ class EtcdProcess(ServerProcess):
 
         try:
             def make(p: list[int]) -> EtcdProcess:
-                return cls(binary, root, owns_root, p[0], p[1], p[2] if tls else None, tls)
+                return cls(binary, root, owns_root, p[0], p[1], p[2] if tls else None, tls, host, wrapper)
 
             return cls._start_on_free_ports(2 if tls is None else 3, make, ready_timeout, stop_timeout=2.0,
                                             after_failure=after_failure)
@@ -145,7 +149,7 @@ class EtcdProcess(ServerProcess):
             "--trusted-ca-file", str(self.tls.client_ca), "--client-cert-auth",
             "--listen-metrics-urls", f"http://{self.host}:{self._health_port}"]
         return [
-            self._binary, *secure,
+            *self._wrapper, self._binary, *secure,
             "--name", "meshserve",
             "--data-dir", str(self.data_dir / _STORE_NAME),
             "--listen-client-urls", client,

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from meshnode.local.process import LaunchError, terminate
@@ -41,10 +42,11 @@ class NodeProcess:
         cls, *, etcd: str, model_repository: Path | str, capacity: str | int, etcd_prefix: str = "meshserve",
         port: int = 0, metrics_port: int | None = 0, instance_id: str | None = None,
         extra_args: list[str] | None = None, env: dict[str, str] | None = None, timeout_s: float = 30.0,
-        log_file: Path | None = None,
+        log_file: Path | None = None, host: str = "127.0.0.1", wrapper: Sequence[str] = (),
     ) -> NodeProcess:
-        args = [sys.executable, "-m", "meshnode", "node", "--etcd", etcd, "--etcd-prefix", etcd_prefix,
-                "--host", "127.0.0.1", "--port", str(port), "--model-repository", str(model_repository),
+        """wrapper: the command runs under it, e.g. `ip netns exec NS` (a node on a host of its own)."""
+        args = [*wrapper, sys.executable, "-m", "meshnode", "node", "--etcd", etcd, "--etcd-prefix", etcd_prefix,
+                "--host", host, "--port", str(port), "--model-repository", str(model_repository),
                 "--capacity", str(capacity)]
         if metrics_port is not None:
             args += ["--metrics-port", str(metrics_port)]

@@ -151,6 +151,7 @@ class MeshState:
                     await self._wake.wait()
             self._wake.clear()
             self._mark_recently_used()
+            self._mark_unrecorded()
             for name in list(self._dirty):
                 self._dirty.discard(name)
                 try:
@@ -192,6 +193,15 @@ class MeshState:
             record = self._registry.get(entry.name)
             if record is not None and (record.last_used is None
                                        or entry.last_used - record.last_used >= LAST_USED_GRANULARITY_S):
+                self._dirty.add(entry.name)
+
+    def _mark_unrecorded(self) -> None:
+        """Copies loaded here that their record does not list: a janitor removed them while this node's lease
+        was gone (a cut link, a long pause), and the node came back under a new lease. O(copies here)."""
+        me = self.instance_id
+        for entry in self._cache.loaded_entries():
+            record = self._registry.get(entry.name)
+            if record is not None and me not in record.copies:
                 self._dirty.add(entry.name)
 
     # -- janitor --------------------------------------------------------------------------------

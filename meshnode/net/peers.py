@@ -79,7 +79,7 @@ class GrpcPeers:
         if found is None or found[0] != node.endpoint:  # new, or restarted elsewhere under its id
             if found is not None:
                 self._closing.spawn(found[1].close())
-            channel = transport.create_channel(node.endpoint, self._tls)
+            channel = transport.create_channel(node.endpoint, self._tls, options=transport.PEER_OPTIONS)
             found = (node.endpoint, channel, transport.InferenceStub(channel))
             self._stubs[node.instance_id] = found
         return found[2]

@@ -42,7 +42,16 @@ _OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Peers ping each other during calls (PEER_OPTIONS): accept a ping a second and never answer one with
+    # GOAWAY, which the defaults (one per 5 minutes, 2 strikes) would.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
+# Channels to peers: a peer cut off the network (a dead link, a paused VM) answers nothing, and a call to it
+# would wait for its whole deadline. Pinging during calls fails them UNAVAILABLE within about 4 s instead, and
+# the router tries another copy. Not for Triton's or etcd's channels: their servers refuse pings this often.
+PEER_OPTIONS: Mapping[str, Any] = {"grpc.keepalive_time_ms": 2000, "grpc.keepalive_timeout_ms": 2000,
+                                   "grpc.keepalive_permit_without_calls": 0, "grpc.http2.max_pings_without_data": 0}
 
 
 # method -> (request class, response class, client streams, server streams), as meshpb.Methods with the classes

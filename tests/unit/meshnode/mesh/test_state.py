@@ -161,6 +161,18 @@ async def test_a_copy_loaded_here_is_recorded_with_its_measured_size_and_last_us
     assert record.copies == {} and record.size_bytes == 140  # the measured size outlives the copy
 
 
+async def test_a_copy_a_janitor_removed_while_this_node_was_away_is_recorded_again(make: Make) -> None:
+    node = await make()
+    await node.register("a")
+    await node.use("a")
+    await node.recorded("a", lambda r: copy_state(r, ME) == LOADED)
+    # Another node saw this node's lease expire (a cut link) and removed its copy; this node came back.
+    await node.registry.update("a", lambda r: replace(r, copies={}) if r is not None else None)
+    node.mesh.copy_changed("unrelated")  # the flusher's next round, whatever wakes it
+    record = await node.recorded("a", lambda r: copy_state(r, ME) == LOADED)
+    assert record.copies == {ME: loaded_here()}
+
+
 async def test_a_claimed_load_that_fails_here_becomes_a_failure_in_the_record(make: Make) -> None:
     node = await make()
     await node.register("bad")
