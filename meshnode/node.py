@@ -124,6 +124,7 @@ class Node:
             metadata_elsewhere=PeerMetadata(mesh=self.mesh, registry=self.registry, peers=self.peers,
                                             runtime=self.runtime.name),
             metrics=self.metrics, version=software_version(), max_inflight=s.max_inflight, tracing=tracing,
+            peers=self.peers,
         )
         self.copies = CopyManager(
             cache=self.cache, mesh=self.mesh, registry=self.registry, peers=self.peers, replica=self.replica,

@@ -14,15 +14,22 @@ class MeshError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     # Whether another node might succeed where this one failed (a load failure, a node going away).
     retry_elsewhere: bool = False
+    # The node that failed, when known: sent apart from the message (trailing metadata, NODE_KEY), so that a
+    # forwarded request's error reads exactly as the same error on the node the client called.
+    node: str | None = None
+
+
+NODE_KEY = "meshserve-node"
 
 
 class PeerError(MeshError):
     """A forwarded request failed at or on the way to a peer."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, *, retry_elsewhere: bool) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, retry_elsewhere: bool, node: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.retry_elsewhere = retry_elsewhere
+        self.node = node
 
 
 NOT_HERE_PREFIX = "not here: "

@@ -73,3 +73,16 @@ class RouteTracer(Protocol):
         """Record one routing decision, from `started_ns` (time.time_ns) until now: `candidates` copies were
         considered and `chosen` serves the request, because of `reason` (copy, load, claimed)."""
         ...
+
+
+class Serve(Protocol):
+    """Where a routed request goes once the router has chosen: by default this node's infer and the peers'
+    forward; a stream's session (meshnode.serving.streams) sends it on its streams instead."""
+
+    async def here(self, request: Any, churn_guard: bool) -> Any:
+        """As LocalNode.infer."""
+        ...
+
+    async def at(self, node: NodeView, request: Any, hop: Hop, budget_s: float | None) -> Any:
+        """As Peers.infer."""
+        ...

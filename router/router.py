@@ -30,7 +30,8 @@ from placement.policy import (
 from placement.types import FailureView, ModelView, NodeView
 from router.errors import OVERLOADED_PREFIX, GaveUp, MeshError, NoPlacement, NotHere, OutOfTime, Overloaded
 from router.hop import MAX_HOPS, Hop, Mode
-from router.ports import LocalNode, MeshView, Peers, RouteTracer
+from router.ports import LocalNode, MeshView, Peers, RouteTracer, Serve
+from router.sequences import SequenceFlags, SequenceLost, rank
 
 MAX_ATTEMPTS = 6
 
@@ -49,20 +50,30 @@ class Router:
         self._placement = placement or PlacementConfig()
         self._max_attempts = max_attempts
         self._tracer = tracer
+        self._unary = _Unary(local, peers)
 
     async def route(self, request: Any, hop: Hop, budget_s: float | None,
-                    overloaded_here: Overloaded | None = None) -> Any:
+                    overloaded_here: Overloaded | None = None, serve: Serve | None = None,
+                    sequence: SequenceFlags | None = None) -> Any:
         """Serve `request` somewhere in the mesh within `budget_s` seconds (None: no deadline).
 
         `overloaded_here`: this node's copy refused the request at its bound (the node's hit path). A client's
         request then tries the other copies; one a peer sent for this copy goes back to that peer.
+        `serve`: where the chosen node's request goes (a stream's); by default this node's infer or a forward.
+        `sequence`: the request's sequence (router.sequences), whose copy serves it.
         """
         name = request.model_name
+        serve = serve or self._unary
         if hop.mode is not Mode.ANY or hop.hops >= MAX_HOPS:
             if overloaded_here is not None:
                 raise overloaded_here
-            return await self._serve_as_chosen(request, hop)
+            return await self._serve_as_chosen(request, hop, serve)
         deadline = None if budget_s is None else time.monotonic() + budget_s
+        if sequence is not None:
+            holders = self._sequence_holders(name, sequence)
+            if holders or not sequence.start:
+                return await self._route_sequence(request, hop, sequence, holders, deadline, serve)
+            # No copy yet: the start loads one as any request would, and the copy it makes holds the sequence.
         me = self._local.instance_id
         tried: set[str] = set(hop.tried)
         overloaded: set[str] = set()  # nodes whose copy refused this request at its bound
@@ -79,7 +90,7 @@ class Router:
             if model is None:
                 if overloaded:  # a copy said so, whatever the view says now: never past its bound
                     raise _overloaded(name, overloaded, last_error)
-                return await self._local.infer(request)  # unknown here too: the node says NOT_FOUND
+                return await serve.here(request, False)  # unknown here too: the node says NOT_FOUND
             nodes = self._mesh.nodes()
             unavailable = tried | self._peers.suspects()
             target = choose_copy(model.copies, nodes=nodes, local_outstanding=self._peers.outstanding(),
@@ -114,14 +125,14 @@ class Router:
                 self._tracer.decided(name, started_ns, target, len(model.copies), why)
             try:
                 if target == me:
-                    return await self._local.infer(request, guard and mode is Mode.LOAD)
+                    return await serve.here(request, guard and mode is Mode.LOAD)
                 node = nodes.get(target)
                 if node is None:
                     raise NotHere(f"node {target} left the mesh")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                return await self._peers.infer(node, request, hop.forward(mode, sorted(tried | {me})), remaining)
+                return await serve.at(node, request, hop.forward(mode, sorted(tried | {me})), remaining)
             except MeshError as error:
                 if not error.retry_elsewhere:
                     raise
@@ -137,18 +148,68 @@ class Router:
             raise _overloaded(name, overloaded, last_error)
         raise GaveUp(f"model '{name}' could not be served by nodes {sorted(tried) or '(none)'}{detail}")
 
-    async def _serve_as_chosen(self, request: Any, hop: Hop) -> Any:
+    def _sequence_holders(self, name: str, sequence: SequenceFlags) -> list[str]:
+        """The model's copies that may hold (or, for a start, take) the sequence, in the order to try them."""
+        model = self._mesh.model(name)
+        if model is None:
+            return []
+        nodes = self._mesh.nodes()
+        return rank(sequence, [c.instance_id for c in model.copies if c.instance_id in nodes
+                               and not (sequence.start and nodes[c.instance_id].shutting_down)])
+
+    async def _route_sequence(self, request: Any, hop: Hop, sequence: SequenceFlags, holders: list[str],
+                              deadline: float | None, serve: Serve) -> Any:
+        """The sequence's copy serves it: the first in rendezvous order that holds it (a start: the first)."""
+        name, me = request.model_name, self._local.instance_id
+        if self._mesh.model(name) is None:
+            return await serve.here(request, False)  # unknown here too: the node says NOT_FOUND
+        tried: set[str] = set(hop.tried)
+        last_error: MeshError | None = None
+        for target in holders:
+            if target in tried:
+                continue
+            try:
+                if target == me:
+                    return await serve.here(request, False)
+                node = self._mesh.nodes().get(target)
+                if node is None:
+                    raise NotHere(f"node {target} left the mesh")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise OutOfTime(f"model '{name}' could not be served within its deadline by nodes "
+                                    f"{sorted(tried) or '(none)'}")
+                return await serve.at(node, request, hop.forward(Mode.COPY, sorted(tried | {me})), remaining)
+            except MeshError as error:
+                # A copy at its bound holds the sequence all the same: the client hears it is busy.
+                if not error.retry_elsewhere or (isinstance(error, Overloaded) and not sequence.start):
+                    raise
+                tried.add(target)
+                last_error = error
+        if sequence.start:
+            raise GaveUp(f"model '{name}' could not start sequence {sequence} on nodes {sorted(tried) or '(none)'}"
+                         + (f"; last error: {last_error}" if last_error else ""))
+        raise SequenceLost(sequence, name)
+
+    async def _serve_as_chosen(self, request: Any, hop: Hop, serve: Serve) -> Any:
         """A peer sent this here: serve it, never forward it again (hops stay bounded)."""
         name, version = request.model_name, request.model_version
         if hop.mode is Mode.COPY and not self._local.has_copy(name, version) and not self._claimed_here(name):
             raise NotHere(f"model '{name}' is not loaded on node {self._local.instance_id}")
-        return await self._local.infer(request, hop.mode is Mode.LOAD)
+        return await serve.here(request, hop.mode is Mode.LOAD)
 
     def _claimed_here(self, name: str) -> bool:
         # A claim for this node can arrive in the view just after the request that it announced.
         model = self._mesh.model(name)
         me = self._local.instance_id
         return model is not None and any(c.instance_id == me for c in model.copies)
+
+
+class _Unary:
+    """A unary request's way: this node's infer, or a forward to the chosen peer."""
+
+    def __init__(self, local: LocalNode, peers: Peers) -> None:
+        self.here = local.infer
+        self.at = peers.infer
 
 
 def _every_copy_in(model: ModelView, nodes: Mapping[str, NodeView], overloaded: Collection[str]) -> bool:

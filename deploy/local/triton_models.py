@@ -61,11 +61,11 @@ def _tensors(kind: str, names: tuple[str, ...], width: int) -> str:
     return f"{kind} [ {items} ]\n"
 
 
-def _write(directory: Path | str, name: str, version: int, config: str, code: str) -> Path:
+def _write(directory: Path | str, name: str, version: int, config: str, code: str, max_batch_size: int = 0) -> Path:
     model_dir = Path(directory) / name
     (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(
-        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n{config}'
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n{config}'
         "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
     )
     (model_dir / str(version) / "model.py").write_text(code)
@@ -94,3 +94,109 @@ def write_python_onnx_mlp(
               approx_bytes=approx_bytes, seed=seed)
     config = _tensors("input", ("INPUT0",), in_features) + _tensors("output", ("OUTPUT0",), out_features)
     return _write(directory, name, version, config, _ONNX_MLP_PY)
+
+
+_REPEAT_PY = '''\
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+CANCELLED_MARKER = {marker!r}
+
+
+class TritonPythonModel:
+    """Triton's repeat_int32: one response per element of IN (OUT = IN[i], IDX = i) after DELAY[i] ms, then the
+    final flag; WAIT ms before the first. Each request runs in its own thread, so one stream's requests overlap."""
+
+    def execute(self, requests):
+        for request in requests:
+            threading.Thread(target=self._repeat, args=(request,), daemon=True).start()
+        return None
+
+    def _repeat(self, request):
+        sender = request.get_response_sender()
+        values = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy()
+        delays = pb_utils.get_input_tensor_by_name(request, "DELAY").as_numpy()
+        wait = pb_utils.get_input_tensor_by_name(request, "WAIT").as_numpy()
+        cancelled = _pause(sender, int(wait[0]))
+        for index, value in enumerate(values):
+            cancelled = cancelled or _pause(sender, int(delays[index]))
+            if cancelled:
+                if CANCELLED_MARKER:
+                    with open(CANCELLED_MARKER, "a") as marker:
+                        marker.write(f"{{index}}\\n")
+                break
+            sender.send(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUT", np.array([value], np.int32)),
+                pb_utils.Tensor("IDX", np.array([index], np.uint32))]))
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _pause(sender, ms):
+    """Sleeps `ms`, looking for a cancellation every 20 ms; True when the request was cancelled."""
+    end = time.monotonic() + ms / 1000.0
+    while not sender.is_cancelled():
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.02))
+    return True
+'''
+
+
+def write_python_repeat(directory: Path | str, name: str = "repeat_int32", version: int = 1, *,
+                        cancelled_marker: Path | str = "") -> Path:
+    """A decoupled model as Triton's repeat_int32 example: IN INT32 [-1], DELAY UINT32 [-1], WAIT UINT32 [1] ->
+    OUT INT32 [1], IDX UINT32 [1], one response per element of IN, zero for an empty IN.
+
+    cancelled_marker: a file the model appends the index it stopped at to, when a request is cancelled.
+    """
+    config = (
+        'model_transaction_policy { decoupled: true }\n'
+        'input [ { name: "IN" data_type: TYPE_INT32 dims: [ -1 ] }, { name: "DELAY" data_type: TYPE_UINT32 '
+        'dims: [ -1 ] }, { name: "WAIT" data_type: TYPE_UINT32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] }, { name: "IDX" data_type: TYPE_UINT32 '
+        'dims: [ 1 ] } ]\n'
+    )
+    return _write(directory, name, version, config, _REPEAT_PY.format(marker=str(cancelled_marker)))
+
+
+_ACCUMULATE_PY = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Triton's simple_sequence: OUTPUT is the sum of the sequence's INPUTs so far; a start begins a new sum."""
+
+    def initialize(self, args):
+        self.sums = {}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            value = int(pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy().flatten()[0])
+            start = int(pb_utils.get_input_tensor_by_name(request, "START").as_numpy().flatten()[0])
+            corrid = int(pb_utils.get_input_tensor_by_name(request, "CORRID").as_numpy().flatten()[0])
+            self.sums[corrid] = value if start else self.sums.get(corrid, 0) + value
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUTPUT", np.array([[self.sums[corrid]]], np.int32))]))
+        return responses
+'''
+
+
+def write_python_sequence(directory: Path | str, name: str = "simple_sequence", version: int = 1, *,
+                          idle_us: int = 5_000_000) -> Path:
+    """A stateful model as Triton's simple_sequence: INPUT INT32 [-1, 1] -> OUTPUT INT32 [-1, 1] (max_batch_size 8:
+    eight sequences at once per copy), the running sum of the sequence's inputs (sequence batching, its state in
+    the copy), idle sequences released after `idle_us`."""
+    config = (
+        f"sequence_batching {{ max_sequence_idle_microseconds: {idle_us}\n"
+        '  control_input [ { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
+        '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] } ] }\n'
+        'input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    )
+    return _write(directory, name, version, config, _ACCUMULATE_PY, max_batch_size=8)

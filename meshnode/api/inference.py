@@ -31,6 +31,11 @@ def _parameters(params: Any) -> dict[str, object]:
     return out
 
 
+def _stream_error(request: pb.ModelInferRequest, error: BaseException) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(error_message=status_of(error)[1], infer_response=pb.ModelInferResponse(
+        id=request.id, model_name=request.model_name, model_version=request.model_version))
+
+
 class InferenceServicer:
     def __init__(self, dataplane: DataPlane, control: ModelControl, metrics: NodeMetrics) -> None:
         self._dataplane = dataplane
@@ -87,14 +92,10 @@ class InferenceServicer:
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Triton's stream semantics: an error answers that request and the stream goes on.
-        async for request in requests:
-            try:
-                response = await self._dataplane.infer(self._without_forged_hop(request),
-                                                        self._caller_metadata(context), context.time_remaining)
-            except Exception as error:
-                yield pb.ModelStreamInferResponse(error_message=status_of(error)[1])
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+        checked = (self._without_forged_hop(request) async for request in requests)
+        async for response in self._dataplane.stream(checked, _stream_error, self._caller_metadata(context),
+                                                     context.time_remaining):
+            yield response
 
     @maps_errors
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from router.errors import MeshError
+from router.errors import NODE_KEY, MeshError
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -30,7 +30,15 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, MeshError):
         return error.code, clip_message(str(error))
     log.exception("unexpected error", exc_info=error)
-    return grpc.StatusCode.INTERNAL, clip_message(f"internal error: {type(error).__name__}: {error}")
+    # An OS error's text names the server's files: the client gets its reason only (the log has the rest).
+    said = error.strerror if isinstance(error, OSError) and error.strerror else error
+    return grpc.StatusCode.INTERNAL, clip_message(f"internal error: {type(error).__name__}: {said}")
+
+
+def trailing_of(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The status's trailing metadata: the node that failed, when the error knows it."""
+    node = error.node if isinstance(error, MeshError) else None
+    return ((NODE_KEY, node),) if node else ()
 
 
 def clip_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
@@ -46,7 +54,7 @@ def clip_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
 def maps_errors(
     handler: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]:
-    """A unary handler whose errors end the call with their status and message."""
+    """A unary handler whose errors end the call with their status, message and trailing metadata."""
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
@@ -54,7 +62,7 @@ def maps_errors(
             return await handler(self, request, context)
         except Exception as error:
             code, message = status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_of(error))
             raise  # unreachable: abort raises
 
     return wrapper

@@ -35,8 +35,9 @@ ClientSpan = Callable[[str, str], AbstractContextManager[tuple[tuple[str, str], 
 
 def peer_error(peer: str, error: grpc.aio.AioRpcError, *,
                retry_elsewhere: bool | None = None) -> PeerError | Overloaded:
-    """A peer's failed call as the router sees it: the peer's status and message, and whether another
-    node may succeed (by the status, unless the caller knows better).
+    """A peer's failed call as the router sees it: the peer's status and message as the peer worded them (the
+    peer is the error's `node`, never a prefix), and whether another node may succeed (by the status, unless
+    the caller knows better).
 
     A peer's copy at its bound answers RESOURCE_EXHAUSTED as a node without room does; its message's
     prefix tells them apart, and it comes back as Overloaded, which the router counts per model.
@@ -44,9 +45,26 @@ def peer_error(peer: str, error: grpc.aio.AioRpcError, *,
     code = error.code()
     details = error.details() or ""
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(OVERLOADED_PREFIX):
-        return Overloaded(f"node {peer}: {details.removeprefix(OVERLOADED_PREFIX)}")
-    return PeerError(code, f"node {peer}: {details}",
+        overloaded = Overloaded(details)
+        overloaded.node = peer
+        return overloaded
+    return PeerError(code, details, node=peer,
                      retry_elsewhere=code in RETRY_ELSEWHERE_CODES if retry_elsewhere is None else retry_elsewhere)
+
+
+class PeerStream(transport.CallStream):
+    """A stream to a peer: each request carries the hop it was routed with (in its parameters, as a unary
+    forward's does); `ended` runs once, when the call is over."""
+
+    def __init__(self, call: Any, sink: transport.ResponseSink,
+                 failed: Callable[[grpc.aio.AioRpcError], pb.ModelStreamInferResponse],
+                 ended: Callable[[], None]) -> None:
+        super().__init__(call, sink, failed)
+        self._pump.add_done_callback(lambda _: ended())
+
+    async def send_hop(self, request: pb.ModelInferRequest, hop: Hop) -> None:
+        request.parameters[PARAMETER_KEY].string_param = hop.encode()
+        await self.send(request)
 
 
 class GrpcPeers:
@@ -110,13 +128,32 @@ class GrpcPeers:
                 self._suspect_until[peer] = self._now() + SUSPECT_S
             raise peer_error(peer, error) from None
         finally:
-            # The peer may have been forgotten (its lease ended) while this request was out.
-            left = self._outstanding.get(peer, 0) - 1
-            if left > 0:
-                self._outstanding[peer] = left
-            else:
-                self._outstanding.pop(peer, None)
-                self._close_if_gone(peer)
+            self._ended(peer)
+
+    def open_stream(self, node: NodeView, sink: transport.ResponseSink,
+                    propagated: tuple[tuple[str, str], ...] = ()) -> PeerStream:
+        """One ModelStreamInfer call to `node`, for the requests of a client's stream that its copies serve: the
+        peer's responses (many per request from a decoupled model) reach `sink` as the peer sends them. Counted
+        as outstanding while open; a call that breaks makes the peer a suspect, as a unary call does."""
+        peer = node.instance_id
+        call = self._stub(node).ModelStreamInfer(metadata=self._metadata("ModelStreamInfer", propagated))
+        self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
+
+        def failed(error: grpc.aio.AioRpcError) -> pb.ModelStreamInferResponse:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                self._suspect_until[peer] = self._now() + SUSPECT_S
+            return pb.ModelStreamInferResponse(error_message=error.details() or f"node {peer} ended the stream")
+
+        return PeerStream(call, sink, failed, ended=lambda: self._ended(peer))
+
+    def _ended(self, peer: str) -> None:
+        # The peer may have been forgotten (its lease ended) while calls were out.
+        left = self._outstanding.get(peer, 0) - 1
+        if left > 0:
+            self._outstanding[peer] = left
+        else:
+            self._outstanding.pop(peer, None)
+            self._close_if_gone(peer)
 
     async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
         """Ask `node` to load a copy of registered model `name`; raises PeerError (or Overloaded)."""

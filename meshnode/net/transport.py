@@ -5,7 +5,8 @@ TLS/mTLS, interceptors (tracing) and message-size limits plug in here and nowher
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Protocol, cast
 
@@ -250,6 +251,47 @@ class InferenceStub(Stub):
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         super().__init__(channel, INFERENCE_SERVICE, SERVED_INFERENCE_METHODS)
+
+
+ResponseSink = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
+
+
+class CallStream:
+    """One ModelStreamInfer call held open: requests written in order, every response handed to `sink` as it
+    comes (zero, one or many per request). The sink's waits are the stream's back-pressure: while it waits,
+    nothing is read, and gRPC's flow control holds the other end. A call that fails ends with one error response
+    (`failed`); a cancelled one ends silently, its caller having gone."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[pb.ModelInferRequest, pb.ModelStreamInferResponse],
+                 sink: ResponseSink, failed: Callable[[grpc.aio.AioRpcError], pb.ModelStreamInferResponse]) -> None:
+        self._call = call
+        self._pump = asyncio.create_task(self._read(sink, failed))
+
+    @property
+    def open(self) -> bool:
+        return not self._pump.done()
+
+    async def _read(self, sink: ResponseSink,
+                    failed: Callable[[grpc.aio.AioRpcError], pb.ModelStreamInferResponse]) -> None:
+        try:
+            async for response in self._call:
+                await sink(response)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                await sink(failed(error))
+
+    async def send(self, request: pb.ModelInferRequest) -> None:
+        await self._call.write(request)
+
+    async def finish(self) -> None:
+        """No more requests: wait for the responses to every request sent."""
+        if self.open:
+            await self._call.done_writing()
+        await self._pump
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._pump.cancel()
 
 
 class ManagementStub(Stub):

@@ -8,10 +8,10 @@ that satisfies Runtime.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from meshnode.storage.repository import ModelSource
 from meshpb import pb
@@ -44,6 +44,34 @@ class LoadedModel(Protocol):
         caller_metadata reads the client's gRPC metadata (trace context), only if called.
         """
         ...
+
+
+ResponseSink = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
+
+
+class InferStream(Protocol):
+    """Requests of one client stream, sent in order; their responses go to the stream's sink as produced."""
+
+    @property
+    def open(self) -> bool: ...
+
+    async def send(self, request: pb.ModelInferRequest) -> None: ...
+
+    async def finish(self) -> None:
+        """No more requests: wait until every response of those sent has gone to the sink."""
+        ...
+
+    def cancel(self) -> None:
+        """The client went away: end the work of every request sent."""
+        ...
+
+
+@runtime_checkable
+class StreamingModel(Protocol):
+    """A LoadedModel whose runtime streams (Triton: decoupled models answer many times, or never, per request).
+    A model without it answers each request of a stream with its one response."""
+
+    def open_stream(self, sink: ResponseSink, caller_metadata: CallerMetadata | None = None) -> InferStream: ...
 
 
 class Runtime(Protocol):

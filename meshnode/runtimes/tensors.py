@@ -192,6 +192,14 @@ def _from_contents(tensor: _Input, spec: TensorSpec, shape: list[int], count: in
         raise InvalidInput(f"input '{name}' for model '{model}' has values out of range for {datatype}") from None
 
 
+def _check_no_contents(inputs: Sequence[_Input], model_name: str) -> None:
+    """With raw_input_contents, no input may have contents: Triton's words, for the first that has."""
+    for tensor in inputs:
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"contents field must not be specified when using raw_input_contents for "
+                               f"'{tensor.name}' for model '{model_name}'")
+
+
 def decode_inputs(
     request: pb.ModelInferRequest, specs: Sequence[TensorSpec] | SpecIndex, model_name: str
 ) -> dict[str, np.ndarray]:
@@ -206,6 +214,7 @@ def decode_inputs(
         _check_names(request, by_name, model_name)
     raw_contents = request.raw_input_contents
     if len(raw_contents) and len(raw_contents) != len(inputs):
+        _check_no_contents(inputs, model_name)  # Triton says this first, whatever the count
         raise InvalidInput(
             f"raw_input_contents has {len(raw_contents)} entries but request for model '{model_name}' "
             f"has {len(inputs)} inputs {_names(t.name for t in inputs)}"
@@ -236,10 +245,7 @@ def decode_inputs(
             arrays[name] = _from_contents(tensor, spec, shape, count, model_name)
             continue
         if tensor.HasField("contents"):
-            raise InvalidInput(
-                f"contents field must not be specified when using raw_input_contents for input '{name}' "
-                f"for model '{model_name}'"
-            )
+            _check_no_contents(inputs, model_name)
         raw = raw_contents[i]
         dtype = _FIXED_WIDTH.get(spec.datatype)
         if dtype is None:

@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 import tritonclient.grpc.aio as triton_aio
 from google.protobuf import json_format
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from tritonclient.utils import InferenceServerException
 
 from meshnode.errors import (
@@ -34,12 +33,19 @@ from meshnode.errors import (
     ModelUnavailable,
 )
 from meshnode.net import transport
-from meshnode.runtimes.base import CallerMetadata, LoadedModel, RuntimeSettings, TensorSpec
+from meshnode.runtimes.base import (
+    CallerMetadata,
+    InferStream,
+    LoadedModel,
+    ResponseSink,
+    RuntimeSettings,
+    TensorSpec,
+)
+from meshnode.runtimes.triton_calls import VersionStream, trace_metadata
 from meshnode.storage.repository import ModelSource, directory_files, files_bytes
 from meshnode.storage.versions import CONFIG_FILE, only, read_config
 from meshpb import pb
 from router.errors import MeshError
-from router.hop import trace_context
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,6 @@ START_WAIT_S = 60.0  # for Triton to answer when the node starts
 PROBE_TIMEOUT_S = 2.0
 NOT_READY = "is not at ready state"  # Triton's words for a request to a version it does not hold
 CONTROL_TIMEOUT_S = 600.0  # a load may run that long; the cache's own load timeout is the real bound
-_W3C = TraceContextTextMapPropagator()
 
 
 def _first_paragraph(message: str) -> str:
@@ -88,19 +93,23 @@ class TritonModel:
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float | None = None,
                     caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
-        # Triton's trace continues from the node's span running this request when the node traces (the
-        # propagator writes nothing without one), else from the caller's trace context, passed on as it came.
-        carrier: dict[str, str] = {}
-        _W3C.inject(carrier)
-        trace = tuple(carrier.items()) or (trace_context(caller_metadata()) if caller_metadata is not None else ())
         # Triton may hold other versions of the name: without this it would answer with its newest.
         request.model_version = self.version
         try:
             response: pb.ModelInferResponse = await self._runtime.stub.ModelInfer(
-                request, timeout=timeout_s, metadata=trace or None)
+                request, timeout=timeout_s, metadata=trace_metadata(caller_metadata))
         except grpc.aio.AioRpcError as error:
             raise self._runtime.infer_error(self.name, error) from None
         return response
+
+    def open_stream(self, sink: ResponseSink, caller_metadata: CallerMetadata | None = None) -> InferStream:
+        """One ModelStreamInfer call to Triton, passed through: Triton's own responses (a decoupled model's
+        many, its final-response flags, its errors) reach the sink as Triton sends them."""
+        call = self._runtime.stub.ModelStreamInfer(metadata=trace_metadata(caller_metadata))
+        return VersionStream(call, sink, self._stream_failed, self.version)
+
+    def _stream_failed(self, error: grpc.aio.AioRpcError) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(error_message=str(self._runtime.infer_error(self.name, error)))
 
     async def model_config(self) -> Any:
         """Triton's own config of this model (auto-completed by Triton), for ModelConfig (api.config)."""

@@ -62,6 +62,7 @@ class ModelCache:
         self._reused_bytes = 0
         self.loads = LoadQueue(load_concurrency)
         self._now = wall_clock
+        self.wall_clock = wall_clock  # for parts that keep times the cache compares (serving.sequences)
         self._lru: OrderedDict[str, CachedModel] = OrderedDict()  # oldest first
         self._by_name: dict[str, set[str]] = {}
         self.failures = LoadFailures(failure_backoff_s, wall_clock)
@@ -174,14 +175,15 @@ class ModelCache:
         return entry
 
     def _make_room(self, needed: int, for_model: str, keep: CachedModel | None = None, guard: bool = False) -> None:
+        now = self._now()
         residents = (
-            Resident(k, e.size_bytes, e.inflight > 0 or e.model is None or e is keep, last_used=e.last_used,
-                     pinned=e.pinned, reused=e.requests >= 2)
+            Resident(k, e.size_bytes, e.inflight > 0 or e.model is None or e is keep or e.sequences_until > now,
+                     last_used=e.last_used, pinned=e.pinned, reused=e.requests >= 2)
             for k, e in self._lru.items()
         )
         idle = self._churn_guard_s if guard else 0.0
         plan = plan_eviction(residents, needed_bytes=needed, free_bytes=self.capacity_bytes - self.used_bytes,
-                             now=self._now(), min_victim_idle_s=idle, reused_bytes=self._reused_bytes,
+                             now=now, min_victim_idle_s=idle, reused_bytes=self._reused_bytes,
                              protect_reused_bytes=self._protect_reused_bytes)
         if plan is None:
             protected = f", pinned, or used in the last {idle:g}s (churn guard)" if idle else " or pinned"

@@ -13,11 +13,12 @@ other copies, and refuses a peer's, so that the peer tries another (router.route
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
-from meshnode.errors import ModelLost
+from meshnode.errors import InvalidInput, ModelLost, Unsupported
 from meshnode.net import transport
 from meshnode.observability.metrics import NodeMetrics
 from meshnode.observability.tracing import Tracing, status_code
@@ -25,18 +26,35 @@ from meshnode.runtimes.base import CallerMetadata, TensorSpec
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.entries import CachedModel
 from meshnode.serving.replica import LocalReplica
+from meshnode.serving.streams import ErrorResponse, StreamPeers, StreamSession
 from meshnode.state.registry import Registry
 from meshpb import pb
 from placement.types import LOADED
 from router.errors import MeshError, Overloaded
 from router.hop import PARAMETER_KEY, Hop
 from router.router import Router
+from router.sequences import sequence_of
 
 TimeRemaining = Callable[[], float | None]
 
 INFER = "ModelInfer"  # the method in metrics' labels and span names
 SERVER_NAME = "meshserve"
 SERVER_EXTENSIONS = ("model_repository", "model_repository(unload_dependents)", "parameters")
+# What Triton's std::stol takes as a version: leading blanks, a sign, digits (anything after them it ignores).
+_VERSION_PREFIX = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+
+
+def check_version(version: str) -> None:
+    """Triton's refusal, in its words, of a version string that is no version ("" is the newest)."""
+    if not version:
+        return
+    found = _VERSION_PREFIX.match(version)
+    value = int(found.group()) if found is not None else None
+    if value is None or not -(2**63) <= value < 2**63:  # past int64: stol's out_of_range, worded the same
+        raise InvalidInput(f"failed to get model version from specified version string '{version}' (details: "
+                           "stol), version should be an integral value > 0")
+    if value < 0:
+        raise InvalidInput(f"invalid model version specified '{version}' , version should be an integral value > 0")
 
 
 class MetadataElsewhere(Protocol):
@@ -49,7 +67,7 @@ class DataPlane:
     def __init__(
         self, *, replica: LocalReplica, router: Router, cache: ModelCache, registry: Registry,
         alias_targets: Mapping[str, str], metadata_elsewhere: MetadataElsewhere, metrics: NodeMetrics, version: str,
-        max_inflight: int = 512, tracing: Tracing | None = None,
+        max_inflight: int = 512, tracing: Tracing | None = None, peers: StreamPeers | None = None,
     ) -> None:
         self._replica = replica
         self._router = router
@@ -68,6 +86,7 @@ class DataPlane:
         self._runs_per_copy = cache.queues.runs_per_copy
         self._max_per_copy = cache.queues.runs_per_copy + cache.queues.max_queued
         self._tracing = tracing  # None: tracing is off
+        self._peers = peers  # None: no streams (unit tests of the unary path)
 
     @property
     def ready(self) -> bool:
@@ -97,6 +116,8 @@ class DataPlane:
                 return response
         except BaseException as failed:
             error = failed
+            if isinstance(failed, MeshError) and failed.node is None:
+                failed.node = self._replica.instance_id
             raise
         finally:
             response_size = self._metrics.observe_api(INFER, status_code(error).name,
@@ -121,6 +142,9 @@ class DataPlane:
             # Served as the model the alias points at now; the response names that model.
             request.model_name = target
             entry = self._cache.ready.get((target, request.model_version))
+        sequence = sequence_of(request.parameters) if request.parameters else None
+        if sequence is not None and PARAMETER_KEY not in request.parameters:
+            entry = None  # a client's request of a sequence goes to the sequence's copy (router.sequences)
         try:
             overloaded = None
             if entry is not None:
@@ -141,21 +165,53 @@ class DataPlane:
                                                        time_remaining() if time_remaining else None, metadata)
                     except ModelLost:
                         pass  # run() forgot the copy: the router below loads it again, here or elsewhere
-            hop = Hop.from_metadata(metadata() if metadata is not None else None)
-            sent = request.parameters.get(PARAMETER_KEY)
-            if sent is not None:  # from a peer: the hop rides in the request (router.hop)
-                hop = Hop.decode(sent.string_param, hop.propagated)
-            if self._tracing is not None:
-                self._tracing.routed(hop)
+            check_version(request.model_version)
+            hop = self._hop_of(request, metadata)
             # The router knows no protocol (router.ports): it answers what this node or a peer answered.
             response: pb.ModelInferResponse = await self._router.route(
-                request, hop, time_remaining() if time_remaining is not None else None, overloaded)
+                request, hop, time_remaining() if time_remaining is not None else None, overloaded,
+                sequence=sequence)
             return response
         except Overloaded:
             metrics.requests_rejected += 1  # this node's answer is RESOURCE_EXHAUSTED, to a client or a peer
             raise
         finally:
             self.inflight -= 1
+
+    def _hop_of(self, request: pb.ModelInferRequest, metadata: CallerMetadata | None) -> Hop:
+        hop = Hop.from_metadata(metadata() if metadata is not None else None)
+        sent = request.parameters.get(PARAMETER_KEY)
+        if sent is not None:  # from a peer: the hop rides in the request (router.hop)
+            hop = Hop.decode(sent.string_param, hop.propagated)
+        if self._tracing is not None:
+            self._tracing.routed(hop)
+        return hop
+
+    def stream(self, requests: AsyncIterator[pb.ModelInferRequest], error: ErrorResponse,
+               metadata: CallerMetadata | None = None, time_remaining: TimeRemaining | None = None,
+               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """A client's or a peer's ModelStreamInfer: each request routed as `infer` routes it, its responses (many
+        from a decoupled model) as produced (serving.streams)."""
+        if self._peers is None:
+            raise Unsupported("this node does not stream")
+        session = StreamSession(replica=self._replica, cache=self._cache, peers=self._peers, error=error,
+                                metadata=metadata, time_remaining=time_remaining)
+
+        async def route(request: pb.ModelInferRequest, serve: StreamSession) -> None:
+            check_version(request.model_version)
+            target = self._alias_targets.get(request.model_name)
+            if (request.model_name, request.model_version) not in self._cache.ready and target is not None:
+                request.model_name = target
+            sequence = sequence_of(request.parameters) if request.parameters else None
+            if (request.model_name, request.model_version) in self._cache.ready and (
+                    sequence is None or PARAMETER_KEY in request.parameters):
+                await serve.here(request, False)
+                return
+            await self._router.route(request, self._hop_of(request, metadata),
+                                     time_remaining() if time_remaining is not None else None, serve=serve,
+                                     sequence=sequence)
+
+        return session.responses(requests, route)
 
     def _past_deadline(self, entry: CachedModel, inflight: int,
                        time_remaining: TimeRemaining | None) -> Overloaded | None:
@@ -202,6 +258,7 @@ class DataPlane:
         Clients ask for metadata before their first request: loading a copy on every node they
         touch would defeat placement. For an alias, the answer names the alias: what to send requests to.
         """
+        check_version(version)
         model = self._alias_targets.get(name)
         if model is not None:
             found = await self.model_metadata(model, version, forwarded)

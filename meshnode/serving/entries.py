@@ -25,6 +25,9 @@ class CachedModel:
     # how long a request that would queue here should expect to wait (meshnode.serving.dataplane).
     run_s: float = 0.0
     pinned: bool = False
+    # Wall clock until which a sequence open on this copy keeps it (serving.sequences): its state lives here.
+    sequences_until: float = 0.0
+    sequence_idle_s: float | None = None  # its config's max_sequence_idle_microseconds in s; 0: none kept; None: unread
     discarded: bool = False
     drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes
     aliases: list[tuple[str, str]] = field(default_factory=list)

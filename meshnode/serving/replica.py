@@ -22,11 +22,14 @@ from meshnode.runtimes.base import CallerMetadata, LoadedModel, Runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.entries import CachedModel, LoadOptions
 from meshnode.serving.runtime_status import RuntimeStatus
+from meshnode.serving.sequences import DEFAULT_IDLE_S, Sequences
 from meshnode.serving.statistics import ModelStatistics
 from meshnode.state.registry import ModelRecord, Registry
 from meshnode.storage.model_files import ModelFiles
 from meshnode.storage.repository import ModelSource, available_versions, model_source
+from meshnode.storage.versions import read_config
 from meshpb import pb
+from router.errors import MeshError
 
 INVOKE = "ModelInfer"  # the runtime's method, in the invoke metrics' labels
 RUN_TIME_WEIGHT = 0.2  # of each new run in a copy's smoothed run time: a few runs follow a change in load
@@ -35,7 +38,8 @@ RUN_TIME_WEIGHT = 0.2  # of each new run in a copy's smoothed run time: a few ru
 class LocalReplica:
     def __init__(self, *, instance_id: str, registry: Registry, cache: ModelCache, runtime: Runtime,
                  metrics: NodeMetrics, status: RuntimeStatus, tracing: Tracing | None = None,
-                 statistics: ModelStatistics | None = None, files: ModelFiles | None = None) -> None:
+                 statistics: ModelStatistics | None = None, files: ModelFiles | None = None,
+                 sequences: Sequences | None = None) -> None:
         self.instance_id = instance_id
         self._files = files or ModelFiles(None)  # where a model's files are here: local, or a store's on disk
         self._tracing = tracing  # None: tracing is off
@@ -46,6 +50,7 @@ class LocalReplica:
         self._runtime = runtime
         self._metrics = metrics
         self._statistics = statistics or ModelStatistics()  # what ran here, for ModelStatistics
+        self.sequences = sequences or Sequences(instance_id, self._sequence_idle_s, cache.wall_clock)
 
     def has_copy(self, name: str, version: str) -> bool:
         return self._cache.has_entry(name, version)
@@ -63,11 +68,13 @@ class LocalReplica:
         return await self._tracing.run(self.run(entry, request, started), entry.name, entry.version)
 
     async def run(self, entry: CachedModel, request: pb.ModelInferRequest, started: float,
-                  timeout_s: float | None = None, metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
+                  timeout_s: float | None = None, metadata: CallerMetadata | None = None,
+                  admitted: bool = False) -> pb.ModelInferResponse:
         """Run one request on an acquired entry, and release it.
 
         `timeout_s` is what is left of the client's deadline (None: none, or not known here); the model's
-        registered timeout, when shorter, ends the request with DeadlineExceeded.
+        registered timeout, when shorter, ends the request with DeadlineExceeded. The request's sequence is
+        admitted here (serving.sequences) unless the caller did (`admitted`).
         """
         metrics = self._metrics
         assert entry.model is not None  # acquired entries are loaded
@@ -75,6 +82,8 @@ class LocalReplica:
         inputs, began = entry.model.inputs, time.perf_counter()  # the entry may be forgotten by the end
         waited = entry.inflight > self._cache.queues.runs_per_copy  # then its time says more of the queue
         try:
+            if not admitted:
+                self.sequences.admit(entry, request)
             record = self._records.get(entry.name)
             if record is None or record.timeout_ms is None:
                 return await entry.model.infer(request, timeout_s, metadata)
@@ -126,6 +135,22 @@ class LocalReplica:
         return LoadOptions(predicted_bytes=record.effective_size(lambda: self._predicted_size(source)),
                            timeout_s=record.load_timeout_s, pinned=record.pinned, churn_guard=churn_guard,
                            last_used=record.last_used)
+
+    def _sequence_idle_s(self, entry: CachedModel) -> float:
+        """The copy's max_sequence_idle_microseconds in seconds (Triton's default when unset), from its
+        config.pbtxt here; 0 when the model has no sequence batching."""
+        record = self._records.get(entry.name)
+        files = self._files.on_disk(record.storage) if record is not None else None
+        if files is None or not files.is_dir():
+            return 0.0
+        try:
+            config = read_config(files)
+        except MeshError:  # a config broken since the load: as without one
+            return 0.0
+        if not config.HasField("sequence_batching"):
+            return 0.0
+        idle_us = config.sequence_batching.max_sequence_idle_microseconds
+        return idle_us / 1e6 if idle_us else DEFAULT_IDLE_S
 
     def _predicted_size(self, source: ModelSource) -> int:
         started = time.perf_counter()

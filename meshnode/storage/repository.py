@@ -5,6 +5,7 @@ Reads directories only when a model is registered or first loaded, never per req
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ class ModelRepository:
             except (FileExistsError, NotADirectoryError):
                 raise InvalidInput(f"upload 'file:{_clip(relative)}': a directory on its path is a file of an "
                                    f"earlier upload of model '{name}'") from None
+            except OSError as error:
+                if error.errno != errno.ENAMETOOLONG:
+                    raise
+                # The OS's message would show the store's own path: name the upload only.
+                raise InvalidInput(f"upload 'file:{_clip(relative)}': its path is too long for the model store "
+                                   f"of model '{name}'") from None
             try:
                 with os.fdopen(fd, "wb") as out:
                     out.write(content)

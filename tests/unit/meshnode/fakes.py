@@ -265,7 +265,8 @@ class FakeRouter:
         return cast(Router, self)
 
     async def route(self, request: pb.ModelInferRequest, hop: Hop, budget_s: float | None,
-                    overloaded_here: MeshError | None = None) -> pb.ModelInferResponse:
+                    overloaded_here: MeshError | None = None, serve: object = None,
+                    sequence: object = None) -> pb.ModelInferResponse:
         self.routed.append(Routed(request.model_name, request.model_version, hop, budget_s,
                                   None if overloaded_here is None else str(overloaded_here)))
         return pb.ModelInferResponse(model_name=request.model_name, id="routed")

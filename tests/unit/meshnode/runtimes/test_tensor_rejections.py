@@ -55,6 +55,17 @@ def test_exact_triton_messages() -> None:
     assert message.startswith("expected 2 inputs but got 1 inputs for model 'm'")
 
 
+def test_contents_beside_raw_contents_is_refused_in_tritons_words_whatever_the_count() -> None:
+    two = [spec(), spec(name="INPUT1")]
+    request = client_request({"INPUT0": FP32_1x16, "INPUT1": FP32_1x16})
+    del request.raw_input_contents[1]  # as Triton's example sends it: one raw entry, the other input as contents
+    request.inputs[0].contents.fp32_contents[:] = [1.0] * 16
+    expected = "contents field must not be specified when using raw_input_contents for 'INPUT0' for model 'm'"
+    assert rejects(request, two) == expected
+    request.raw_input_contents.append(request.raw_input_contents[0])
+    assert rejects(request, two) == expected
+
+
 def test_extra_input() -> None:
     rejects(client_request({"INPUT0": FP32_1x16, "EXTRA": FP32_1x16}), [spec()], "'EXTRA'")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.errors import InvalidInput, LoadFailed, ModelLost, ModelNotFound
-from meshnode.serving.dataplane import SERVER_EXTENSIONS, DataPlane
+from meshnode.serving.dataplane import SERVER_EXTENSIONS, DataPlane, check_version
 from meshnode.state.registry import Copy, ModelRecord
 from meshpb import pb
 from placement.types import LOADED
@@ -148,6 +148,34 @@ async def test_any_other_error_on_a_hit_is_the_callers_and_the_copy_stays(plane:
     with pytest.raises(InvalidInput, match="INPUT0"):
         await plane.dataplane.infer(pb.ModelInferRequest(model_name="m"))
     assert plane.router.routed == [] and plane.node.cache.has_entry("m", "") and plane.dataplane.inflight == 0
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    ("wrong_specification", "failed to get model version from specified version string 'wrong_specification' "
+                            "(details: stol), version should be an integral value > 0"),
+    ("99999999999999999999", "failed to get model version from specified version string '99999999999999999999' "
+                             "(details: stol), version should be an integral value > 0"),
+    ("-3", "invalid model version specified '-3' , version should be an integral value > 0"),
+])
+async def test_a_version_string_that_is_no_version_gets_tritons_words_before_any_routing(
+    plane: Plane, version: str, message: str,
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await plane.dataplane.infer(pb.ModelInferRequest(model_name="m", model_version=version))
+    assert str(caught.value) == message and plane.router.routed == []
+    with pytest.raises(InvalidInput, match="^" + message.split(" '")[0]):
+        await plane.dataplane.model_metadata("m", version)
+
+
+async def test_a_version_as_triton_parses_it_is_routed() -> None:
+    for version in ("", "2", " 3", "+4", "5th"):  # std::stol reads the leading digits, as Triton does
+        check_version(version)
+
+
+async def test_the_node_that_failed_is_named_on_the_error_not_in_its_message(plane: Plane) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await plane.dataplane.infer(pb.ModelInferRequest(model_name="m", model_version="x"))
+    assert caught.value.node == plane.node.instance_id and plane.node.instance_id not in str(caught.value)
 
 
 # -- readiness ----------------------------------------------------------------------------------------
