@@ -66,7 +66,9 @@ class RestContext:
     def time_remaining(self) -> None:
         return None
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str,
+                    trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        # The failing node (meshserve-node) rides in gRPC's trailers; a REST error is its body alone.
         raise Aborted(code, details)
 
 
