@@ -241,7 +241,8 @@ class Node:
         return with_storage(NodeState(
             capacity_bytes=stats.capacity_bytes, used_bytes=stats.used_bytes, models_loaded=stats.models_loaded,
             lru_time_s=stats.lru_time_s, etcd_writes=self._store.writes, requests_queued=self.cache.queues.queued,
-            mesh=mesh_totals(self.registry.records(), live, time.time(), self.settings.load_failure_backoff_s)
+            mesh=mesh_totals(self.registry.records_in_use(), len(self.registry.view), live, time.time(),
+                             self.settings.load_failure_backoff_s)
             if reports else None,
         ), self.storage.files.stats())
 
@@ -288,12 +289,12 @@ class Node:
             await asyncio.to_thread(self._tracer_provider.shutdown)  # exports the spans still batched
 
 
-def mesh_totals(records: Iterable[ModelRecord], live: Container[str], now: float,
+def mesh_totals(in_use: Iterable[ModelRecord], managed: int, live: Container[str], now: float,
                 failure_window_s: float) -> MeshTotals:
-    """Models with a loaded copy on a live node, with a load failure in the last `failure_window_s`, and all."""
-    loaded = failed = managed = 0
-    for record in records:
-        managed += 1
+    """Models with a loaded copy on a live node, with a load failure in the last `failure_window_s`, and all
+    (`managed`). Only records in use (copies or failures) can count for the first two."""
+    loaded = failed = 0
+    for record in in_use:
         loaded += any(c["state"] == LOADED for c in record.live_copies(live).values())
         failed += any(now - f["at"] < failure_window_s for f in record.failures.values())
     return MeshTotals(models_loaded=loaded, models_with_failure=failed, models_managed=managed)

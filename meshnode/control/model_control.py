@@ -7,9 +7,12 @@ RepositoryModelUnload disabled.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from meshnode.control.registration import CopyHere, Registration
 from meshnode.errors import (
@@ -54,17 +57,26 @@ class ModelControl:
         self._mesh = mesh
 
     async def register_repository(self) -> int:
-        """Register every model directory of the repository not registered yet; returns how many."""
+        """Register every model directory of the repository not registered yet; returns how many.
+
+        Once for the mesh: when the registry holds every name in the repository already there is no scan
+        at all (a scan of 100,000 model directories takes seconds), and new ones are created in batched
+        transactions. Directory reads run off the event loop."""
         if self._repository is None:
             return 0  # a store's repository: meshnode.control.repository_sync follows its listing
-        added = 0
-        for name, directory in self._repository.scan().items():
-            now = time.time()
-            record = ModelRecord(name=name, storage=str(directory), registered_at=now, updated_at=now,
-                                 runtime=self._runtime)
-            if await self._registry.register_if_absent(record):
-                added += 1
-        return added
+        if await asyncio.to_thread(self._all_registered, self._repository.root):
+            return 0
+        found = await asyncio.to_thread(self._repository.scan)
+        now = time.time()
+        return await self._registry.register_all(
+            ModelRecord(name=name, storage=str(directory), registered_at=now, updated_at=now, runtime=self._runtime)
+            for name, directory in found.items() if name not in self._registry.view)
+
+    def _all_registered(self, root: Path) -> bool:
+        if not root.is_dir():
+            return True
+        with os.scandir(root) as entries:
+            return all(e.name in self._registry.view or e.name.startswith(".") for e in entries)
 
     async def load(self, command: Registration | CopyHere) -> None:
         """RepositoryModelLoad: register (or re-register) and load here, or load a peer's requested copy."""

@@ -22,7 +22,8 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from meshnode.etcd.connection import Connection, EtcdAccess
-from meshnode.etcd.streams import KeepAlive, watch_prefix
+from meshnode.etcd.keepalive import KeepAlive
+from meshnode.etcd.streams import watch_prefix
 from meshnode.etcd.types import (
     Entry,
     EtcdConflict,
@@ -45,6 +46,7 @@ T = TypeVar("T")
 _TxnResult = tuple[bool, list[Any]]
 
 PAGE_SIZE = 1000
+MAX_PAGE = 50_000
 # grpc's default reconnect backoff grows to 120 s: after an etcd restart the node would sit idle
 # for seconds while etcd is back. Keepalive pings (above etcd's 5 s minimum, only while a call
 # is open) find a silently dead server under a long-lived watch stream.
@@ -143,27 +145,41 @@ class EtcdStore:
     async def snapshot_prefix(self, key_prefix: str) -> tuple[list[Entry], int]:
         """All entries under key_prefix at one revision R, and R: watch from R + 1 to miss nothing."""
         while True:
+            entries: list[Entry] = []
+            revision = 0
             try:
-                return await self._snapshot(key_prefix)
-            except EtcdError as e:
-                # R was compacted between two pages: start over at a newer revision.
-                if e.etcd_status != grpc.StatusCode.OUT_OF_RANGE:
-                    raise
+                async for page, revision in self.snapshot_pages(key_prefix):  # noqa: B007 - the last page's
+                    entries += page
+                return entries, revision
+            except WatchResync:
+                continue  # R was compacted between two pages: start over at a newer revision
 
-    async def _snapshot(self, key_prefix: str) -> tuple[list[Entry], int]:
+    async def snapshot_pages(self, key_prefix: str) -> AsyncIterator[tuple[list[Entry], int]]:
+        """snapshot_prefix a page at a time, each with R, so that a caller holds one page of a million
+        entries, not all; WatchResync if R is compacted before the last page (list again)."""
         start = self.full_key(key_prefix)
         end = prefix_range_end(start)
         revision = 0
-        entries: list[Entry] = []
+        limit = PAGE_SIZE
         while True:
-            request = rpc.RangeRequest(key=start, range_end=end, limit=PAGE_SIZE, revision=revision)
-            resp = await self.retrying(f"list {key_prefix}", functools.partial(self._range, request))
+            request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+            try:
+                resp = await self.retrying(f"list {key_prefix}", functools.partial(self._range, request))
+            except EtcdError as e:
+                if e.etcd_status == grpc.StatusCode.OUT_OF_RANGE:
+                    raise WatchResync(f"listing of {key_prefix} at revision {revision} compacted") from e
+                raise
             if revision == 0:
                 # Later pages read at the first page's revision so the listing is one snapshot.
-                revision = resp.header.revision
-            entries.extend(Entry(self.relative_key(kv.key), kv.value, kv.mod_revision) for kv in resp.kvs)
+                revision = self._seen(resp.header.revision)
+                # etcd 3.4 walks the whole rest of the range for every page (the limit is applied after): pages
+                # of 1,000 made a listing of 1,000,000 keys cost etcd 500,000,000 steps and two minutes. A
+                # twentieth of the keys a page (at most MAX_PAGE): twenty pages, each a small share of the memory
+                # the listed view takes.
+                limit = min(MAX_PAGE, max(PAGE_SIZE, resp.count // 20))
+            yield [Entry(self.relative_key(kv.key), kv.value, kv.mod_revision) for kv in resp.kvs], revision
             if not resp.more:
-                return entries, self._seen(revision)
+                return
             start = resp.kvs[-1].key + b"\0"
 
     async def _range(self, request: rpc.RangeRequest) -> rpc.RangeResponse:
@@ -347,8 +363,12 @@ class EtcdStore:
         interval: float | None = None,
         on_lost: Callable[[Lease], Awaitable[None]] | None = None,
     ) -> KeepAlive:
-        """Refresh `lease` every interval (ttl/3) in a task; see KeepAlive for expiry handling."""
-        return KeepAlive(self, lease, interval if interval is not None else lease.ttl / 3, on_lost)
+        """Refresh `lease` every interval (ttl/3) from a thread of its own; see KeepAlive for expiry handling."""
+        return KeepAlive(self, self._sibling, lease, interval if interval is not None else lease.ttl / 3, on_lost)
+
+    def _sibling(self) -> EtcdStore:
+        """Another store on the same etcd, for another thread's event loop (gRPC channels belong to one loop)."""
+        return EtcdStore(self._connection.access, self.prefix, self.op_timeout, self.retry_window)
 
     def watch_prefix(self, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events under key_prefix from start_revision on; resumes across etcd restarts without gaps.

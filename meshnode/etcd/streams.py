@@ -1,4 +1,4 @@
-"""The long-running etcd calls: prefix watches that resume across outages, and lease keep-alive.
+"""The long-running etcd call: prefix watches that resume across outages.
 
 The watch runs its own gRPC stream rather than aetcd's shared Watcher: after the server goes away
 and comes back, aetcd 1.0.0 accepts new watches on that Watcher but delivers no events to them.
@@ -10,21 +10,20 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
 import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from meshnode.background import cancel_and_wait
 from meshnode.etcd.connection import TokenRefused
-from meshnode.etcd.types import EtcdError, EtcdUnavailable, Lease, WatchEvent, WatchResync, is_transient
+from meshnode.etcd.types import EtcdError, WatchEvent, WatchResync, is_transient
 
 
 class StreamHost(Protocol):
     """What the streams need of the store that owns them (meshnode.etcd.store.EtcdStore): its keys,
-    its channel, the newest revision it has seen, and its lease calls."""
+    its channel and the newest revision it has seen."""
 
     highest_revision: int
 
@@ -35,9 +34,6 @@ class StreamHost(Protocol):
     def relative_key(self, full: bytes) -> str: ...
     async def channel(self) -> grpc.aio.Channel: ...
     async def lost(self, channel: grpc.aio.Channel, error: BaseException) -> None: ...
-    async def refresh_lease(self, lease: Lease) -> int: ...
-    async def grant_lease(self, ttl: int) -> Lease: ...
-    async def revoke_lease(self, lease: Lease) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -144,51 +140,3 @@ async def watch_prefix(store: StreamHost, key_prefix: str, start_revision: int) 
                 call.cancel()
         await asyncio.sleep(delay)
         delay = min(delay * 2, _MAX_DELAY)
-
-
-class KeepAlive:
-    """Refreshes a lease from a task until stopped.
-
-    If the lease expired anyway (etcd unreachable for longer than the TTL, or the lease revoked),
-    a new lease with the same TTL is granted, becomes `.lease`, and is passed to on_lost so the
-    owner can put its keys again; on_lost is retried on the next round until it succeeds.
-    """
-
-    def __init__(
-        self,
-        store: StreamHost,
-        lease: Lease,
-        interval: float,
-        on_lost: Callable[[Lease], Awaitable[None]] | None,
-    ) -> None:
-        self.lease = lease
-        self._store = store
-        self._interval = interval
-        self._on_lost = on_lost
-        self._task = asyncio.create_task(self._run(), name=f"etcd-keepalive-{lease.id:x}")
-
-    async def _run(self) -> None:
-        lost = False
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                if await self._store.refresh_lease(self.lease) <= 0:
-                    log.warning("etcd lease %x expired; granting a new one", self.lease.id)
-                    self.lease = await self._store.grant_lease(self.lease.ttl)
-                    lost = True
-                if lost and self._on_lost is not None:
-                    await self._on_lost(self.lease)
-                lost = False
-            except EtcdUnavailable as e:
-                log.warning("etcd lease %x not refreshed: %s", self.lease.id, e)
-            except Exception:
-                log.exception("etcd lease %x keep-alive round failed", self.lease.id)
-
-    async def stop(self, revoke: bool = False) -> None:
-        """Stop refreshing; revoke=True also deletes the lease's keys now instead of after the TTL."""
-        await cancel_and_wait(self._task)
-        if revoke:
-            try:
-                await self._store.revoke_lease(self.lease)
-            except EtcdUnavailable as e:
-                log.warning("etcd lease %x not revoked, its keys go in %d s: %s", self.lease.id, self.lease.ttl, e)

@@ -1,9 +1,10 @@
 """A local view of every record under one etcd prefix, kept current by a watch.
 
 Reads are dict lookups, so request paths never wait on etcd. Writes made through the owner are
-applied at once with their revision; each key keeps the revision it was last set at, so an older
-watch event arriving afterwards cannot undo them. After etcd loses history or data the view is
-listed again and replaced outright.
+applied at once with their revision, which is remembered only until the watch has passed it: until
+then an older watch event for that key cannot undo them. Watch events arrive in revision order, so
+nothing per key is kept once the watch is past (a view of 1,000,000 keys holds no revisions). After
+etcd loses history or data the view is listed again and replaced outright.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from meshnode.etcd.store import EtcdStore, EtcdUnavailable, WatchEvent, WatchRes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_PRUNE_AT = 256  # local writes awaiting their watch event before the ones it has passed are dropped
+
 
 class WatchedPrefix(Generic[T]):
     def __init__(self, store: EtcdStore, prefix: str, decode: Callable[[str, bytes], T | None]) -> None:
@@ -27,8 +30,12 @@ class WatchedPrefix(Generic[T]):
         self._prefix = prefix
         self._decode = decode
         self.view: dict[str, T] = {}
-        # Revision each key was last set or deleted at; deletions stay until the watch passes them.
-        self._revisions: dict[str, int] = {}
+        # The newest revision the view holds from etcd's listing and watch: a local write at or below it
+        # is in the view already (or something newer is).
+        self._watched_to = 0
+        # Local writes the watch has not delivered yet: key -> the revision written.
+        self._pending: dict[str, int] = {}
+        self._prune_at = _PRUNE_AT
         self._listeners: list[Callable[[str, T | None], None]] = []
         self._changed = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -47,6 +54,8 @@ class WatchedPrefix(Generic[T]):
         try:
             async with asyncio.timeout(timeout):
                 while not predicate(value := self.view.get(key)):
+                    if self._changed.is_set():
+                        self._changed = asyncio.Event()
                     await self._changed.wait()
                 return value
         except TimeoutError:
@@ -65,9 +74,13 @@ class WatchedPrefix(Generic[T]):
             self._watch = None
 
     def apply(self, key: str, value: T | None, revision: int) -> None:
-        if revision <= self._revisions.get(key, 0):
+        """A local write (or a linearizable read) of `key` at `revision`, into the view at once."""
+        if revision <= max(self._watched_to, self._pending.get(key, 0)):
             return  # the view already holds this change or a newer one
-        self._revisions[key] = revision
+        self._pending[key] = revision
+        self._set(key, value)
+
+    def _set(self, key: str, value: T | None) -> None:
         if value is None:
             if self.view.pop(key, None) is None:
                 return
@@ -81,42 +94,69 @@ class WatchedPrefix(Generic[T]):
                 callback(key, value)
             except Exception:
                 log.exception("listener of %s failed for %r", self._prefix, key)
-        # Wake every waiter; the next change gets a fresh event to wait on.
+        # Wakes every waiter. A waiter replaces a set event before it waits, so one event serves any number of
+        # changes nobody waited for (a listing of a million keys makes no event per key).
         self._changed.set()
-        self._changed = asyncio.Event()
 
     def _on_event(self, ev: WatchEvent) -> None:
+        if ev.mod_revision < self._watched_to:
+            return  # the watch never goes back: an event this old is in the view already
         key = ev.key[len(self._prefix) :]
-        if ev.type == "put":
-            self.apply(key, self._decode(key, ev.value), ev.mod_revision)
-        else:
-            self.apply(key, None, ev.mod_revision)
-            if key not in self.view and self._revisions.get(key, 0) <= ev.mod_revision:
-                # The watch is past this deletion, so no older event for the key can follow.
-                del self._revisions[key]
+        self._watched_to = ev.mod_revision
+        written = self._pending.get(key)
+        if written is not None:
+            if written > ev.mod_revision:
+                return  # an older state than the local write already in the view
+            del self._pending[key]
+            if len(self._pending) > self._prune_at:
+                # Every later event is newer than writes the watch has passed. Pruned when it has doubled: a bulk
+                # registration of 100,000 keys must not prune at every event.
+                self._pending = {k: r for k, r in self._pending.items() if r > ev.mod_revision}
+                self._prune_at = max(_PRUNE_AT, 2 * len(self._pending))
+            if written == ev.mod_revision:
+                return  # the local write itself, in the view already
+        self._set(key, self._decode(key, ev.value) if ev.type == "put" else None)
 
     async def _resync(self) -> int:
         """Make the view exactly etcd's listing at revision R and return R.
 
         Replaced outright, not merged by revision: after etcd lost its data, revisions start
         over and would compare wrongly. A local write newer than R may vanish from the view for
-        a moment; the watch from R + 1 brings it back.
+        a moment; the watch from R + 1 brings it back. Applied a page at a time, yielding to the
+        event loop between pages: a listing of a million keys neither sits in memory whole nor
+        holds the loop for seconds.
         """
-        entries, revision = await self._store.snapshot_prefix(self._prefix)
-        listed = {e.key[len(self._prefix) :]: e for e in entries}
-        self._revisions = {}
-        for key in [k for k in self.view if k not in listed]:
-            del self.view[key]
-            self._notify(key, None)
-        for key, e in listed.items():
-            self._revisions[key] = e.mod_revision
-            value = self._decode(key, e.value)
-            if value is None:
-                if self.view.pop(key, None) is not None:
-                    self._notify(key, None)
-            elif self.view.get(key) != value:
-                self.view[key] = value
-                self._notify(key, value)
+        while True:
+            try:
+                return await self._list()
+            except WatchResync as e:
+                log.info("listing %s again: %s", self._prefix, e)
+
+    async def _list(self) -> int:
+        skip = len(self._prefix)
+        listed: set[str] | None = set() if self.view else None
+        revision = 0
+        async for entries, revision in self._store.snapshot_pages(self._prefix):
+            if self._watched_to != revision:
+                self._pending, self._watched_to = {}, revision
+            for e in entries:
+                key = e.key[skip:]
+                if listed is not None:
+                    listed.add(key)
+                if key in self._pending:
+                    continue  # written here after the listing's revision, while this loop yielded
+                value = self._decode(key, e.value)
+                if value is None:
+                    if self.view.pop(key, None) is not None:
+                        self._notify(key, None)
+                elif self.view.get(key) != value:
+                    self.view[key] = value
+                    self._notify(key, value)
+            await asyncio.sleep(0)
+        if listed is not None:
+            for key in [k for k in self.view if k not in listed]:
+                del self.view[key]
+                self._notify(key, None)
         return revision
 
     async def _follow(self, revision: int) -> None:

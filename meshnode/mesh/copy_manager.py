@@ -66,8 +66,11 @@ class CopyManager:
         for name in plan.remove_here:
             self._work.spawn(self._remove_here(name))
         if proactive:
-            candidates = [v for r in self._registry.records() if r.enabled and not r.copies
-                          and (v := self._mesh.model(r.name)) is not None]
+            # Only the models the plan can pick (recently used, then the first never used by name), not a view of
+            # each of 100,000 registered models.
+            idle = self._registry.records_idle(now - self._config.proactive_recent_s,
+                                               4 * self._config.max_proactive_per_call)
+            candidates = [v for r in idle if (v := self._mesh.model(r.name)) is not None]
             picks = plan_proactive_loads(candidates, nodes=nodes, now=now, rng=self._rng, config=self._config)
             for name, target in picks:
                 if target == me:

@@ -4,7 +4,9 @@
   and `claim_load`, the compare-and-set that makes concurrent misses agree on one loader.
 - Copy bookkeeping: this node's entry in each model record is rewritten from the local cache's
   truth by one background flusher, so events can arrive in any order, be coalesced, or be lost
-  to an etcd outage and the records still converge.
+  to an etcd outage and the records still converge. Copy changes are written as they happen (they
+  steer placement); last-use times are not worth an etcd write each: at most one record's last use
+  is refreshed per LAST_USED_WRITE_EVERY_S (the stalest), so the request rate never drives writes.
 - Janitor: when a node's lease expires, its copies are removed from model records, idempotently,
   by any node that sees it go.
 """
@@ -35,6 +37,7 @@ from router.errors import MeshError
 log = logging.getLogger(__name__)
 
 LAST_USED_GRANULARITY_S = 30.0  # last use is shared lazily: at most one write per model per this
+LAST_USED_WRITE_EVERY_S = 5.0  # and at most one such write per node per this, whatever the request rate
 # A claim settles concurrent misses; with etcd slow or down a miss proceeds unrecorded after this.
 CLAIM_WAIT_S = 1.0
 
@@ -49,7 +52,10 @@ class MeshState:
         self._runtime = runtime
         self._now = clock
         self.instances: WatchedPrefix[NodeView] = WatchedPrefix(store, INSTANCES, decode_node)
+        # Views of models in use (their records are held decoded, so the same object until they change).
         self._views: dict[str, tuple[ModelRecord, ModelView]] = {}
+        self._last_use_written_at = float("-inf")
+        self.flush_rounds = 0  # rounds of the copy flusher done: how a caller knows its wake was acted on
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -58,10 +64,11 @@ class MeshState:
 
     async def start(self) -> None:
         self._cache.add_listener(self.copy_changed)
+        self._registry.add_listener(self._forget_view)
         self.instances.add_listener(self._on_instance)
         await self.instances.start()
         # A previous life of this node may be listed as holding copies it no longer has.
-        self._dirty.update(r.name for r in self._registry.records() if self.instance_id in r.copies)
+        self._dirty.update(r.name for r in self._registry.records_in_use() if self.instance_id in r.copies)
         self._wake.set()
         self._flusher = asyncio.create_task(self._flush_forever(), name="copy-flusher")
         self._reap(set(self.instances.view))
@@ -91,8 +98,12 @@ class MeshState:
             last_used=record.last_used, runtime=record.runtime,
             newest_version=max((v for c in copies for v in c.versions), key=int, default=""),
         )
-        self._views[name] = (record, view)
+        if copies or view.failures:
+            self._views[name] = (record, view)
         return view
+
+    def _forget_view(self, name: str, record: ModelRecord | None) -> None:
+        self._views.pop(name, None)
 
     def _size_of(self, record: ModelRecord) -> int:
         def predicted() -> int:
@@ -147,7 +158,7 @@ class MeshState:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives
             # as the wait completes, and stop() would wait for this task forever.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LAST_USED_GRANULARITY_S / 3):
+                async with asyncio.timeout(LAST_USED_WRITE_EVERY_S):
                     await self._wake.wait()
             self._wake.clear()
             self._mark_recently_used()
@@ -161,6 +172,7 @@ class MeshState:
                     self._dirty.add(name)
                     await asyncio.sleep(1.0)
                     break
+            self.flush_rounds += 1
 
     def _converge(self, record: ModelRecord | None) -> ModelRecord | None:
         if record is None:
@@ -189,11 +201,21 @@ class MeshState:
         return replace(record, copies=copies, failures=failures, size_bytes=size, last_used=last_used)
 
     def _mark_recently_used(self) -> None:
+        """Pick the loaded model whose shared last use is the stalest, if it is time for such a write."""
+        now = self._now()
+        if now - self._last_use_written_at < LAST_USED_WRITE_EVERY_S:
+            return
+        stalest: tuple[float, str] | None = None
         for entry in self._cache.loaded_entries():
             record = self._registry.get(entry.name)
-            if record is not None and (record.last_used is None
-                                       or entry.last_used - record.last_used >= LAST_USED_GRANULARITY_S):
-                self._dirty.add(entry.name)
+            if record is None:
+                continue
+            shared = float("-inf") if record.last_used is None else record.last_used
+            if entry.last_used - shared >= LAST_USED_GRANULARITY_S and (stalest is None or shared < stalest[0]):
+                stalest = (shared, entry.name)
+        if stalest is not None:
+            self._last_use_written_at = now
+            self._dirty.add(stalest[1])
 
     def _mark_unrecorded(self) -> None:
         """Copies loaded here that their record does not list: a janitor removed them while this node's lease
@@ -212,7 +234,7 @@ class MeshState:
             self._reap(set(self.instances.view))
 
     def _reap(self, live: set[str]) -> None:
-        stale = [r.name for r in self._registry.records() if any(n not in live for n in r.copies)]
+        stale = [r.name for r in self._registry.records_in_use() if any(n not in live for n in r.copies)]
         if stale:
             self._background.spawn(self._remove_dead_copies(stale))
 

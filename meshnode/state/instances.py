@@ -2,7 +2,8 @@
 
 The record is what other nodes' placement sees (capacity, use, cache age, load). Writes are
 bounded by `min_interval_s` whatever the request rate, and skipped while nothing changed that
-would alter a placement decision.
+would alter a placement decision. What only drifts with the traffic (request rate, in-flight count,
+cache age) is written at most every `drift_interval_s`, so steady load costs etcd almost nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import time
 from collections.abc import Callable
 
 from meshnode.background import cancel_and_wait
-from meshnode.etcd.store import EtcdStore
-from meshnode.etcd.streams import KeepAlive
+from meshnode.etcd.store import EtcdStore, KeepAlive
 from meshnode.etcd.types import EtcdError, Lease
 from placement.types import NodeView
 
@@ -41,8 +41,9 @@ def decode_node(instance_id: str, raw: bytes) -> NodeView | None:
         return None
 
 
-def significant_change(old: NodeView, new: NodeView, now: float) -> bool:
-    """Would another node decide differently? Thresholds after ModelMesh's, tighter where cheap."""
+def state_changed(old: NodeView, new: NodeView) -> bool:
+    """A change of what the node is or holds: another node would decide differently, so it must know soon.
+    Thresholds here and in load_drifted after ModelMesh's, tighter where cheap."""
     if old.shutting_down != new.shutting_down or old.runtime_down != new.runtime_down or old.endpoint != new.endpoint:
         return True
     if old.capacity_bytes != new.capacity_bytes or (old.loads_in_progress > 0) != (new.loads_in_progress > 0):
@@ -51,8 +52,11 @@ def significant_change(old: NodeView, new: NodeView, now: float) -> bool:
         return True
     if (old.free_bytes <= 0) != (new.free_bytes <= 0) or old.model_count != new.model_count:
         return True
-    if (old.lru_time_s is None) != (new.lru_time_s is None):
-        return True
+    return (old.lru_time_s is None) != (new.lru_time_s is None)
+
+
+def load_drifted(old: NodeView, new: NodeView, now: float) -> bool:
+    """Traffic moved the node's load or cache age by a step that placement would weigh differently."""
     if old.lru_time_s is not None and new.lru_time_s is not None:
         moved = abs(new.lru_time_s - old.lru_time_s)
         if moved >= 20.0 and moved > new.cache_age_s(now) / 16:
@@ -66,14 +70,15 @@ def significant_change(old: NodeView, new: NodeView, now: float) -> bool:
 class InstancePublisher:
     def __init__(
         self, store: EtcdStore, current: Callable[[], NodeView], *, lease_ttl_s: int = LEASE_TTL_S,
-        check_interval_s: float = 0.25, min_interval_s: float = 1.0, max_silence_s: float = 60.0,
-        clock: Callable[[], float] = time.time,
+        check_interval_s: float = 0.25, min_interval_s: float = 1.0, drift_interval_s: float = 5.0,
+        max_silence_s: float = 60.0, clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._current = current
         self._ttl = lease_ttl_s
         self._check = check_interval_s
         self._min_interval = min_interval_s
+        self._drift_interval = drift_interval_s
         self._max_silence = max_silence_s
         self._now = clock
         self._lease: Lease | None = None
@@ -106,10 +111,12 @@ class InstancePublisher:
             await asyncio.sleep(self._check)
             view, now = self._current(), self._now()
             last = self._published
-            due = last is None or now - self._published_at >= self._max_silence
-            if not due and now - self._published_at < self._min_interval:
+            since = now - self._published_at
+            due = last is None or since >= self._max_silence
+            if not due and since < self._min_interval:
                 continue
-            if due or (last is not None and significant_change(last, view, now)):
+            if due or (last is not None and (state_changed(last, view) or (
+                    since >= self._drift_interval and load_drifted(last, view, now)))):
                 try:
                     await self._publish(view)
                 except EtcdError as error:  # etcd down: keep serving, publish when it returns

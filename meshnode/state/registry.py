@@ -1,23 +1,35 @@
 """The model registry: one JSON record per model under `models/<name>` in etcd, and a local view of it.
 
 The view (meshnode.state.watched_records) is a dict kept current by a watch, so the request path looks a
-model up without waiting on etcd. Writes go through compare-and-set, so concurrent nodes never lose
-each other's updates, and are applied to the view at once.
+model up without waiting on etcd. It holds the records of models nobody uses compactly, a few dozen bytes of
+JSON each read lazily (meshnode.state.compact), so a node holds a million of them. Writes go through
+compare-and-set, so concurrent nodes never lose each other's updates, and are applied to the view at once;
+a repository is registered in transactions of BATCH records.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import dataclasses
+import itertools
+import re
 import time
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
 
 from meshnode.etcd.store import EtcdStore
+from meshnode.state.compact import Compact
 from meshnode.state.records import JsonRecord
 from meshnode.state.watched_records import WatchedRecords
 
 PREFIX = "models/"
+BATCH = 128  # etcd's default --max-txn-ops
+WRITERS = 4  # transactions of a bulk registration in flight at once
+# The fields an unused record has (or had: last_used), spelt as one byte each in the registry's view.
+_SHORT = ("storage", "registered_at", "updated_at", "runtime", "last_used")
+_DISABLED = b'"enabled":'  # in a record's compact JSON (defaults left out) only when it is false
 
 class Failure(TypedDict):
     at: float
@@ -62,6 +74,8 @@ class ModelRecord(JsonRecord):
     # Fields written by newer versions, kept as read so a read-modify-write here does not drop them.
     extra: dict[str, Any] = field(default_factory=dict)
 
+    OMIT_DEFAULTS = True  # a million of these in etcd and in each node's view
+
     def runs_on(self, runtime: str) -> bool:
         """Whether a node running `runtime` may load it."""
         return self.runtime in ("", runtime)
@@ -80,21 +94,73 @@ def key_of(name: str) -> str:
     return PREFIX + name
 
 
+def in_use(record: ModelRecord) -> bool:
+    """Copies or failures somewhere: the record is read on request paths, so views keep it decoded."""
+    return bool(record.copies or record.failures)
+
+
 class Registry(WatchedRecords[ModelRecord]):
     def __init__(self, store: EtcdStore) -> None:
-        super().__init__(store, PREFIX, ModelRecord)
+        # A record's JSON names copies or failures only when it has some (defaults are left out).
+        holding = Compact(ModelRecord, in_use, (b'"copies"', b'"failures"'), short=_SHORT, path="storage")
+        super().__init__(store, PREFIX, ModelRecord, holding)
+        self._last_used = re.compile(re.escape(holding.shrinking.probe("last_used")) + rb"([-+.eE0-9]+)")
 
-    @property
-    def view(self) -> Mapping[str, ModelRecord]:
-        """The view itself, kept current in place: for the request path, where `view.get(name)` is one dict get
-        (no call of `get`)."""
-        return self._watched.view
+    def records_in_use(self) -> list[ModelRecord]:
+        """The records with copies or failures: a scan for those reads no unused record (of maybe a million)."""
+        return [r for r in self._watched.view.values() if type(r) is not bytes]  # type: ignore[misc]
+
+    def records_idle(self, used_after: float, never_used: int) -> list[ModelRecord]:
+        """Enabled records without copies, as proactive loading wants them: those used after `used_after`
+        and the first `never_used` by name of those never used. Records nobody uses are read from their
+        JSON without decoding them (a scan of 100,000 takes milliseconds, not seconds)."""
+        found = [r for r in self.records_in_use() if not r.copies and r.enabled]
+        first: list[str] = []
+        for name, held in self._watched.view.items():
+            if type(held) is not bytes or _DISABLED in held:
+                continue
+            used = self._last_used.search(held)
+            if used is None:
+                if never_used and (len(first) < never_used or name < first[-1]):
+                    bisect.insort(first, name)
+                    del first[never_used:]
+            elif float(used[1]) > used_after:
+                found.append(self._view[name])
+        return found + [self._view[name] for name in first]
 
     # --- writes, all compare-and-set on etcd, reflected in the view at once ---
 
     async def register_if_absent(self, record: ModelRecord) -> bool:
         return self._applied(record.name, record, await self._store.create(self.key(record.name),
                                                                            record.to_json())) is not None
+
+    async def register_all(self, records: Iterable[ModelRecord]) -> int:
+        """register_if_absent for many, in transactions of up to BATCH, WRITERS at a time: how many it
+        registered. A batch that finds some registered already (by another node) is split until each
+        part is all new or one record. `records` is read a batch at a time: made as they are needed, the
+        records of 100,000 models are never all in memory at once."""
+        pending = iter(records)
+        counts: list[int] = []
+
+        async def writer() -> None:
+            while batch := list(itertools.islice(pending, BATCH)):
+                counts.append(await self._register_batch(batch))
+
+        await asyncio.gather(*(writer() for _ in range(WRITERS)))
+        return sum(counts)
+
+    async def _register_batch(self, records: Sequence[ModelRecord]) -> int:
+        if len(records) == 1:
+            return int(await self.register_if_absent(records[0]))
+        keys = [self.key(r.name) for r in records]
+        values = [r.to_json() for r in records]
+        revision = await self._store.commit(dict(zip(keys, values, strict=True)), unchanged=dict.fromkeys(keys, 0))
+        if revision is not None:
+            for record, raw in zip(records, values, strict=True):
+                self._applied_raw(record.name, raw, revision)
+            return len(records)
+        half = len(records) // 2
+        return await self._register_batch(records[:half]) + await self._register_batch(records[half:])
 
     async def update(self, name: str, fn: Callable[[ModelRecord | None], ModelRecord | None]) -> ModelRecord | None:
         """Apply fn to the current record (a private copy) until the write wins; None from fn deletes.

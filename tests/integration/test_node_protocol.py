@@ -112,6 +112,7 @@ def test_stream_infer_answers_each_request_and_reports_errors_inline(
     client.async_stream_infer("no_such_model", [inp])
     client.async_stream_infer("mlp", [inp])
     client.stop_stream()
+    # Responses come as they are produced (as from Triton): the unknown model's error may overtake a load.
     assert len(results) == 3
-    assert [error is None for _, error in results] == [True, False, True]
-    assert "no_such_model" in str(results[1][1])
+    errors = [error for _, error in results if error is not None]
+    assert len(errors) == 1 and "no_such_model" in str(errors[0])

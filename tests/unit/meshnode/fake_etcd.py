@@ -174,6 +174,9 @@ class FakeStore:
         entries = [Entry(k, v, rev) for k, (v, rev) in sorted(self.data.items()) if k.startswith(key_prefix)]
         return entries, self.revision
 
+    async def snapshot_pages(self, key_prefix: str) -> AsyncIterator[tuple[list[Entry], int]]:
+        yield await self.snapshot_prefix(key_prefix)
+
     def watch_prefix(self, key_prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         return self._follow(key_prefix, start_revision)
 
