@@ -158,6 +158,9 @@ class CopyManager:
         return claimed
 
     async def _remove_here(self, name: str) -> None:
+        now = self._cache.wall_clock()
+        if any(entry.sequences_until > now for entry in self._cache.entries(name)):
+            return  # sequences open on this copy (serving.sequences) would lose their state with it
         me, live = self._mesh.instance_id, self._mesh.nodes()
         view = self._mesh.model(name)
         others = [c.instance_id for c in view.copies if c.instance_id != me and c.state == LOADED

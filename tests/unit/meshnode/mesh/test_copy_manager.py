@@ -178,6 +178,18 @@ async def test_a_cooled_extra_copy_stays_when_the_other_copy_went_before_the_rel
     assert set(node.record("a").copies) == {ME} and node.cache.has_entry("a", "")
 
 
+async def test_a_cooled_extra_copy_holding_an_open_sequence_stays(make: Make) -> None:
+    node = await make()
+    await held_here(node, "a")
+    await add_copy(node, "a", "n2")
+    node.clock.advance(COOLED_S)
+    [entry] = node.cache.entries("a")
+    entry.sequences_until = node.clock() + 1.0  # a sequence open here, idle for less than its limit
+    await node.copies.step()
+    await node.store.settle()
+    assert node.peers.ready_calls == [] and ME in node.record("a").copies and node.cache.has_entry("a", "")
+
+
 async def test_a_loading_copy_elsewhere_is_not_enough_to_remove_a_copy(make: Make) -> None:
     node = await make()
     await held_here(node, "a")
