@@ -33,7 +33,7 @@ from placement.types import LOADED
 from router.errors import MeshError, Overloaded
 from router.hop import PARAMETER_KEY, Hop
 from router.router import Router
-from router.sequences import sequence_of
+from router.sequences import SequenceFlags, sequence_of
 
 TimeRemaining = Callable[[], float | None]
 
@@ -137,14 +137,7 @@ class DataPlane:
             raise Overloaded(f"model '{request.model_name}' was not served: node {self._replica.instance_id} has "
                              f"{self.inflight} requests in flight, its limit (--max-inflight {self._max_inflight})")
         self.inflight += 1
-        entry = self._cache.ready.get((request.model_name, request.model_version))
-        if entry is None and (target := self._alias_targets.get(request.model_name)) is not None:
-            # Served as the model the alias points at now; the response names that model.
-            request.model_name = target
-            entry = self._cache.ready.get((target, request.model_version))
-        sequence = sequence_of(request.parameters) if request.parameters else None
-        if sequence is not None and PARAMETER_KEY not in request.parameters:
-            entry = None  # a client's request of a sequence goes to the sequence's copy (router.sequences)
+        entry, sequence = self._here(request)
         try:
             overloaded = None
             if entry is not None:
@@ -178,6 +171,19 @@ class DataPlane:
         finally:
             self.inflight -= 1
 
+    def _here(self, request: pb.ModelInferRequest) -> tuple[CachedModel | None, SequenceFlags | None]:
+        """The loaded copy here that serves the request, if any, and its sequence. An alias is served as the model
+        it points at now (the request, and so the response, names that model); a client's request of a sequence
+        goes to the sequence's copy (router.sequences), wherever that is."""
+        entry = self._cache.ready.get((request.model_name, request.model_version))
+        if entry is None and (target := self._alias_targets.get(request.model_name)) is not None:
+            request.model_name = target
+            entry = self._cache.ready.get((target, request.model_version))
+        sequence = sequence_of(request.parameters) if request.parameters else None
+        if sequence is not None and PARAMETER_KEY not in request.parameters:
+            entry = None
+        return entry, sequence
+
     def _hop_of(self, request: pb.ModelInferRequest, metadata: CallerMetadata | None) -> Hop:
         hop = Hop.from_metadata(metadata() if metadata is not None else None)
         sent = request.parameters.get(PARAMETER_KEY)
@@ -199,12 +205,8 @@ class DataPlane:
 
         async def route(request: pb.ModelInferRequest, serve: StreamSession) -> None:
             check_version(request.model_version)
-            target = self._alias_targets.get(request.model_name)
-            if (request.model_name, request.model_version) not in self._cache.ready and target is not None:
-                request.model_name = target
-            sequence = sequence_of(request.parameters) if request.parameters else None
-            if (request.model_name, request.model_version) in self._cache.ready and (
-                    sequence is None or PARAMETER_KEY in request.parameters):
+            entry, sequence = self._here(request)
+            if entry is not None:
                 await serve.here(request, False)
                 return
             await self._router.route(request, self._hop_of(request, metadata),

@@ -32,6 +32,7 @@ class CountingStore(ObjectStore):
         self.down = False
         self.gate = threading.Event()
         self.gate.set()
+        self.fetching = threading.Event()  # a download has started (and waits at the gate)
 
     def listing(self, uri: StorageUri) -> Listing:
         self.listings += 1
@@ -41,6 +42,7 @@ class CountingStore(ObjectStore):
 
     def fetch(self, uri: StorageUri, listing: Listing, target: Path) -> Path:
         self.fetches += 1
+        self.fetching.set()
         assert self.gate.wait(10)
         return super().fetch(uri, listing, target)
 
@@ -100,7 +102,7 @@ async def test_concurrent_loads_of_one_model_pull_it_once(
     materializer = Materializer(store, DiskCache(tmp_path))
     store.gate.clear()
     calls = [asyncio.create_task(materializer.materialize(f"memory:/{root}/mlp")) for _ in range(5)]
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(store.fetching.wait, 10)  # every call has joined the one pull by then
     store.gate.set()
     paths = await asyncio.gather(*calls)
     assert len(set(paths)) == 1 and (store.listings, store.fetches) == (1, 1)
