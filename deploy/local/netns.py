@@ -113,14 +113,18 @@ class Network:
         _run("ip", "-n", self.hosts[name].namespace, "link", "set", "eth0", "up")
 
     def block(self, name: str, address: str) -> None:
-        """Drop every packet from host `name` to `address` (it sees a silent network, as behind a firewall)."""
+        """Drop every packet between host `name` and `address`, both ways (a silent network, as a partition).
+
+        Both ways: with only the outgoing side dropped, data the other end pushes on an open connection (an
+        etcd watch's events) still arrives until its TCP gives up, and the host half-learns what it cannot."""
         if reason := filtering_unavailable():
             raise NetnsError(reason)
         ns = self.hosts[name].namespace
         _run("ip", "netns", "exec", ns, "nft", "add", "table", "inet", _TABLE)
-        _run("ip", "netns", "exec", ns, "nft", "add", "chain", "inet", _TABLE, "out",
-             "{ type filter hook output priority 0 ; }")
-        _run("ip", "netns", "exec", ns, "nft", "add", "rule", "inet", _TABLE, "out", "ip", "daddr", address, "drop")
+        for chain, hook, match in (("out", "output", "daddr"), ("in", "input", "saddr")):
+            _run("ip", "netns", "exec", ns, "nft", "add", "chain", "inet", _TABLE, chain,
+                 f"{{ type filter hook {hook} priority 0 ; }}")
+            _run("ip", "netns", "exec", ns, "nft", "add", "rule", "inet", _TABLE, chain, "ip", match, address, "drop")
 
     def unblock(self, name: str) -> None:
         _run("ip", "netns", "exec", self.hosts[name].namespace, "nft", "delete", "table", "inet", _TABLE)

@@ -21,7 +21,8 @@ def _model(status: ModelStatus) -> mpb.ModelStatus:
     r = status.record
     copies = [mpb.ModelCopy(instance_id=n, state=c["state"], since=c["since"])
               for n, c in sorted(status.copies.items())]
-    failures = [mpb.LoadFailure(instance_id=n, at=f["at"], message=f["message"]) for n, f in sorted(r.failures.items())]
+    failures = [mpb.LoadFailure(instance_id=n, at=f["at"], message=f["message"])
+                for n, f in sorted(status.failures.items())]
     return mpb.ModelStatus(
         name=r.name, storage_uri=r.storage, state=status.state, reason=status.reason, copies=copies, failures=failures,
         size_bytes=r.size_bytes or 0, last_used=r.last_used or 0.0, pinned=r.pinned, min_copies=r.min_copies,

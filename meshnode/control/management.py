@@ -16,7 +16,7 @@ from meshnode.control.registration import Registration
 from meshnode.errors import InvalidInput, ModelNotFound
 from meshnode.mesh.state import MeshState
 from meshnode.state.aliases import Aliases, AliasRecord
-from meshnode.state.registry import Copy, ModelRecord, Registry
+from meshnode.state.registry import Copy, Failure, ModelRecord, Registry
 from placement.types import NodeView
 
 DEFAULT_PAGE = 100
@@ -29,6 +29,7 @@ class ModelStatus:
     state: str  # READY, LOADING, REGISTERED, FAILED, UNAVAILABLE
     reason: str
     copies: dict[str, Copy]  # on live nodes
+    failures: dict[str, Failure]  # recent load failures by node
     aliases: list[str]
 
 
@@ -96,7 +97,7 @@ class Management:
         if state == "UNAVAILABLE" and record.enabled:
             state = "FAILED"
         return ModelStatus(record=record, state=state, reason=entry.reason, copies=copies,
-                           aliases=self._aliases.pointing_at(record.name))
+                           failures=self._control.failures(record), aliases=self._aliases.pointing_at(record.name))
 
     def list_models(self, prefix: str, size: int, token: str) -> tuple[list[ModelStatus], str]:
         names, next_token = self._model_names.page(prefix, size, token)

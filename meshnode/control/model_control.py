@@ -25,7 +25,7 @@ from meshnode.mesh.state import MeshState
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
 from meshnode.state.aliases import Aliases
-from meshnode.state.registry import Copy, ModelRecord, Registry
+from meshnode.state.registry import Copy, Failure, ModelRecord, Registry
 from meshnode.storage.locations import Locations
 from meshnode.storage.repository import ModelRepository, check_model_name
 from placement.types import LOADED, LOADING
@@ -178,6 +178,14 @@ class ModelControl:
             mine = record.copies.get(me)
             copies[me] = Copy(state=LOADED if e.model else LOADING, since=mine["since"] if mine else time.time())
         return copies
+
+    def failures(self, record: ModelRecord) -> dict[str, Failure]:
+        """The model's recent load failures by node; this node's from its own cache, ahead of its record."""
+        failures = dict(record.failures)
+        mine = self._cache.failures.newest(record.name)
+        if mine is not None:
+            failures[self._mesh.instance_id] = mine
+        return failures
 
     def entry(self, record: ModelRecord, copies: dict[str, Copy] | None = None) -> IndexEntry:
         """The model's state for RepositoryIndex; `copies`, when the caller has them already."""

@@ -275,6 +275,15 @@ async def test_this_nodes_copies_come_from_its_cache_which_is_ahead_of_its_recor
                                             ME: Copy(state=LOADED, since=NOW - 9)}
 
 
+async def test_this_nodes_load_failures_come_from_its_cache_which_is_ahead_of_its_record(node: NodeParts) -> None:
+    recorded = await node.register("m", failures={"n2": Failure(at=NOW - 5, message="corrupt on n2")})
+    node.runtime.plan("m", LoadPlan(error=LoadFailed("model 'm' is corrupt")))
+    with pytest.raises(LoadFailed):
+        await node.use("m")
+    failures = node.control.failures(recorded)  # the record as it was before this node's failure
+    assert failures["n2"]["message"] == "corrupt on n2" and "model 'm' is corrupt" in failures[ME]["message"]
+
+
 # -- a failed load's status: INTERNAL as Triton's, unless its cause has a status a client can act on -----------
 
 
