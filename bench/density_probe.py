@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from deploy.local.models import write_add_sub
+from meshnode.control.repository_registration import REGISTERED
 from meshnode.local.node import NodeProcess
 from meshnode.net import transport
 from meshpb import mpb
@@ -96,18 +98,39 @@ def listing_times(target: str, prefix: str) -> dict[str, float]:
             "index_s": index_s}
 
 
+def _etcdctl(endpoint: str, *args: str) -> Any:
+    """etcdctl's JSON answer (etcdctl from Debian's etcd-client)."""
+    done = subprocess.run(["etcdctl", "--endpoints", endpoint, *args, "-w", "json"], env={**os.environ,
+                          "ETCDCTL_API": "3"}, capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(done.stdout)
+
+
+def etcd_keys(endpoint: str, prefix: str) -> int:
+    """Keys under `prefix` in etcd."""
+    return int(_etcdctl(endpoint, "get", "--prefix", prefix, "--limit", "1").get("count", 0))  # the range's count
+
+
 def etcd_usage(endpoint: str, prefix: str) -> dict[str, int]:
-    """Keys under the mesh's prefix and etcd's database size (etcdctl, from Debian's etcd-client)."""
-    env = {**os.environ, "ETCDCTL_API": "3"}
+    """Keys under the mesh's prefix and etcd's database size."""
+    status = _etcdctl(endpoint, "endpoint", "status")[0]["Status"]
+    return {"etcd_keys": etcd_keys(endpoint, f"{prefix}/"), "etcd_db_bytes": int(status["dbSize"])}
 
-    def ctl(*args: str) -> Any:
-        done = subprocess.run(["etcdctl", "--endpoints", endpoint, *args, "-w", "json"], env=env,
-                              capture_output=True, text=True, check=True, timeout=120)
-        return json.loads(done.stdout)
 
-    keys = ctl("get", "--prefix", f"{prefix}/", "--limit", "1").get("count", 0)  # the whole range's count
-    status = ctl("endpoint", "status")[0]["Status"]
-    return {"etcd_keys": int(keys), "etcd_db_bytes": int(status["dbSize"])}
+def wait_registered(endpoint: str, prefix: str, count: int, logs: list[Path], timeout_s: float) -> float:
+    """Waits until the mesh under `prefix` has `count` models registered (the monotonic time it saw them), and
+    then until every node's log says its registration is done (a node may still try batches others wrote)."""
+    deadline = time.monotonic() + timeout_s
+
+    def wait(done: Callable[[], bool], what: str) -> None:
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not within {timeout_s} s")
+            time.sleep(0.2)
+
+    wait(lambda: etcd_keys(endpoint, f"{prefix}/models/") >= count, f"{count} models registered")
+    registered = time.monotonic()
+    wait(lambda: all(REGISTERED in log.read_text(errors="replace") for log in logs), "every node's registration")
+    return registered
 
 
 def etcd_writes(node: NodeProcess) -> int:

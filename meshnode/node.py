@@ -29,6 +29,7 @@ from meshnode.control.alias_retirement import Retirement
 from meshnode.control.alias_switch import AliasSwitch
 from meshnode.control.management import Management
 from meshnode.control.model_control import ModelControl
+from meshnode.control.repository_registration import RepositoryRegistration
 from meshnode.control.repository_sync import RepositorySync
 from meshnode.control.stale_copies import StaleCopies
 from meshnode.etcd.store import EtcdAccess, EtcdStore
@@ -135,6 +136,9 @@ class Node:
                                     locations=self.storage.locations, cache=self.cache, replica=self.replica,
                                     mesh=self.mesh, aliases=self.aliases,
                                     runtime=self.runtime.name)
+        self.repository_registration = RepositoryRegistration(
+            repository=self.storage.local_repository, registry=self.registry, runtime=self.runtime.name,
+            background=self._background)
         # A store's repository is followed by one node for the mesh (the lowest live instance id).
         self.repository_sync = RepositorySync(
             repository_uri=s.model_repository, list_models=functools.partial(self.storage.store.list_models,
@@ -196,8 +200,9 @@ class Node:
         await self.runtime.start()
         await self.registry.start()
         await self.aliases.start()
-        added = await self.control.register_repository()
-        log.info("registered %d new models from %s", added, s.model_repository)
+        # Registered in the background: the node serves them meanwhile (meshnode.control.repository_registration).
+        self.repository_registration.start()
+        await self.repository_registration.head_start()
         client_tls = ServerTls(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
         self.port = transport.bind(self._server, s.host, s.port, client_tls)
         await self._server.start()

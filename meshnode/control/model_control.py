@@ -1,20 +1,17 @@
 """Registering, loading, unloading and listing models: Triton's repository extension.
 
-Registrations live in etcd and survive restarts; the startup scan registers what it finds in
-the model repository lazily (nothing loads until asked), and never re-enables a model that a
-RepositoryModelUnload disabled.
+Registrations live in etcd and survive restarts. The repository's models are registered in the background
+(meshnode.control.repository_registration); a load by name registers one found in the repository.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from meshnode.control.registration import CopyHere, Registration
+from meshnode.control.repository_registration import find_model_directory
 from meshnode.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -56,28 +53,6 @@ class ModelControl:
         self._replica = replica
         self._mesh = mesh
 
-    async def register_repository(self) -> int:
-        """Register every model directory of the repository not registered yet; returns how many.
-
-        Once for the mesh: when the registry holds every name in the repository already there is no scan
-        at all (a scan of 100,000 model directories takes seconds), and new ones are created in batched
-        transactions. Directory reads run off the event loop."""
-        if self._repository is None:
-            return 0  # a store's repository: meshnode.control.repository_sync follows its listing
-        if await asyncio.to_thread(self._all_registered, self._repository.root):
-            return 0
-        found = await asyncio.to_thread(self._repository.scan)
-        now = time.time()
-        return await self._registry.register_all(
-            ModelRecord(name=name, storage=str(directory), registered_at=now, updated_at=now, runtime=self._runtime)
-            for name, directory in found.items() if name not in self._registry.view)
-
-    def _all_registered(self, root: Path) -> bool:
-        if not root.is_dir():
-            return True
-        with os.scandir(root) as entries:
-            return all(e.name in self._registry.view or e.name.startswith(".") for e in entries)
-
     async def load(self, command: Registration | CopyHere) -> None:
         """RepositoryModelLoad: register (or re-register) and load here, or load a peer's requested copy."""
         if isinstance(command, CopyHere):
@@ -99,7 +74,7 @@ class ModelControl:
             storage = await self._locations.resolve(registration.storage_uri)
         elif existing is not None:
             storage = existing.storage
-        elif self._repository is not None and (found := self._repository.scan().get(name)) is not None:
+        elif self._repository is not None and (found := find_model_directory(self._repository.root, name)):
             storage = str(found)
         else:
             raise ModelNotFound(

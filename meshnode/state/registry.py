@@ -4,7 +4,8 @@ The view (meshnode.state.watched_records) is a dict kept current by a watch, so 
 model up without waiting on etcd. It holds the records of models nobody uses compactly, a few dozen bytes of
 JSON each read lazily (meshnode.state.compact), so a node holds a million of them. Writes go through
 compare-and-set, so concurrent nodes never lose each other's updates, and are applied to the view at once;
-a repository is registered in transactions of BATCH records.
+a repository is registered in transactions of BATCH records, while the view already answers for the models
+about to be registered (`expect`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,19 @@ class Registry(WatchedRecords[ModelRecord]):
         holding = Compact(ModelRecord, in_use, (b'"copies"', b'"failures"'), short=_SHORT, path="storage")
         super().__init__(store, PREFIX, ModelRecord, holding)
         self._last_used = re.compile(re.escape(holding.shrinking.probe("last_used")) + rb"([-+.eE0-9]+)")
+        self._expected: Callable[[str], ModelRecord | None] | None = None
+
+    def expect(self, found: Callable[[str], ModelRecord | None] | None) -> None:
+        """Records about to be registered (a repository's registration runs in the background): `get` answers
+        a name the view lacks with `found(name)`, and `update` of such a name starts from that record, so its
+        first write (a load claim) registers it. None: nothing more is expected."""
+        self._expected = found
+
+    def get(self, name: str) -> ModelRecord | None:
+        record = self._view.get(name)
+        if record is None and self._expected is not None:
+            return self._expected(name)
+        return record
 
     def records_in_use(self) -> list[ModelRecord]:
         """The records with copies or failures: a scan for those reads no unused record (of maybe a million)."""
@@ -146,7 +160,14 @@ class Registry(WatchedRecords[ModelRecord]):
             while batch := list(itertools.islice(pending, BATCH)):
                 counts.append(await self._register_batch(batch))
 
-        await asyncio.gather(*(writer() for _ in range(WRITERS)))
+        writers = [asyncio.ensure_future(writer()) for _ in range(WRITERS)]
+        try:
+            await asyncio.gather(*writers)
+        except BaseException:  # etcd failed one (or the caller stopped): the others stop too
+            for task in writers:
+                task.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
+            raise
         return sum(counts)
 
     async def _register_batch(self, records: Sequence[ModelRecord]) -> int:
@@ -159,6 +180,11 @@ class Registry(WatchedRecords[ModelRecord]):
             for record, raw in zip(records, values, strict=True):
                 self._applied_raw(record.name, raw, revision)
             return len(records)
+        # Another node registers the same repository: what the watch brought meanwhile is theirs, and the rest
+        # goes as one batch again rather than split down to single records (255 transactions for 128 taken).
+        rest = [r for r in records if r.name not in self._watched.view]
+        if len(rest) < len(records):
+            return await self._register_batch(rest) if rest else 0
         half = len(records) // 2
         return await self._register_batch(records[:half]) + await self._register_batch(records[half:])
 
@@ -169,9 +195,14 @@ class Registry(WatchedRecords[ModelRecord]):
         updated_at is stamped on every real change.
         """
 
+        def current(raw: bytes | None) -> ModelRecord | None:
+            if raw is not None:
+                return ModelRecord.decode(name, raw)
+            return self._expected(name) if self._expected is not None else None
+
         def apply(raw: bytes | None) -> bytes | None:
-            old = ModelRecord.decode(name, raw) if raw is not None else None
-            new = fn(ModelRecord.decode(name, raw) if raw is not None else None)
+            old = current(raw)
+            new = fn(current(raw))  # a private copy
             if new is None:
                 return None
             if new == old:

@@ -10,11 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from meshnode.background import BackgroundTasks
 from meshnode.control.model_control import IndexEntry
 from meshnode.control.registration import CopyHere, Registration
+from meshnode.control.repository_registration import RepositoryRegistration
 from meshnode.errors import AlreadyExists, FailedPrecondition, InvalidInput, LoadFailed, ModelNotFound
 from meshnode.state.aliases import AliasRecord
-from meshnode.state.registry import Copy, Failure
+from meshnode.state.registry import Copy, Failure, ModelRecord
+from meshnode.storage.repository import ModelRepository
 from placement.types import LOADED, LOADING
 from tests.unit.meshnode.fake_etcd import FakeStore
 from tests.unit.meshnode.fakes import ME, NOW, LoadPlan, NodeParts, node_view, write_model
@@ -158,16 +161,62 @@ async def test_a_peers_copy_request_loads_a_copy_here_and_changes_no_registratio
         await node.control.load(CopyHere("a/b"))
 
 
-async def test_the_repository_scan_registers_new_model_directories_lazily_once(node: NodeParts) -> None:
+def registration(node: NodeParts, background: BackgroundTasks, retry_s: float = 3600.0) -> RepositoryRegistration:
+    return RepositoryRegistration(repository=ModelRepository(node.repository), registry=node.registry,
+                                  runtime=node.runtime.name, background=background, clock=node.clock, retry_s=retry_s)
+
+
+@pytest.fixture
+async def background() -> AsyncIterator[BackgroundTasks]:
+    tasks = BackgroundTasks()
+    yield tasks
+    await tasks.cancel()
+
+
+async def test_the_repositorys_registration_registers_new_model_directories_lazily_once(
+        node: NodeParts, background: BackgroundTasks) -> None:
     for name in ("a", "b", ".hidden"):
         write_model(node.repository, name)
     (node.repository / "not-a-model").mkdir()
-    assert await node.control.register_repository() == 2
+    first = registration(node, background)
+    first.start()
+    await first.head_start(within_s=5.0)  # a repository of a few models: registered before the node serves
+    assert sorted(node.registry.names()) == ["a", "b"]
+    assert await first.wait() == 2
     assert sorted(node.registry.names()) == ["a", "b"] and node.runtime.loads == []
-    assert node.record("a").runtime == "onnxruntime"
+    assert node.record("a") == ModelRecord(name="a", storage=str(node.repository.resolve() / "a"), registered_at=NOW,
+                                           updated_at=NOW, runtime="onnxruntime")
     await node.control.unload("a")
-    assert await node.control.register_repository() == 0
-    assert node.record("a").enabled is False  # the scan never re-enables what an unload disabled
+    again = registration(node, background)
+    again.start()
+    assert await again.wait() == 0
+    assert node.record("a").enabled is False  # the registration never re-enables what an unload disabled
+
+
+async def test_the_repositorys_models_are_served_before_their_registration_and_a_first_write_registers_one(
+        node: NodeParts, background: BackgroundTasks) -> None:
+    for name in ("m", "claimed", "idle"):
+        write_model(node.repository, name)
+    (node.repository / "not-a-model").mkdir()
+    node.store.down = True  # the registration's first round fails: it tries again later
+    running = registration(node, background, retry_s=0.05)
+    running.start()
+    await node.store.refusals.wait_len(1)
+    assert not any(key.startswith("models/") for key in node.store.data)
+    await node.use("m")  # a request served here: the view has the record the registration is to write
+    assert node.runtime.loads == ["m@1"]
+    for unknown in ("not-a-model", "ghost", ".hidden", "..", "../repo", "a\x00b", "x" * 300):
+        assert node.registry.get(unknown) is None
+    node.store.down = False
+    assert await node.mesh.claim_load("claimed", "n2", frozenset()) == "n2"
+    assert node.store.record("models/claimed")["copies"]["n2"]["state"] == LOADING  # registered by its claim
+    await running.wait()
+    await node.registry.wait_for("m", lambda r: r is not None and ME in r.copies, timeout=5)  # the copy flusher's
+    assert node.record("idle") == ModelRecord(name="idle", storage=str(node.repository.resolve() / "idle"),
+                                              registered_at=NOW, updated_at=NOW, runtime="onnxruntime")
+    assert sorted(node.registry.names()) == ["claimed", "idle", "m"]
+    write_model(node.repository, "later")
+    assert node.registry.get("later") is None  # registration done: the repository is read no more
 
 
 # -- unloading -----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Mapping
 
 import pytest
 
@@ -125,6 +126,41 @@ async def test_register_all_writes_batches_and_skips_what_another_node_registere
     assert await registry.register_all(records) == 0
     await registry.stop()
     await other.stop()
+
+
+async def test_a_batch_another_node_registered_meanwhile_costs_one_transaction_not_one_per_record(
+        store: FakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = await started(store)
+    other = await started(store)
+    records = [record(f"m{i:04d}") for i in range(BATCH)]
+    assert await other.register_all(records[:BATCH // 2]) == BATCH // 2
+    await store.settle()  # the watch brought them to this node's view
+    transactions: list[int] = []
+    commit = store.commit
+
+    async def counted(puts: Mapping[str, object], unchanged: Mapping[str, int]) -> int | None:
+        transactions.append(len(puts))
+        return await commit(puts, unchanged)
+
+    monkeypatch.setattr(store, "commit", counted)
+    assert await registry.register_all(records) == BATCH // 2
+    assert transactions == [BATCH, BATCH // 2]  # the batch refused, then the rest of it
+    await registry.stop()
+    await other.stop()
+
+
+async def test_expected_records_are_read_and_their_first_update_registers_them(store: FakeStore) -> None:
+    registry = await started(store)
+    registry.expect(lambda name: record(name) if name.startswith("repo-") else None)
+    assert registry.get("repo-a") == record("repo-a") and registry.get("other") is None
+    assert "repo-a" not in registry.view and "models/repo-a" not in store.data
+    await registry.update("repo-a", lambda r: dataclasses.replace(r, pinned=True) if r else None)
+    assert store.record("models/repo-a")["pinned"] is True
+    assert await registry.update("repo-b", lambda r: r) is None  # no change: nothing written, etcd has none
+    assert "models/repo-b" not in store.data
+    registry.expect(None)
+    assert registry.get("repo-b") is None and registry.get("repo-a").pinned is True  # type: ignore[union-attr]
+    await registry.stop()
 
 
 async def test_a_local_write_is_not_undone_by_an_older_watch_event(store: FakeStore) -> None:
