@@ -182,6 +182,37 @@ def write_matmul_chain(
     )
 
 
+def write_accumulator(directory: Path | str, name: str = "simple_sequence", version: int = 1, *,
+                      idle_us: int = 5_000_000) -> Path:
+    """Triton's simple_sequence for ONNX Runtime, with implicit state: INPUT INT32 [-1, 1] -> OUTPUT INT32 [-1, 1],
+    the running sum of the sequence's inputs. OUTPUT = STATE_IN * (1 - START) + INPUT, and STATE_OUT = OUTPUT is
+    the next request's STATE_IN (config.pbtxt: sequence batching, START and CORRID controls, zero initial state,
+    idle sequences released after `idle_us`)."""
+    int32 = TensorProto.INT32
+    nodes = [
+        helper.make_node("Sub", ["ONE", "START"], ["keep"]),
+        helper.make_node("Mul", ["STATE_IN", "keep"], ["kept"]),
+        helper.make_node("Add", ["kept", "INPUT"], ["OUTPUT"]),
+        helper.make_node("Identity", ["OUTPUT"], ["STATE_OUT"]),
+    ]
+    inputs = [_value_info(n, int32, (-1, 1)) for n in ("INPUT", "STATE_IN", "START")]
+    inputs.append(_value_info("CORRID", TensorProto.UINT64, (-1, 1)))
+    outputs = [_value_info(n, int32, (-1, 1)) for n in ("OUTPUT", "STATE_OUT")]
+    model_dir = _save(directory, name, version, nodes, inputs, outputs,
+                      [numpy_helper.from_array(np.ones((1, 1), np.int32), "ONE")])
+    (model_dir / "config.pbtxt").write_text(
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 1\n'
+        f"sequence_batching {{ max_sequence_idle_microseconds: {idle_us}\n"
+        '  control_input [ { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
+        '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] } ]\n'
+        '  state [ { input_name: "STATE_IN" output_name: "STATE_OUT" data_type: TYPE_INT32 dims: [ 1 ]\n'
+        '    initial_state { data_type: TYPE_INT32 dims: [ 1 ] zero_data: true name: "zero" } } ] }\n'
+        'input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    )
+    return model_dir
+
+
 def write_repository(directory: Path | str, names_and_kinds: Iterable[tuple[str, str]]) -> Path:
     """Write several models; kind is "mlp", "add_sub", "matmul_chain" or "identity:<DATATYPE>".
 

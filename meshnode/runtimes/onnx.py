@@ -33,6 +33,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from meshnode.errors import Internal, InvalidInput, LoadFailed, ModelUnavailable
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, RuntimeSettings, TensorSpec
+from meshnode.runtimes.onnx_sequences import SequenceBatcher, sequence_batcher
 from meshnode.runtimes.tensors import (
     SpecIndex,
     datatype_of_onnx,
@@ -137,13 +138,17 @@ class OnnxModel:
         executor: ThreadPoolExecutor,
         inline_threshold_s: float,
         clock: Callable[[], float],
+        sequences: SequenceBatcher | None = None,
     ) -> None:
         self.name = source.name
         self.version = source.version
         self.size_bytes = size_bytes
         self._session: ort.InferenceSession | None = session
+        self.sequences = sequences  # None: each request stands alone, whatever its sequence flags say
         self.inputs = _specs(session.get_inputs())
         self.outputs = _specs(session.get_outputs())
+        if sequences is not None:  # control and state tensors are the batcher's, not the client's
+            self.inputs, self.outputs = sequences.client_inputs(self.inputs), sequences.client_outputs(self.outputs)
         self._input_index: SpecIndex = index_specs(self.inputs)
         self._output_index: SpecIndex = index_specs(self.outputs)
         self._executor = executor
@@ -157,6 +162,13 @@ class OnnxModel:
                     caller_metadata: CallerMetadata | None = None) -> pb.ModelInferResponse:
         feeds = decode_inputs(request, self._input_index, self.name)
         names = requested_outputs(request, self._output_index, self.name)
+        if self.sequences is None:
+            arrays = await self._execute(names, feeds)
+        else:
+            arrays = await self.sequences.run(request, names, feeds, self._execute)
+        return encode_response(request, self.name, self.version, names, arrays)
+
+    async def _execute(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.inline:
             start = self._clock()
             arrays = self._run(names, feeds)
@@ -172,7 +184,7 @@ class OnnxModel:
                 # The request was abandoned (a model timeout, the client gone): stop the run, free its worker.
                 options.terminate = True
                 raise
-        return encode_response(request, self.name, self.version, names, arrays)
+        return arrays
 
     def _run(self, names: list[str], feeds: dict[str, np.ndarray],
              options: ort.RunOptions | None = None) -> list[np.ndarray]:
@@ -278,6 +290,7 @@ class OnnxRuntime:
                 self._infer_pool,
                 self._inline_threshold_s,
                 self._clock,
+                sequence_batcher(source, _specs(session.get_inputs()), _specs(session.get_outputs())),
             )
         except MeshError as error:  # an input or output type the protocol cannot carry
             raise LoadFailed(f"failed to load {where}: {error}") from None
