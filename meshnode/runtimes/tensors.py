@@ -221,6 +221,7 @@ def decode_inputs(
         )
     use_raw = len(raw_contents) > 0
     arrays: dict[str, np.ndarray] = {}
+    batch, unmatched = -1, ""  # the first input's batch size; an input whose batch size differs
     for i, tensor in enumerate(inputs):
         name = tensor.name
         spec = by_name.get(name)
@@ -238,6 +239,11 @@ def decode_inputs(
         for w, g in zip(want, shape):  # noqa: B905 - lengths are equal here, and strict= is slower
             if g < 0 or (w != g and w != -1):
                 _bad_shape(name, model_name, want, shape)
+        if want and want[0] == -1:
+            if batch < 0:
+                batch = shape[0]
+            elif shape[0] != batch and not unmatched:
+                unmatched = name
         count = math.prod(shape)
         if count > MAX_ELEMENTS or (count == 0 and math.prod(d for d in shape if d) > MAX_ELEMENTS):
             raise InvalidInput(f"input '{name}' for model '{model_name}' has over {MAX_ELEMENTS} elements")
@@ -262,6 +268,10 @@ def decode_inputs(
             raise InvalidInput(f"input '{name}' for model '{model_name}' has BOOL bytes other than 0 and 1")
         else:
             arrays[name] = np.frombuffer(raw, dtype).reshape(shape)
+    # Triton's check for a model that takes a batch in every input's first dimension (max_batch_size > 0);
+    # ONNX Runtime would otherwise fail the run on the broadcast, an INTERNAL error for a client's mistake.
+    if unmatched and all(spec.shape and spec.shape[0] == -1 for spec in by_name.values()):
+        raise InvalidInput(f"input '{unmatched}' batch size does not match other inputs for '{model_name}'")
     return arrays
 
 

@@ -86,6 +86,11 @@ def raw_bytes_tensor(*elements: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
+def names_the_model(message: str) -> bool:
+    """A rejection names the model, in Triton's words: "for model 'm'", or "for 'm'" (a batch size mismatch)."""
+    return f"model '{MODEL}'" in message or f"for '{MODEL}'" in message
+
+
 def spec(datatype: str = "FP32", shape: tuple[int, ...] = (-1, 16), name: str = "INPUT0") -> TensorSpec:
     return TensorSpec(name, datatype, shape)
 

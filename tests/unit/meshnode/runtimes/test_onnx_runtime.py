@@ -241,13 +241,17 @@ async def test_missing_file_raises_load_failed(runtime: OnnxRuntime, tmp_path: P
 
 async def test_run_errors_are_mapped(runtime: OnnxRuntime, tmp_path: Path) -> None:
     model = await runtime.load(source(examples.write_add_sub(tmp_path, "simple")))
-    # Both inputs match [-1, 16], so only ORT notices the batches differ; it calls that FAIL, as Triton would.
     mismatched = {
         "INPUT0": ("FP32", np.ones((2, 16), np.float32)),
         "INPUT1": ("FP32", np.ones((3, 16), np.float32)),
     }
-    with pytest.raises(MeshError) as caught:
+    # Every input takes a batch (Triton's auto-complete: max_batch_size > 0): the batches must agree, as Triton
+    # checks before its backend runs.
+    with pytest.raises(InvalidInput, match="^input 'INPUT1' batch size does not match other inputs for 'simple'$"):
         await infer(model, mismatched)
+    # Past that check, what ORT fails (here the broadcast) is the run's failure: INTERNAL.
+    with pytest.raises(MeshError) as caught:
+        model._run(["OUTPUT0"], {"INPUT0": np.ones((2, 16), np.float32), "INPUT1": np.ones((3, 16), np.float32)})
     assert caught.value.code == grpc.StatusCode.INTERNAL and "simple" in str(caught.value)
     # tensors.decode_inputs rejects wrong dtypes before ORT, so drive ORT's INVALID_ARGUMENT directly.
     with pytest.raises(InvalidInput, match="INVALID_ARGUMENT"):

@@ -16,6 +16,7 @@ from tests.unit.meshnode.runtimes.tensor_cases import (
     MODEL,
     FP32_1x16,
     client_request,
+    names_the_model,
     raw_bytes_tensor,
     sample,
     spec,
@@ -29,7 +30,7 @@ def rejects(request: pb.ModelInferRequest, specs: list[TensorSpec], *fragments: 
     with pytest.raises(InvalidInput) as caught:
         decode_inputs(request, specs, MODEL)
     message = str(caught.value)
-    assert f"model '{MODEL}'" in message
+    assert names_the_model(message), message
     for fragment in fragments:
         assert fragment in message
     return message
@@ -75,6 +76,16 @@ def test_duplicate_input() -> None:
     request.inputs.append(request.inputs[0])
     request.raw_input_contents.append(request.raw_input_contents[0])
     rejects(request, [spec(), spec(name="INPUT1")], "'INPUT0'", "more than once")
+
+
+def test_batch_sizes_must_agree_when_every_input_takes_a_batch() -> None:
+    specs = [spec(), spec(name="INPUT1")]
+    request = client_request({"INPUT0": sample("FP32", (0, 16)), "INPUT1": sample("FP32", (2, 16))})
+    assert rejects(request, specs) == "input 'INPUT1' batch size does not match other inputs for 'm'"
+    # An input whose first dimension is fixed: the model takes no batch, and other first dimensions are free.
+    free = [spec(), spec(name="INPUT1", shape=(-1, 16)), spec(name="INPUT2", shape=(3,))]
+    decode_inputs(client_request({"INPUT0": sample("FP32", (1, 16)), "INPUT1": sample("FP32", (2, 16)),
+                                  "INPUT2": sample("FP32", (3,))}), free, MODEL)
 
 
 def test_rank_mismatch() -> None:

@@ -34,6 +34,7 @@ from tests.unit.meshnode.runtimes.tensor_cases import (
     assert_same,
     client_request,
     client_result,
+    names_the_model,
     sample,
     spec,
     to_pb,
@@ -149,7 +150,7 @@ def test_decode_scalar_and_several_inputs_in_any_order() -> None:
 
 def test_index_specs_is_interchangeable_with_the_sequence() -> None:
     specs = (spec("FP32", (-1, 16), "INPUT0"), spec("INT32", (-1,), "INPUT1"))
-    request = client_request({"INPUT1": sample("INT32", (5,)), "INPUT0": sample("FP32", (1, 16))})
+    request = client_request({"INPUT1": sample("INT32", (1,)), "INPUT0": sample("FP32", (1, 16))})
     via_sequence = decode_inputs(request, specs, MODEL)
     via_index = decode_inputs(request, index_specs(specs), MODEL)
     assert via_sequence.keys() == via_index.keys()
@@ -365,7 +366,7 @@ def test_fuzzed_requests_raise_only_protocol_errors() -> None:
             arrays = decode_inputs(request, specs if rng.random() < 0.5 else index_specs(specs), MODEL)
             requested_outputs(request, specs, MODEL)
         except (InvalidInput, Unsupported) as error:
-            assert f"model '{MODEL}'" in str(error)
+            assert names_the_model(str(error)), error
             rejected += 1
             continue
         decoded_ok += 1

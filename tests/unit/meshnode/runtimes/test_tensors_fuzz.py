@@ -25,6 +25,7 @@ from meshnode.runtimes.onnx import OnnxModel, OnnxRuntime
 from meshnode.runtimes.tensors import DATATYPE_TO_NUMPY, MAX_ELEMENTS, decode_inputs, index_specs, requested_outputs
 from meshnode.storage.repository import ModelSource
 from meshpb import pb
+from tests.unit.meshnode.runtimes.tensor_cases import names_the_model
 from tests.unit.meshnode.runtimes.tensor_strategies import (
     ABSURD_DIMS,
     DATATYPES,
@@ -71,7 +72,7 @@ def bounded(request: pb.ModelInferRequest, call: Callable[[], T]) -> T:
 def assert_client_error(error: InvalidInput | Unsupported) -> None:
     message = str(error)
     assert error.code.name in CLIENT_CODES
-    assert f"model '{MODEL}'" in message, message
+    assert names_the_model(message), message
     assert len(message) <= MAX_MESSAGE, message[:200]
 
 
