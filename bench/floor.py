@@ -4,15 +4,16 @@
 SIGINT or, when its standard input is a pipe, that pipe's end (so a crashed bench never leaves it behind).
 
 Honest, not handicapped: the same transport module as the node (so the same gRPC options and
-handler registration), the same event loop, ORT with one intra-op thread run inline on the loop,
-and raw FP32 decoded with np.frombuffer. Only checks a benchmark client cannot trip are left out.
+handler registration), ORT with one intra-op thread run inline on the loop (`--threads N`: on grpcio's
+threaded server's N workers, as the node's local hits run), and raw FP32 decoded with np.frombuffer.
+Only checks a benchmark client cannot trip are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def _metadata(arg: ort.NodeArg) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(name=arg.name, datatype="FP32", shape=shape)
 
 
-def handlers(session: ort.InferenceSession, name: str) -> dict[str, Callable[..., Any]]:
+def handlers(session: ort.InferenceSession, name: str, threaded: bool = False) -> dict[str, Callable[..., Any]]:
     args = [*session.get_inputs(), *session.get_outputs()]
     if any(a.type != _FP32 for a in args):
         raise SystemExit("bench.floor serves FP32 models only")
@@ -60,7 +61,7 @@ def handlers(session: ort.InferenceSession, name: str) -> dict[str, Callable[...
     output_names = [a.name for a in session.get_outputs()]
     run = session.run
 
-    async def ModelInfer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    def infer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         feeds = {
             tensor.name: np.frombuffer(raw, np.float32).reshape(tensor.shape)
             for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)
@@ -72,6 +73,9 @@ def handlers(session: ort.InferenceSession, name: str) -> dict[str, Callable[...
                      for n, a in zip(output_names, arrays, strict=True)],
             raw_output_contents=[a.tobytes() for a in arrays],
         )
+
+    async def ModelInfer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return infer(request)
 
     async def ServerLive(request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -85,12 +89,36 @@ def handlers(session: ort.InferenceSession, name: str) -> dict[str, Callable[...
     async def ModelMetadata(request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         return metadata
 
+    if threaded:
+        return {"ModelInfer": lambda request, context: infer(request), "ServerLive": _sync(ServerLive),
+                "ServerReady": _sync(ServerReady), "ModelReady": _sync(ModelReady),
+                "ModelMetadata": _sync(ModelMetadata)}
     return {"ModelInfer": ModelInfer, "ServerLive": ServerLive, "ServerReady": ServerReady,
             "ModelReady": ModelReady, "ModelMetadata": ModelMetadata}
 
 
-async def serve(model: Path, name: str, host: str, port: int) -> None:
+def _sync(handler: Callable[[Any, Any], Coroutine[Any, Any, Any]]) -> Callable[[Any, Any], Any]:
+    """A handler that never awaits, run to its end on the calling thread."""
+    def call(request: Any, context: Any) -> Any:
+        try:
+            handler(request, context).send(None)
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("a floor handler awaited")
+
+    return call
+
+
+async def serve(model: Path, name: str, host: str, port: int, threads: int) -> None:
     session = create_session(model)
+    if threads:
+        threaded = transport.create_threaded_server(threads)
+        transport.add_inference_service(threaded, handlers(session, name, threaded=True))
+        bound = transport.bind(threaded, host, port)
+        threaded.start()
+        await serve_until_stopped(f"{READY_PREFIX}{bound}")
+        threaded.stop(0)
+        return
     server = transport.create_server()
     transport.add_inference_service(server, handlers(session, name))
     bound = transport.bind(server, host, port)
@@ -105,8 +133,10 @@ def main() -> None:
     parser.add_argument("--name", default="mlp", help="model name it answers to (default mlp)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="serve on grpcio's threaded server with this many workers (default 0: grpc.aio)")
     args = parser.parse_args()
-    asyncio.run(serve(args.model, args.name, args.host, args.port))
+    asyncio.run(serve(args.model, args.name, args.host, args.port, args.threads))
 
 
 if __name__ == "__main__":

@@ -98,9 +98,10 @@ class Child:
 
 
 class FloorProcess(Child):
-    def __init__(self, model: Path, name: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, model: Path, name: str, timeout_s: float = 30.0, threads: int = 0) -> None:
+        """`threads`: on grpcio's threaded server with that many workers (0: grpc.aio)."""
         super().__init__([sys.executable, "-m", "bench.floor", "--model", str(model), "--name", name,
-                          "--port", "0"], "floor")
+                          "--port", "0", "--threads", str(threads)], "floor")
         line = self.readline(timeout_s)
         if not line.startswith(READY_PREFIX):
             self.stop()

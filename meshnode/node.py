@@ -15,8 +15,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from meshnode.api.access import Access, read_credentials
 from meshnode.api.config import ModelConfigs
@@ -24,6 +25,7 @@ from meshnode.api.http.server import RestServer
 from meshnode.api.inference import InferenceServicer
 from meshnode.api.management import ManagementServicer
 from meshnode.api.protocol_extras import ProtocolExtrasServicer
+from meshnode.api.threaded import ThreadedServices, after_hits
 from meshnode.background import BackgroundTasks
 from meshnode.control.alias_retirement import Retirement
 from meshnode.control.alias_switch import AliasSwitch
@@ -40,6 +42,7 @@ from meshnode.mesh.runtime_health import RuntimeHealth
 from meshnode.mesh.state import MeshState
 from meshnode.mesh.statistics import MeshStatistics
 from meshnode.net import transport
+from meshnode.net.health import Health
 from meshnode.net.peers import GrpcPeers
 from meshnode.net.proof import MeshProof, read_secret
 from meshnode.net.tls import ClientTls, ServerTls
@@ -54,6 +57,7 @@ from meshnode.serving.dataplane import DataPlane
 from meshnode.serving.replica import LocalReplica
 from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.serving.statistics import ModelStatistics
+from meshnode.serving.threaded_hits import ThreadedHits
 from meshnode.settings import NodeSettings
 from meshnode.state.aliases import Aliases
 from meshnode.state.instances import InstancePublisher
@@ -165,18 +169,25 @@ class Node:
                                       alias_targets=self.aliases.targets),
             tracing=tracing is not None, log_format=s.log_format)
         inference = {**InferenceServicer(self.dataplane, self.control, self.metrics).handlers(), **extras.handlers()}
-        self._server = transport.create_server()
-        guarded = access.guard(inference)
-        transport.add_inference_service(self._server, guarded)
-        # KServe v2 REST: the same guarded handlers, called with the request converted (api.http)
-        self._rest = RestServer(guarded, s.http_max_request_size) if s.http_port is not None else None
-        transport.add_management_service(self._server, access.guard(ManagementServicer(management).handlers()))
-        self._health = transport.Health(self._server)
+        # The gRPC ports: grpc.aio's servers, or grpcio's threaded ones (--grpc-server threaded), where local hits
+        # run on their workers (serving.threaded_hits) and everything else on this loop (api.threaded).
+        self._hits = ThreadedHits(
+            cache=self.cache, dataplane=self.dataplane, alias_targets=self.aliases.targets, records=self.registry.view,
+            metrics=self.metrics, statistics=self.statistics, instance_id=self.instance_id,
+            loop=asyncio.get_running_loop(), tracing=tracing) if s.grpc_server == "threaded" else None
+        self._server = self._grpc_server()
+        transport.add_inference_service(self._server, self._handlers(access, inference))
+        # KServe v2 REST: the same handlers, guarded on the loop, called with the request converted (api.http)
+        rest = access.guard(inference) if self._hits is None else after_hits(access.guard(inference), self._hits)
+        self._rest = RestServer(rest, s.http_max_request_size) if s.http_port is not None else None
+        transport.add_management_service(self._server,
+                                         self._handlers(access, ManagementServicer(management).handlers()))
+        self._health = Health(self._server)
         transport.add_reflection(self._server)
         self._peer_server = None
         if self._peer_tls is not None:
-            self._peer_server = transport.create_server()
-            transport.add_inference_service(self._peer_server, Access(members=True).guard(inference))
+            self._peer_server = self._grpc_server()
+            transport.add_inference_service(self._peer_server, self._handlers(Access(members=True), inference))
         self.publisher = InstancePublisher(store, self._node_view)
         self.runtime_health = RuntimeHealth(runtime=self.runtime, cache=self.cache, status=self.runtime_status,
                                             publisher=self.publisher, health=self._health)
@@ -186,6 +197,18 @@ class Node:
         self.port = 0
         self.peer_port: int | None = None
         self._metrics_server: MetricsServer | None = None
+
+    def _grpc_server(self) -> transport.Server:
+        if self._hits is None:
+            return transport.create_server()
+        return transport.create_threaded_server(self.settings.server_threads)
+
+    def _handlers(self, access: Access, handlers: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+        """The coroutine handlers as the node's gRPC servers take them: guarded on grpc.aio's, admitted on the
+        worker thread on a threaded one."""
+        if self._hits is None:
+            return access.guard(handlers)
+        return ThreadedServices(loop=asyncio.get_running_loop(), access=access, hits=self._hits).handlers(handlers)
 
     @property
     def http_port(self) -> int | None:
@@ -205,10 +228,10 @@ class Node:
         await self.repository_registration.head_start()
         client_tls = ServerTls(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
         self.port = transport.bind(self._server, s.host, s.port, client_tls)
-        await self._server.start()
+        await transport.start(self._server)
         if self._peer_server is not None:
             self.peer_port = transport.bind(self._peer_server, s.host, s.peer_port, self._peer_tls)
-            await self._peer_server.start()
+            await transport.start(self._peer_server)
         if self._rest is not None and s.http_port is not None:
             await self._rest.start(s.host, s.http_port, client_tls)
         warn_if_open(s, self.unauthenticated)
@@ -239,6 +262,9 @@ class Node:
         )
 
     def _state(self) -> NodeState:
+        """For a metrics scrape, which then renders the metrics: both count every local hit so far."""
+        if self._hits is not None:
+            self._hits.drain()
         stats = self.cache.stats()
         live = self.mesh.nodes()
         # The mesh's totals come from one node, as from ModelMesh's leader: the lowest live instance id.
@@ -275,9 +301,8 @@ class Node:
             await self.publisher.stop()  # revokes the lease: peers stop routing here at once
             await self.mesh.stop()
             await asyncio.sleep(LEAVE_PAUSE_S)
-        await self._server.stop(grace_s)
-        if self._peer_server is not None:
-            await self._peer_server.stop(grace_s)
+        await asyncio.gather(*(transport.stop(server, grace_s) for server in (self._server, self._peer_server)
+                               if server is not None))
         if self._rest is not None:
             await self._rest.close()
         await self.peers.close()

@@ -13,6 +13,8 @@ from meshnode.runtimes import RUNTIMES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _EXPONENT = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+# gRPC worker threads beyond --max-inflight: open streams and calls that are not inference (status, management).
+GRPC_THREADS_BESIDE = 128
 
 
 def parse_size(text: str | int) -> int:
@@ -120,6 +122,14 @@ class NodeSettings(BaseSettings):
     # what the workers drain within a deadline, and caps what requests hold at 512 times their size (50 MB
     # for 100 kB tensors) however many clients send at once.
     max_inflight: int = Field(default=512, ge=1)
+    # The gRPC ports' server: grpc.aio's (every call a task on the event loop), or grpcio's threaded one, where a
+    # local hit runs start to end on a worker thread (cheaper per hit, dearer per forwarded request: see README).
+    grpc_server: Literal["aio", "threaded"] = "aio"
+    # Worker threads of the gRPC ports (grpcio's threaded server): each serves one call at a time, a local hit
+    # start to end, anything else (a forward to a peer, a load) while the event loop works on it; an open stream
+    # holds one for its life. Made only as calls need them; None: max_inflight plus GRPC_THREADS_BESIDE, so that
+    # --max-inflight, not a busy pool, bounds a node's requests (a forward to a dead peer holds one for seconds).
+    grpc_threads: int | None = Field(default=None, ge=2)
     # A model marked by an alias with auto_delete is unregistered once no alias has pointed at it for
     # this long (requests already resolved to it finish; every node's watch sees the change first).
     alias_retire_after_s: float = Field(default=10.0, ge=0)
@@ -132,6 +142,11 @@ class NodeSettings(BaseSettings):
     # http_max_request_size is refused with 413 before it is read: a client cannot make the node hold more.
     http_port: int | None = None
     http_max_request_size: ByteSize = Field(default=64 * 2**20, gt=0)
+
+    @property
+    def server_threads(self) -> int:
+        """The gRPC ports' worker threads: --grpc-threads, else max_inflight plus GRPC_THREADS_BESIDE."""
+        return self.grpc_threads or self.max_inflight + GRPC_THREADS_BESIDE
 
     @property
     def runs_per_copy(self) -> int:

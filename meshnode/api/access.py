@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -49,6 +49,19 @@ _NEEDED: dict[str, Role | str | None] = {
 }  # fmt: skip
 
 _MEMBER: ContextVar[bool] = ContextVar("meshserve_member", default=False)
+
+
+class CallContext(Protocol):
+    """What access reads of a call, from either kind of gRPC server's context (or api.http's)."""
+
+    def invocation_metadata(self) -> Any: ...
+    def peer_identities(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: grpc.StatusCode
+    message: str
 
 
 def from_member() -> bool:
@@ -100,14 +113,21 @@ class Access:
         needed = _NEEDED[method]
         return self._infer_role if needed == INFER else needed if isinstance(needed, Role) else None
 
-    def _guarded(self, method: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+    def admit(self, method: str, context: CallContext) -> Refusal | None:
+        """Check one call of `method`: its refusal, or None after recording whether a member made it
+        (`from_member()`, for the rest of the call's context)."""
         needed = self._needed(method) if self._credentials is not None else None
+        member = self._members or self._proven(method, context)
+        if not member and needed is not None and (refusal := self._refusal(method, needed, context)) is not None:
+            return refusal
+        _MEMBER.set(member)
+        return None
 
+    def _guarded(self, method: str, handler: Callable[..., Any]) -> Callable[..., Any]:
         async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            member = self._members or self._proven(method, context)
-            if not member and needed is not None:
-                await self._check(method, needed, context)
-            _MEMBER.set(member)
+            refusal = self.admit(method, context)
+            if refusal is not None:
+                await context.abort(refusal.code, refusal.message)
 
         if inspect.isasyncgenfunction(handler):
             @functools.wraps(handler)
@@ -125,7 +145,7 @@ class Access:
 
         return unary
 
-    def _proven(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    def _proven(self, method: str, context: CallContext) -> bool:
         if self._proof is None:
             return False
         for key, value in context.invocation_metadata() or ():
@@ -133,20 +153,21 @@ class Access:
                 return self._proof.verify(method, value if isinstance(value, str) else value.decode())
         return False
 
-    async def _check(self, method: str, needed: Role, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _refusal(self, method: str, needed: Role, context: CallContext) -> Refusal | None:
         role, presented = self._role(context)
         if role is None:
             why = "the bearer token presented is not valid" if presented else "no credentials were presented"
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"{method} needs the {needed.name.lower()} role and {why}: send the metadata "
-                                "`authorization: Bearer TOKEN` (meshserve --token-file or MESHSERVE_TOKEN) or a "
-                                "client certificate mapped to a role")
-        elif role < needed:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"{method} needs the {needed.name.lower()} role; these credentials have the "
-                                f"{role.name.lower()} role")
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED,
+                           f"{method} needs the {needed.name.lower()} role and {why}: send the metadata "
+                           "`authorization: Bearer TOKEN` (meshserve --token-file or MESHSERVE_TOKEN) or a "
+                           "client certificate mapped to a role")
+        if role < needed:
+            return Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                           f"{method} needs the {needed.name.lower()} role; these credentials have the "
+                           f"{role.name.lower()} role")
+        return None
 
-    def _role(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Role | None, bool]:
+    def _role(self, context: CallContext) -> tuple[Role | None, bool]:
         """The caller's role (None: unknown) and whether it presented a token at all."""
         assert self._credentials is not None
         presented = b""

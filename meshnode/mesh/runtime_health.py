@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from meshnode.background import Periodic
-from meshnode.net.transport import Health
+from meshnode.net.health import Health
 from meshnode.runtimes.base import Runtime
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.runtime_status import RuntimeStatus

@@ -46,6 +46,18 @@ class LoadedModel(Protocol):
         ...
 
 
+@runtime_checkable
+class AnswersOnCaller(Protocol):
+    """A LoadedModel that can answer on the calling thread, without the event loop (an in-process runtime whose
+    runs release the GIL): the threaded server runs local hits on it from its worker threads."""
+
+    on_caller: bool  # False: this model answers through `infer` only (a sequence model, say)
+
+    def infer_now(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """As `infer`, synchronously; raises ModelUnavailable once the model is unloaded."""
+        ...
+
+
 ResponseSink = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
 
 

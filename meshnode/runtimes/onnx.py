@@ -145,6 +145,7 @@ class OnnxModel:
         self.size_bytes = size_bytes
         self._session: ort.InferenceSession | None = session
         self.sequences = sequences  # None: each request stands alone, whatever its sequence flags say
+        self.on_caller = sequences is None  # a sequence's state is kept on the loop (runtimes.base.AnswersOnCaller)
         self.inputs = _specs(session.get_inputs())
         self.outputs = _specs(session.get_outputs())
         if sequences is not None:  # control and state tensors are the batcher's, not the client's
@@ -185,6 +186,12 @@ class OnnxModel:
                 options.terminate = True
                 raise
         return arrays
+
+    def infer_now(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Answer on the calling thread (a threaded server's worker): ONNX Runtime releases the GIL as it runs."""
+        feeds = decode_inputs(request, self._input_index, self.name)
+        names = requested_outputs(request, self._output_index, self.name)
+        return encode_response(request, self.name, self.version, names, self._run(names, feeds))
 
     def _run(self, names: list[str], feeds: dict[str, np.ndarray],
              options: ort.RunOptions | None = None) -> list[np.ndarray]:

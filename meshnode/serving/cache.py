@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -71,6 +72,9 @@ class ModelCache:
         self._listeners: list[Callable[[str], None]] = []
         self.queues = CopyQueues(metrics, runs_per_copy=runs_per_copy, max_queued=max_queued)
         self._runs_per_copy = runs_per_copy  # read on every release
+        # Every entry's `inflight` changes under this lock: the threaded server's local hits
+        # (serving.threaded_hits) count on its worker threads, everything else on the loop.
+        self.inflight_lock = threading.Lock()
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         """callback(model name) whenever a copy here starts loading, loads, fails or goes."""
@@ -81,17 +85,30 @@ class ModelCache:
             callback(name)
 
     # -- hot path -------------------------------------------------------------------------
+    def take(self, entry: CachedModel) -> None:
+        """Count one more request on the entry (released by `release`)."""
+        with self.inflight_lock:
+            entry.inflight += 1
+
     def release(self, entry: CachedModel) -> None:
-        entry.inflight -= 1
-        if entry.inflight >= self._runs_per_copy:  # the slot goes to the oldest request waiting for one
+        with self.inflight_lock:
+            entry.inflight -= 1
+            left = entry.inflight
+        self.finished(entry, left)
+
+    def finished(self, entry: CachedModel, left: int, served: bool = True) -> None:
+        """On the loop: a request on the entry ended, leaving `left` in flight (already counted down); not
+        `served`: it found the copy unloaded and went elsewhere."""
+        if left >= self._runs_per_copy:  # the slot goes to the oldest request waiting for one
             self.queues.slot_freed(entry)
-        entry.requests += 1
-        if entry.requests == 2 and not entry.discarded:  # used again since its load: now reuse-protected
-            self._reused_bytes += entry.size_bytes
-        entry.last_used = self._now()
+        if served:
+            entry.requests += 1
+            if entry.requests == 2 and not entry.discarded:  # used again since its load: now reuse-protected
+                self._reused_bytes += entry.size_bytes
+            entry.last_used = self._now()
         if not entry.discarded:
             self._lru.move_to_end(entry.key)
-        elif entry.inflight == 0 and entry.drained is not None:
+        elif left == 0 and entry.drained is not None:
             entry.drained.set()
 
     # -- miss path ------------------------------------------------------------------------
@@ -126,7 +143,7 @@ class ModelCache:
         if entry.discarded:
             raise ModelNotFound.unknown(source.name)
         self.queues.admitted(entry, started, waited)
-        entry.inflight += 1
+        self.take(entry)
         alias = (source.name, requested_version)
         if alias not in self.ready:
             self.ready[alias] = entry

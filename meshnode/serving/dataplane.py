@@ -79,8 +79,11 @@ class DataPlane:
         self._metrics = metrics
         self._version = version
         self._ready = False
+        # Requests in flight here, the threaded server's local hits (serving.threaded_hits) among them: changed
+        # under the cache's lock, which those change it under from their worker threads.
         self.inflight = 0
-        self._max_inflight = max_inflight
+        self.max_inflight = max_inflight
+        self._inflight_lock = cache.inflight_lock
         # A copy's bounds, from the cache that keeps its waiting requests: read here once, compared per request.
         self._queues = cache.queues
         self._runs_per_copy = cache.queues.runs_per_copy
@@ -132,11 +135,12 @@ class DataPlane:
     ) -> pb.ModelInferResponse:
         metrics = self._metrics
         metrics.api_requests += 1
-        if self.inflight >= self._max_inflight:
+        if self.inflight >= self.max_inflight:
             metrics.requests_rejected += 1
             raise Overloaded(f"model '{request.model_name}' was not served: node {self._replica.instance_id} has "
-                             f"{self.inflight} requests in flight, its limit (--max-inflight {self._max_inflight})")
-        self.inflight += 1
+                             f"{self.inflight} requests in flight, its limit (--max-inflight {self.max_inflight})")
+        with self._inflight_lock:
+            self.inflight += 1
         entry, sequence = self._here(request)
         try:
             overloaded = None
@@ -146,12 +150,12 @@ class DataPlane:
                     metrics.ran_without_waiting += 1
                 elif inflight >= self._max_per_copy:
                     overloaded = self._copy_overloaded(entry.name, inflight)
-                elif (late := self._past_deadline(entry, inflight, time_remaining)) is not None:
+                elif (late := self.past_deadline(entry, inflight, time_remaining)) is not None:
                     overloaded = late
                 else:
                     self._queues.wait_for_slot(entry, started)
                 if overloaded is None:
-                    entry.inflight += 1
+                    self._cache.take(entry)
                     metrics.cache_hits += 1
                     try:
                         return await self._replica.run(entry, request, started,
@@ -169,7 +173,8 @@ class DataPlane:
             metrics.requests_rejected += 1  # this node's answer is RESOURCE_EXHAUSTED, to a client or a peer
             raise
         finally:
-            self.inflight -= 1
+            with self._inflight_lock:
+                self.inflight -= 1
 
     def _here(self, request: pb.ModelInferRequest) -> tuple[CachedModel | None, SequenceFlags | None]:
         """The loaded copy here that serves the request, if any, and its sequence. An alias is served as the model
@@ -215,7 +220,7 @@ class DataPlane:
 
         return session.responses(requests, route)
 
-    def _past_deadline(self, entry: CachedModel, inflight: int,
+    def past_deadline(self, entry: CachedModel, inflight: int,
                        time_remaining: TimeRemaining | None) -> Overloaded | None:
         """Refused now, rather than queued to miss its deadline: the runs ahead of it on this copy (at the copy's
         smoothed run time) and its own would take longer than the client's time left. Another copy may serve it."""

@@ -4,6 +4,8 @@ model, and the cache's figures for the instance record and the metrics."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 from meshnode.runtimes.base import LoadedModel
@@ -30,6 +32,10 @@ class CachedModel:
     sequence_idle_s: float | None = None  # its config's max_sequence_idle_microseconds in s; 0: none kept; None: unread
     discarded: bool = False
     drained: asyncio.Event | None = None  # set when a discarded entry's last request finishes
+    # Local hits on the threaded server's workers (serving.threaded_hits), under the cache's inflight_lock: how
+    # many run now (at most runs_per_copy), and one lock per request waiting for a slot, released to hand it one.
+    running: int = 0
+    turns: deque[threading.Lock] = field(default_factory=deque)
     aliases: list[tuple[str, str]] = field(default_factory=list)
 
 

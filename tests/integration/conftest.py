@@ -57,9 +57,13 @@ def start_node(etcd: EtcdProcess, repo: Path, capacity: str = "256MiB", prefix: 
                              etcd_prefix=prefix or f"t-{uuid.uuid4().hex[:8]}", extra_args=extra_args)
 
 
-@pytest.fixture(scope="module")
-def node(etcd: EtcdProcess, model_repo: Path) -> Iterator[NodeProcess]:
-    process = start_node(etcd, model_repo)
+# Both kinds of gRPC server the node's ports can be (--grpc-server): the protocol is the same on either.
+GRPC_SERVERS = ("aio", "threaded")
+
+
+@pytest.fixture(scope="module", params=GRPC_SERVERS)
+def node(etcd: EtcdProcess, model_repo: Path, request: pytest.FixtureRequest) -> Iterator[NodeProcess]:
+    process = start_node(etcd, model_repo, extra_args=["--grpc-server", request.param])
     yield process
     process.stop()
 

@@ -10,20 +10,22 @@ import tritonclient.grpc.aio as aioclient
 
 from deploy.local.models import write_mlp
 from meshnode.local.mesh import LocalMesh
+from tests.integration.conftest import GRPC_SERVERS
 from tests.integration.helpers import metric
 
 ADMIN = "admin-token-0c94e1"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+@pytest.fixture(scope="module", params=GRPC_SERVERS)
+def mesh(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalMesh]:
     root = tmp_path_factory.mktemp("auth")
     write_mlp(root / "repo", "m", approx_bytes=100_000)
     (root / "secret").write_text("a-mesh-secret-of-enough-bytes\n")
     (root / "tokens").write_text(f"{ADMIN} admin\n")
     with LocalMesh.start(nodes=2, model_repository=root / "repo", capacity="64MiB", log_dir=root / "logs",
                          extra_args=["--no-proactive-loads", "--max-copies", "1", "--mesh-secret-file",
-                                     str(root / "secret"), "--auth-tokens", str(root / "tokens")]) as started:
+                                     str(root / "secret"), "--auth-tokens", str(root / "tokens"),
+                                     "--grpc-server", request.param]) as started:
         yield started
 
 

@@ -18,10 +18,11 @@ from tritonclient.utils import InferenceServerException
 from deploy.local.triton_models import write_python_add_sub
 from meshnode.local.mesh import LocalMesh
 from meshnode.net import transport
+from meshnode.net.health import Health
 from tests.integration.helpers import wait_until
 
 WIDTH = 16
-RUNTIME = transport.Health.RUNTIME_SERVICE
+RUNTIME = Health.RUNTIME_SERVICE
 
 pytestmark = pytest.mark.timeout(180)
 

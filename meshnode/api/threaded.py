@@ -1,0 +1,235 @@
+"""The node's gRPC services on grpcio's threaded server (net.transport.create_threaded_server).
+
+Every call is admitted on the worker thread that received it (api.access). A ModelInfer that is a local hit
+is answered there too (serving.threaded_hits). Everything else runs the coroutine handlers grpc.aio would run,
+on the node's event loop, while the worker waits: a unary call as one task, a stream's requests fed to its
+async generator by a reader thread, its responses taken one at a time (the stream's back-pressure). A call
+the client cancels, or whose deadline passes, cancels its task on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from meshnode.api.access import Access, from_member
+from meshnode.api.status import status_of, trailing_of
+from meshnode.net import transport
+from meshnode.serving.threaded_hits import ThreadedHits
+from meshpb import pb
+
+T = TypeVar("T")
+INFER = "ModelInfer"
+# Requests of one stream read ahead of its handler: past this, the reader waits and gRPC's flow control
+# holds the client.
+STREAM_WINDOW = 16
+_POLL_S = 0.5  # how often a waiting stream reader looks whether its call is still alive
+_NO_DEADLINE_S = 1e9  # 31 years: past any deadline a client sets
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing = code, details, trailing
+
+
+def time_remaining(context: grpc.ServicerContext) -> float | None:
+    """The call's time left, None without a deadline (the threaded server's "none" is about 2**63 s)."""
+    remaining = context.time_remaining()
+    return None if remaining > _NO_DEADLINE_S else remaining
+
+
+class _LoopContext:
+    """What the coroutine handlers read of a call, as grpc.aio's context, from the threaded server's."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def peer_identities(self) -> Any:
+        return self._context.peer_identities()
+
+    def time_remaining(self) -> float | None:
+        return time_remaining(self._context)
+
+    async def abort(self, code: grpc.StatusCode, details: str,
+                    trailing_metadata: tuple[tuple[str, str], ...] = ()) -> NoReturn:
+        raise _Aborted(code, details, trailing_metadata)
+
+
+def _end(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+    """End the call with the error's status, message and trailing metadata (api.status: one map)."""
+    if isinstance(error, _Aborted):
+        code, details, trailing = error.code, error.details, error.trailing
+    elif isinstance(error, concurrent.futures.CancelledError):
+        code, details, trailing = grpc.StatusCode.CANCELLED, "the call was cancelled", ()
+    else:
+        (code, details), trailing = status_of(error), trailing_of(error)
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    context.abort(code, details)
+
+
+class ThreadedServices:
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, access: Access, hits: ThreadedHits | None = None) -> None:
+        self._loop = loop
+        self._access = access
+        self._hits = hits  # None: every ModelInfer goes to the loop
+
+    def handlers(self, handlers: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+        """The threaded server's handlers for grpc.aio-style ones (not guarded: admission is done here)."""
+        return {method: self._stream(method, handler) if inspect.isasyncgenfunction(handler)
+                else self._unary(method, handler) for method, handler in handlers.items()}
+
+    def _admit(self, method: str, context: grpc.ServicerContext) -> None:
+        refusal = self._access.admit(method, context)
+        if refusal is not None:
+            context.abort(refusal.code, refusal.message)
+
+    def _on_loop(self, call: Coroutine[Any, Any, T], context: grpc.ServicerContext, running: _Running) -> T:
+        future = running.start(asyncio.run_coroutine_threadsafe(self._after_hits(call), self._loop))
+        try:
+            return future.result()
+        except StopAsyncIteration:
+            raise
+        except BaseException as error:
+            _end(context, error)
+
+    async def _after_hits(self, call: Coroutine[Any, Any, T]) -> T:
+        if self._hits is not None:  # what the call reads (statistics, recency, metrics) counts every hit so far
+            self._hits.drain()
+        return await call
+
+
+    def _unary(self, method: str, handler: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        async def sized(request: Any, context: _LoopContext) -> tuple[Any, Callable[[int], None] | None]:
+            # The handler's context on the loop learns what records the response's size; the worker writes it.
+            return await handler(request, context), transport.RESPONSE_BYTES_TO.get()
+
+        def bridged(request: Any, context: grpc.ServicerContext) -> Any:
+            response, report = self._on_loop(sized(request, _LoopContext(context)), context, _Running(context))
+            transport.RESPONSE_BYTES_TO.set(report)
+            return response
+
+        if method != INFER or self._hits is None:
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                self._admit(method, context)
+                return bridged(request, context)
+
+            return unary
+        hits = self._hits
+
+        def infer(request: pb.ModelInferRequest, context: grpc.ServicerContext) -> Any:
+            self._admit(method, context)
+            try:
+                data = hits.answer(request, context.invocation_metadata, from_member(), transport.REQUEST_BYTES.get(),
+                                   functools.partial(time_remaining, context))
+            except Exception as error:
+                _end(context, error)
+            return data if data is not None else bridged(request, context)
+
+        return infer
+
+    def _stream(self, method: str, handler: Callable[..., AsyncGenerator[Any, None]],
+                ) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]:
+        loop = self._loop
+
+        def stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            self._admit(method, context)
+            feed = _Feed(loop)
+            threading.Thread(target=feed.pump, args=(requests, context), name="grpc-stream-reader",
+                             daemon=True).start()
+            responses = handler(feed, _LoopContext(context))
+            running = _Running(context)
+            try:
+                while True:
+                    try:
+                        yield self._on_loop(_next(responses), context, running)
+                    except StopAsyncIteration:
+                        return
+            finally:
+                asyncio.run_coroutine_threadsafe(responses.aclose(), loop)
+
+        return stream
+
+
+class _Running:
+    """A call's work on the loop now: cancelled when the call ends first (the client cancelled, the deadline
+    passed), so that its task stops; work set after the call ended is cancelled at once."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._future: concurrent.futures.Future[Any] | None = None
+        self._ended = not context.add_callback(self._cancel)  # False: the call has ended already
+
+    def start(self, future: concurrent.futures.Future[T]) -> concurrent.futures.Future[T]:
+        self._future = future
+        if self._ended:
+            future.cancel()
+        return future
+
+    def _cancel(self) -> None:
+        self._ended = True
+        if self._future is not None:
+            self._future.cancel()
+
+
+async def _next(responses: AsyncIterator[T]) -> T:
+    return await anext(responses)
+
+
+_END = object()
+
+
+class _Feed:
+    """A stream's requests as the loop's async iterator, read from gRPC's blocking iterator by a thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._room = threading.Semaphore(STREAM_WINDOW)
+
+    def pump(self, requests: Iterator[Any], context: grpc.ServicerContext) -> None:
+        try:
+            for request in requests:
+                while not self._room.acquire(timeout=_POLL_S):
+                    if not context.is_active():
+                        return
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, request)
+        except grpc.RpcError:
+            pass  # the call was cancelled: the handler's task is cancelled with it
+        finally:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+
+    def __aiter__(self) -> _Feed:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await self._queue.get()
+        if request is _END:
+            self._queue.put_nowait(_END)  # whoever reads again also learns the end
+            raise StopAsyncIteration
+        self._room.release()
+        return request
+
+
+def after_hits(handlers: Mapping[str, Callable[..., Any]], hits: ThreadedHits) -> dict[str, Callable[..., Any]]:
+    """The handlers (REST's), whose unary ones first apply the bookkeeping of every local hit so far."""
+    def drained(handler: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(handler)
+        async def call(request: Any, context: Any) -> Any:
+            hits.drain()
+            return await handler(request, context)
+
+        return call
+
+    return {method: handler if inspect.isasyncgenfunction(handler) else drained(handler)
+            for method, handler in handlers.items()}

@@ -1,0 +1,343 @@
+"""ThreadedServices on a real grpcio threaded server: calls admitted on its workers, coroutine handlers run on the
+test's loop, statuses and cancellation carried across, and ModelInfer's fast path on the worker.
+
+The server listens on 127.0.0.1 (port 0) and the test calls it through a grpc.aio channel on the same loop the
+handlers run on; the handlers are the test's own coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from meshnode.api.access import Access, Credentials, Role
+from meshnode.api.status import maps_errors
+from meshnode.api.threaded import STREAM_WINDOW, ThreadedServices
+from meshnode.errors import InvalidInput, ModelNotFound
+from meshnode.net import transport
+from meshnode.runtimes.base import CallerMetadata
+from meshnode.serving.threaded_hits import ThreadedHits
+from meshpb import pb
+from router.errors import NODE_KEY
+from tests.unit.meshnode.fakes import WAIT_S
+
+pytestmark = pytest.mark.timeout(30)
+
+TOKEN = b"reader-token"
+
+
+@asynccontextmanager
+async def serving(handlers: Mapping[str, Callable[..., Any]], access: Access | None = None,
+                  hits: ThreadedHits | None = None) -> AsyncIterator[transport.InferenceStub]:
+    """`handlers` (grpc.aio-style) served on Triton's service path by a threaded server; a stub calling it."""
+    server = transport.create_threaded_server(4)
+    services = ThreadedServices(loop=asyncio.get_running_loop(), access=access or Access(members=True), hits=hits)
+    transport.add_inference_service(server, services.handlers(handlers))
+    port = transport.bind(server, "127.0.0.1", 0)
+    server.start()
+    channel = transport.create_channel(f"127.0.0.1:{port}")
+    try:
+        yield transport.InferenceStub(channel)
+    finally:
+        await channel.close()
+        # Its workers may wait for the loop: it must keep running while the server stops.
+        stopped = server.stop(None)
+        assert await asyncio.to_thread(stopped.wait, WAIT_S)
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    return failed.value
+
+
+# -- unary calls -----------------------------------------------------------------------------------
+
+
+async def test_a_unary_handler_on_the_loop_answers_the_call() -> None:
+    loop = asyncio.get_running_loop()
+    ran_on: list[asyncio.AbstractEventLoop] = []
+
+    async def server_metadata(request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        ran_on.append(asyncio.get_running_loop())
+        return pb.ServerMetadataResponse(name="meshserve", version="9.9")
+
+    async with serving({"ServerMetadata": server_metadata}) as stub:
+        response = await stub.ServerMetadata(pb.ServerMetadataRequest())
+    assert (response.name, response.version) == ("meshserve", "9.9") and ran_on == [loop]
+
+
+class Failing:
+    """Handlers that fail: a MeshError through maps_errors, and a bug."""
+
+    @maps_errors
+    async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        error = ModelNotFound(f"model '{request.name}' is not registered")
+        error.node = "n7"
+        raise error
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        raise ValueError("a bug")
+
+
+async def test_errors_arrive_with_their_status_message_and_node_and_a_bug_as_internal() -> None:
+    failing = Failing()
+    async with serving({"ModelReady": failing.model_ready, "ModelMetadata": failing.model_metadata}) as stub:
+        mapped = await rpc_error(stub.ModelReady(pb.ModelReadyRequest(name="gone")))
+        bug = await rpc_error(stub.ModelMetadata(pb.ModelMetadataRequest(name="m")))
+    assert mapped.code() == grpc.StatusCode.NOT_FOUND
+    assert mapped.details() == "model 'gone' is not registered"
+    assert (NODE_KEY, "n7") in tuple(mapped.trailing_metadata() or ())
+    assert bug.code() == grpc.StatusCode.INTERNAL and bug.details() == "internal error: ValueError: a bug"
+
+
+async def test_a_refused_caller_never_reaches_the_handler() -> None:
+    ran: list[str] = []
+
+    async def repository_index(request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        ran.append(request.repository_name)
+        return pb.RepositoryIndexResponse()
+
+    access = Access(members=False, credentials=Credentials(((TOKEN, Role.READER),)))
+    async with serving({"RepositoryIndex": repository_index}, access) as stub:
+        refused = await rpc_error(stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="anonymous")))
+        await stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="reader"),
+                                   metadata=(("authorization", "Bearer " + TOKEN.decode()),))
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED and "reader role" in (refused.details() or "")
+    assert ran == ["reader"]
+
+
+async def test_time_remaining_is_none_without_a_deadline_and_the_time_left_with_one() -> None:
+    seen: list[float | None] = []
+
+    async def server_live(request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        seen.append(context.time_remaining())
+        return pb.ServerLiveResponse(live=True)
+
+    async with serving({"ServerLive": server_live}) as stub:
+        await stub.ServerLive(pb.ServerLiveRequest())
+        await stub.ServerLive(pb.ServerLiveRequest(), timeout=20.0)
+    without, within = seen
+    assert without is None
+    # gRPC's own deadline on the server, which may be a little past the client's (20.1 s seen for 20 s)
+    assert within is not None and 15.0 < within <= 21.0
+
+
+@dataclass
+class Waiting:
+    """A handler that waits until cancelled."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait(self) -> None:
+        self.started.set()
+        try:
+            await self.released.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    def release(self) -> None:
+        """End the wait without a cancel (so that a test that failed leaves no worker waiting)."""
+        self.released.set()
+
+    async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        await self.wait()
+        return pb.ServerLiveResponse(live=True)
+
+    async def model_infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        await self.wait()
+        return pb.ModelInferResponse(model_name=request.model_name)
+
+
+async def test_a_call_the_client_cancels_cancels_its_handlers_task_on_the_loop() -> None:
+    waiting = Waiting()
+    async with serving({"ServerLive": waiting.server_live}) as stub:
+        call = stub.ServerLive(pb.ServerLiveRequest())
+        await asyncio.wait_for(waiting.started.wait(), WAIT_S)
+        call.cancel()
+        await asyncio.wait_for(waiting.cancelled.wait(), WAIT_S)
+
+
+async def test_a_call_whose_deadline_passes_cancels_its_handlers_task_on_the_loop() -> None:
+    waiting = Waiting()
+    async with serving({"ServerLive": waiting.server_live}) as stub:
+        late = await rpc_error(stub.ServerLive(pb.ServerLiveRequest(), timeout=0.3))
+        await asyncio.wait_for(waiting.cancelled.wait(), WAIT_S)
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED and waiting.started.is_set()
+
+
+# -- streams ---------------------------------------------------------------------------------------
+
+
+def stream_response(id: str) -> pb.ModelStreamInferResponse:  # noqa: A002
+    return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(id=id))
+
+
+async def test_a_streams_requests_reach_its_handler_and_its_responses_the_client_in_order() -> None:
+    seen: list[str] = []
+
+    async def model_stream_infer(requests: AsyncIterator[pb.ModelInferRequest],
+                                 context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in requests:
+            seen.append(request.id)
+            for part in ("a", "b"):
+                yield stream_response(f"{request.id}{part}")
+
+    count = 3 * STREAM_WINDOW  # more than the reader takes ahead of the handler
+    sent = [pb.ModelInferRequest(model_name="m", id=str(i)) for i in range(count)]
+    async with serving({"ModelStreamInfer": model_stream_infer}) as stub:
+        received = [r.infer_response.id async for r in stub.ModelStreamInfer(iter(sent))]
+    assert seen == [str(i) for i in range(count)]
+    assert received == [f"{i}{part}" for i in range(count) for part in ("a", "b")]
+
+
+@dataclass
+class Streaming:
+    """A stream handler answering each request, then waiting (`busy`) or reading the next; its end is seen."""
+
+    busy: bool
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def model_stream_infer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                                 context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        try:
+            async for request in requests:
+                yield stream_response(request.id)
+                self.answered.set()
+                if self.busy:
+                    await asyncio.Event().wait()
+        finally:
+            self.ended.set()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["waiting for a request", "busy on the loop"])
+async def test_a_stream_the_client_cancels_ends_its_handler(busy: bool) -> None:
+    streaming = Streaming(busy)
+    async with serving({"ModelStreamInfer": streaming.model_stream_infer}) as stub:
+        call = stub.ModelStreamInfer()
+        await call.write(pb.ModelInferRequest(model_name="m", id="first"))
+        first = await call.read()
+        assert isinstance(first, pb.ModelStreamInferResponse) and first.infer_response.id == "first"
+        await asyncio.wait_for(streaming.answered.wait(), WAIT_S)
+        call.cancel()
+        await asyncio.wait_for(streaming.ended.wait(), WAIT_S)
+
+
+async def test_a_streams_error_ends_it_with_its_status_after_the_responses_before_it() -> None:
+    async def model_stream_infer(requests: AsyncIterator[pb.ModelInferRequest],
+                                 context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in requests:
+            yield stream_response(request.id)
+            error = ModelNotFound("model 'gone' is not registered")
+            error.node = "n7"
+            raise error
+
+    async with serving({"ModelStreamInfer": model_stream_infer}) as stub:
+        call = stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="m", id="first")]))
+        first = await call.read()
+        failed = await rpc_error(call.read())
+    assert isinstance(first, pb.ModelStreamInferResponse) and first.infer_response.id == "first"
+    assert failed.code() == grpc.StatusCode.NOT_FOUND and failed.details() == "model 'gone' is not registered"
+    assert (NODE_KEY, "n7") in tuple(failed.trailing_metadata() or ())
+
+
+async def test_a_refused_stream_never_starts_its_handler() -> None:
+    streaming = Streaming(busy=False)
+    access = Access(members=False, credentials=Credentials(((TOKEN, Role.READER),)), require_for_infer=True)
+    async with serving({"ModelStreamInfer": streaming.model_stream_infer}, access) as stub:
+        call = stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="m", id="first")]))
+        refused = await rpc_error(call.read())
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED and not streaming.ended.is_set()
+
+
+# -- ModelInfer: the fast path on the worker, else the loop ----------------------------------------
+
+
+@dataclass
+class Hits:
+    """ThreadedHits as the services call it: "fast" is answered on the worker, "bad" refused, others not hits."""
+
+    asked: list[tuple[str, bool, int, float | None]] = field(default_factory=list)
+    drains: int = 0
+
+    def answer(self, request: pb.ModelInferRequest, metadata: CallerMetadata, member: bool, request_bytes: int,
+               time_remaining: Callable[[], float | None]) -> bytes | None:
+        self.asked.append((request.id, member, request_bytes, time_remaining()))
+        if request.id == "bad":
+            error = InvalidInput("unexpected input 'X'")
+            error.node = "n7"
+            raise error
+        if request.id == "fast":
+            return pb.ModelInferResponse(model_name=request.model_name, id="fast").SerializeToString()
+        return None
+
+    def drain(self) -> None:
+        self.drains += 1
+
+
+async def test_model_infer_answers_a_hit_on_the_worker_and_anything_else_on_the_loop_after_a_drain() -> None:
+    hits = Hits()
+    on_loop: list[tuple[str, int]] = []
+
+    async def model_infer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        on_loop.append((request.id, hits.drains))
+        return pb.ModelInferResponse(model_name=request.model_name, id="loop")
+
+    fast, slow, bad = (pb.ModelInferRequest(model_name="m", id=id) for id in ("fast", "slow", "bad"))
+    async with serving({"ModelInfer": model_infer}, hits=cast(ThreadedHits, hits)) as stub:
+        assert (await stub.ModelInfer(fast)).id == "fast"
+        assert on_loop == []
+        assert (await stub.ModelInfer(slow)).id == "loop"
+        refused = await rpc_error(stub.ModelInfer(bad))
+
+    assert on_loop == [("slow", 1)]  # the hits so far were drained before the loop's handler ran
+    assert hits.asked == [("fast", True, fast.ByteSize(), None), ("slow", True, slow.ByteSize(), None),
+                          ("bad", True, bad.ByteSize(), None)]
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.details() == "unexpected input 'X'"
+    assert (NODE_KEY, "n7") in tuple(refused.trailing_metadata() or ())
+
+
+@dataclass
+class Slow:
+    """ThreadedHits whose `answer` returns (not a hit) only once the call has ended: a client that cancelled
+    while a hit was tried on the worker, before the call reached the loop."""
+
+    loop: asyncio.AbstractEventLoop
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def answer(self, request: pb.ModelInferRequest, metadata: CallerMetadata, member: bool, request_bytes: int,
+               time_remaining: Callable[[], float | None]) -> bytes | None:
+        context = metadata.__self__  # type: ignore[attr-defined]  # the call's context.invocation_metadata
+        self.loop.call_soon_threadsafe(self.asked.set)
+        deadline = time.monotonic() + WAIT_S
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return None
+
+    def drain(self) -> None:
+        pass
+
+
+async def test_a_call_that_ended_before_its_work_reached_the_loop_has_that_work_cancelled() -> None:
+    waiting, slow = Waiting(), Slow(asyncio.get_running_loop())
+    async with serving({"ModelInfer": waiting.model_infer}, hits=cast(ThreadedHits, slow)) as stub:
+        call = stub.ModelInfer(pb.ModelInferRequest(model_name="m"))
+        await asyncio.wait_for(slow.asked.wait(), WAIT_S)
+        call.cancel()
+        try:
+            await asyncio.wait_for(waiting.started.wait(), WAIT_S)  # the loop's handler runs after the call ended
+            await asyncio.wait_for(waiting.cancelled.wait(), WAIT_S)
+        finally:
+            waiting.release()
