@@ -33,9 +33,10 @@ def start(etcd: EtcdProcess, repo: Path, prefix: str, instance_id: str) -> tuple
     return node, time.monotonic() - started
 
 
-async def registered(store: EtcdStore) -> set[str]:
-    entries, _ = await store.snapshot_prefix("models/")
-    return {e.key.removeprefix("models/") for e in entries}
+async def registered(store: EtcdStore) -> tuple[set[str], int]:
+    """The names registered now, and the revision they were read at."""
+    entries, revision = await store.snapshot_prefix("models/")
+    return {e.key.removeprefix("models/") for e in entries}, revision
 
 
 @pytest.fixture
@@ -65,13 +66,15 @@ async def test_twenty_thousand_models_start_without_losing_a_lease_in_little_mem
         # and answering for a model not registered yet.
         n0, n0_ready_s = await asyncio.to_thread(start, etcd, dense_repo, etcd_prefix, "n0")
         nodes.append(n0)
-        known = await registered(store)
+        known, seen_at = await registered(store)
         unregistered = [name for name in map(name_of, range(COUNT)) if name not in known]
         assert unregistered, "n0 became ready only once the whole repository was registered"
         await asyncio.to_thread(latencies, [n0.target], unregistered[-1:], 1)  # raises unless answered
         async with asyncio.timeout(REGISTERED_WITHIN_S):
-            while len(await registered(store)) < COUNT:  # noqa: ASYNC110 - etcd tells no one when it is done
-                await asyncio.sleep(0.2)
+            async for event in store.watch_prefix("models/", seen_at + 1):  # the rest, as etcd writes them
+                known.add(event.key.removeprefix("models/"))
+                if len(known) >= COUNT:
+                    break
         # n1 finds the repository registered and only lists it.
         n1, n1_ready_s = await asyncio.to_thread(start, etcd, dense_repo, etcd_prefix, "n1")
         nodes.append(n1)

@@ -18,9 +18,9 @@ from tritonclient.utils import InferenceServerException
 from deploy.local.models import write_accumulator
 from meshnode.local.etcd import EtcdProcess
 from meshnode.local.node import NodeProcess
-from router.sequences import SequenceFlags, rank
 from tests.integration.conftest import start_node
 from tests.integration.helpers import wait_until_blocking
+from tests.integration.sequence_support import ids_held_by, sequence_step
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "onnx_sequence"
@@ -57,18 +57,9 @@ def clients(nodes: dict[str, NodeProcess]) -> Iterator[dict[str, grpcclient.Infe
 
 def send(client: grpcclient.InferenceServerClient, sequence_id: int, value: int, *, start: bool = False,
          end: bool = False) -> int:
-    tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
-    tensor.set_data_from_numpy(np.array([[value]], np.int32))
-    result = client.infer(MODEL, [tensor], sequence_id=sequence_id, sequence_start=start, sequence_end=end,
-                          client_timeout=30)
-    output = result.as_numpy("OUTPUT")
+    result = sequence_step(client, MODEL, sequence_id, value, start=start, end=end)
     assert result.as_numpy("STATE_OUT") is None  # the state stays in the copy
-    return int(output[0][0])
-
-
-def ids_held_by(holder: str, count: int) -> list[int]:
-    """Sequence ids whose first copy in the mesh's order is `holder`'s."""
-    return [i for i in range(1, 1000) if rank(SequenceFlags(i, start=True), ["n0", "n1"])[0] == holder][:count]
+    return int(result.as_numpy("OUTPUT")[0][0])
 
 
 def test_running_sums_through_varying_nodes(clients: dict[str, grpcclient.InferenceServerClient]) -> None:

@@ -22,9 +22,9 @@ from deploy.local.triton_models import write_python_sequence
 from meshnode.local.etcd import EtcdProcess
 from meshnode.local.node import NodeProcess
 from meshnode.local.triton import TritonProcess
-from router.sequences import SequenceFlags, rank
 from tests.integration.conftest import start_node
 from tests.integration.helpers import wait_until_blocking
+from tests.integration.sequence_support import ids_held_by, sequence_step
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "simple_sequence"
@@ -64,16 +64,7 @@ def mesh(etcd: EtcdProcess, tritons: Callable[[Path], TritonProcess],
 
 def send(client: grpcclient.InferenceServerClient, sequence_id: int, value: int, *, start: bool = False,
          end: bool = False) -> int:
-    tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
-    tensor.set_data_from_numpy(np.array([[value]], np.int32))
-    result = client.infer(MODEL, [tensor], sequence_id=sequence_id, sequence_start=start, sequence_end=end,
-                          client_timeout=30)
-    return int(result.as_numpy("OUTPUT")[0][0])
-
-
-def ids_held_by(holder: str, count: int) -> list[int]:
-    """Sequence ids whose first copy in the mesh's order is `holder`'s."""
-    return [i for i in range(1, 1000) if rank(SequenceFlags(i, start=True), ["n0", "n1"])[0] == holder][:count]
+    return int(sequence_step(client, MODEL, sequence_id, value, start=start, end=end).as_numpy("OUTPUT")[0][0])
 
 
 def test_each_sequence_keeps_its_copy_from_whichever_node_is_called(mesh: Mesh) -> None:

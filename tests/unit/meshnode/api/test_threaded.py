@@ -8,7 +8,7 @@ handlers run on; the handlers are the test's own coroutines.
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -320,10 +320,10 @@ class Slow:
     def answer(self, request: pb.ModelInferRequest, metadata: CallerMetadata, member: bool, request_bytes: int,
                time_remaining: Callable[[], float | None]) -> bytes | None:
         context = metadata.__self__  # type: ignore[attr-defined]  # the call's context.invocation_metadata
-        self.loop.call_soon_threadsafe(self.asked.set)
-        deadline = time.monotonic() + WAIT_S
-        while context.is_active() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        ended = threading.Event()
+        if context.add_callback(ended.set):  # False: the call has ended already
+            self.loop.call_soon_threadsafe(self.asked.set)
+            ended.wait(WAIT_S)
         return None
 
     def drain(self) -> None:
