@@ -38,6 +38,7 @@ from router.sequences import SequenceFlags, sequence_of
 TimeRemaining = Callable[[], float | None]
 
 INFER = "ModelInfer"  # the method in metrics' labels and span names
+STREAM_INFER = "ModelStreamInfer"
 SERVER_NAME = "meshserve"
 SERVER_EXTENSIONS = ("model_repository", "model_repository(unload_dependents)", "parameters")
 # What Triton's std::stol takes as a version: leading blanks, a sign, digits (anything after them it ignores).
@@ -206,7 +207,8 @@ class DataPlane:
         if self._peers is None:
             raise Unsupported("this node does not stream")
         session = StreamSession(replica=self._replica, cache=self._cache, peers=self._peers, error=error,
-                                metadata=metadata, time_remaining=time_remaining)
+                                observe=self._observe_stream_request, metadata=metadata,
+                                time_remaining=time_remaining)
 
         async def route(request: pb.ModelInferRequest, serve: StreamSession) -> None:
             check_version(request.model_version)
@@ -219,6 +221,14 @@ class DataPlane:
                                      sequence=sequence)
 
         return session.responses(requests, route)
+
+    def _observe_stream_request(self, request: pb.ModelInferRequest, arrived: float,
+                                error: BaseException | None) -> None:
+        """A stream's request counts as an external request, as a unary one does; its responses' sizes are not
+        recorded (a decoupled model's are many)."""
+        self._metrics.api_requests += 1
+        self._metrics.observe_api(STREAM_INFER, status_code(error).name, (time.perf_counter() - arrived) * 1000.0,
+                                  request.model_name, request.ByteSize())
 
     def past_deadline(self, entry: CachedModel, inflight: int,
                        time_remaining: TimeRemaining | None) -> Overloaded | None:

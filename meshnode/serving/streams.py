@@ -12,6 +12,10 @@ one stream and one copy are sent in the order they came, so a sequence's request
 
 A client that goes away cancels every stream the session opened (the peer's session then cancels its own), and
 the runtime's work ends with them.
+
+Each request is observed once (`Observe`), when its outcome is known here: when it was answered, for a copy here
+that does not stream; when it was handed to the stream that answers it (the runtime's or a peer's) otherwise, since
+a decoupled model's request has no one answer to time.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ FINAL_KEY = "triton_final_response"
 
 ErrorResponse = Callable[[pb.ModelInferRequest, BaseException], pb.ModelStreamInferResponse]
 Route = Callable[[pb.ModelInferRequest, "StreamSession"], Awaitable[object]]
+Observe = Callable[[pb.ModelInferRequest, float, BaseException | None], None]  # request, its arrival, its error
 
 
 class PeerStream(InferStream, Protocol):
@@ -62,11 +67,13 @@ class StreamSession:
     """router.ports.Serve for the requests of one client stream."""
 
     def __init__(self, *, replica: LocalReplica, cache: ModelCache, peers: StreamPeers, error: ErrorResponse,
-                 metadata: CallerMetadata | None, time_remaining: Callable[[], float | None] | None) -> None:
+                 observe: Observe, metadata: CallerMetadata | None,
+                 time_remaining: Callable[[], float | None] | None) -> None:
         self._replica = replica
         self._cache = cache
         self._peers = peers
         self._error = error
+        self._observe = observe
         self._metadata = metadata
         self._time_remaining = time_remaining
         self._out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(BUFFERED_RESPONSES)
@@ -74,6 +81,8 @@ class StreamSession:
         self._released = False
         self._forwards: dict[str, PeerStream] = {}
         self._runs: set[asyncio.Task[None]] = set()
+        # Set by `here` when the request it was given runs here and so is observed when answered.
+        self._observed_by_run = False
 
     async def responses(self, requests: AsyncIterator[pb.ModelInferRequest], route: Route,
                         ) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -90,10 +99,16 @@ class StreamSession:
     async def _feed(self, requests: AsyncIterator[pb.ModelInferRequest], route: Route) -> None:
         try:
             async for request in requests:
+                arrived = time.perf_counter()
+                self._observed_by_run = False
                 try:
                     await route(request, self)
                 except Exception as error:  # Triton's stream semantics: an error answers that request only
+                    self._observe(request, arrived, error)
                     await self._put(self._error(request, error))
+                else:
+                    if not self._observed_by_run:
+                        self._observe(request, arrived, None)
             if self._runs:
                 await asyncio.wait(self._runs)
             for stream in self._streams():
@@ -127,6 +142,7 @@ class StreamSession:
             if len(self._runs) >= BUFFERED_RESPONSES:
                 await asyncio.wait(self._runs, return_when=asyncio.FIRST_COMPLETED)
             run = asyncio.create_task(self._run(entry, request, started))
+            self._observed_by_run = True
             self._runs.add(run)
             run.add_done_callback(self._runs.discard)
             return
@@ -148,8 +164,10 @@ class StreamSession:
         try:
             response = await self._replica.run(entry, request, started, remaining, self._metadata, admitted=True)
         except Exception as error:
+            self._observe(request, started, error)
             await self._put(self._error(request, error))
         else:
+            self._observe(request, started, None)
             await self._put(final_response(request, response))
 
     async def at(self, node: NodeView, request: pb.ModelInferRequest, hop: Hop, budget_s: float | None) -> None:

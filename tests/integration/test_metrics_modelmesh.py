@@ -7,6 +7,7 @@ Two nodes: n1 is too small for the model, so every load is on n0 and n1 forwards
 from __future__ import annotations
 
 import json
+import queue
 import re
 import urllib.request
 import uuid
@@ -27,6 +28,7 @@ from meshnode.local.node import NodeProcess
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "meshserve.json"
 TO_N0, TO_N1 = 5, 2  # requests for the model sent to each node
 OK = {"method": "ModelInfer", "code": "OK"}
+STREAMED_OK = {"method": "ModelStreamInfer", "code": "OK"}
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -55,6 +57,18 @@ def infer(target: str, model: str = "mlp") -> None:
         client.infer(model, [x])
 
 
+def stream_infer(target: str) -> None:
+    """One request on a ModelStreamInfer stream, then the stream's end once it is answered."""
+    x = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    x.set_data_from_numpy(np.ones((1, 16), np.float32))
+    answers: queue.Queue[object] = queue.Queue()
+    with grpcclient.InferenceServerClient(target) as client:
+        client.start_stream(lambda result, error: answers.put(error or result))
+        client.async_stream_infer("mlp", [x])
+        assert not isinstance(answers.get(timeout=30), InferenceServerException)
+        client.stop_stream()
+
+
 def scrape(node: NodeProcess) -> Samples:
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=10).read().decode()
     found: Samples = {}
@@ -81,6 +95,7 @@ def traffic(mesh: list[NodeProcess]) -> tuple[Samples, Samples]:
     with pytest.raises(InferenceServerException) as refused:
         infer(n0.target, "nope")
     assert refused.value.status() == str(grpc.StatusCode.NOT_FOUND)
+    stream_infer(n1.target)  # forwarded to n0 on a stream
     return scrape(n0), scrape(n1)
 
 
@@ -90,8 +105,10 @@ def test_api_and_invoke_metrics_have_modelmesh_labels_and_count_every_request(
     served = TO_N0 + TO_N1  # n1's requests were forwarded to n0's copy
     # n0 has per-model labels on, but no scrape had chosen the busiest models yet: every model is under "".
     for name in ("modelmesh_api_request_milliseconds_count", "modelmesh_request_size_bytes_count",
-                 "modelmesh_response_size_bytes_count", "modelmesh_invoke_model_milliseconds_count"):
+                 "modelmesh_response_size_bytes_count"):
         assert value(n0, name, **OK, modelId="") == served, name
+    # The streamed request ran on n0's copy as one invocation of the model, as a unary one does.
+    assert value(n0, "modelmesh_invoke_model_milliseconds_count", **OK, modelId="") == served + 1
     assert value(n0, "modelmesh_api_request_milliseconds_count", method="ModelInfer", code="NOT_FOUND") == 1
     assert value(n0, "modelmesh_request_size_bytes_count", method="ModelInfer", code="NOT_FOUND") == 1
     assert not [s for s in n0["modelmesh_response_size_bytes_count"] if s[0]["code"] == "NOT_FOUND"]
@@ -99,7 +116,10 @@ def test_api_and_invoke_metrics_have_modelmesh_labels_and_count_every_request(
     assert 64 < request_bytes < 1024  # 16 floats and the request's names
     assert value(n1, "modelmesh_api_request_milliseconds_count", **OK) == TO_N1
     assert "modelmesh_invoke_model_milliseconds_count" not in n1  # n1 ran nothing
-    assert value(n0, "modelmesh_api_request_total") == served + 1
+    assert value(n0, "modelmesh_api_request_milliseconds_count", **STREAMED_OK, modelId="") == 1
+    assert value(n1, "modelmesh_api_request_milliseconds_count", **STREAMED_OK) == 1
+    assert value(n1, "modelmesh_request_size_bytes_count", **STREAMED_OK) == 1
+    assert value(n0, "modelmesh_api_request_total") == served + 1 + 1  # the refused request, the streamed one
 
 
 def test_load_queue_sizing_and_unload_metrics(traffic: tuple[Samples, Samples]) -> None:
@@ -109,7 +129,7 @@ def test_load_queue_sizing_and_unload_metrics(traffic: tuple[Samples, Samples]) 
     assert value(n0, "modelmesh_loaded_model_size_bytes_count") == 1
     assert value(n0, "modelmesh_loaded_model_size_bytes_sum") > 100_000
     assert value(n0, "modelmesh_model_sizing_milliseconds_count") >= 1
-    assert value(n0, "modelmesh_req_queue_delay_milliseconds_count") == TO_N0 + TO_N1
+    assert value(n0, "modelmesh_req_queue_delay_milliseconds_count") == TO_N0 + TO_N1 + 1  # and the streamed one
     assert value(n0, "modelmesh_unloadmodel_attempt_failure_total") == 0
     assert value(n1, "modelmesh_loading_queue_delay_milliseconds_count") == 0
 

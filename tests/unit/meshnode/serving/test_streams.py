@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.errors import InvalidInput
+from meshnode.observability.tracing import status_code
 from meshnode.runtimes.base import CallerMetadata, LoadedModel, ResponseSink
 from meshnode.serving.streams import BUFFERED_RESPONSES, EMPTY_FINAL_KEY, FINAL_KEY, StreamSession
 from meshnode.storage.repository import ModelSource
@@ -99,9 +101,15 @@ def error_response(request: pb.ModelInferRequest, error: BaseException) -> pb.Mo
     return pb.ModelStreamInferResponse(error_message=f"{request.id}: {error}")
 
 
-def session(node: NodeParts, peers: FakeStreamPeers) -> StreamSession:
-    return StreamSession(replica=node.replica, cache=node.cache, peers=peers, error=error_response, metadata=None,
-                         time_remaining=None)
+def session(node: NodeParts, peers: FakeStreamPeers, observed: list[tuple[str, str]] | None = None) -> StreamSession:
+    """`observed`: each request's id and status code, as the session observes them."""
+    def observe(request: pb.ModelInferRequest, arrived: float, error: BaseException | None) -> None:
+        assert arrived <= time.perf_counter()
+        if observed is not None:
+            observed.append((request.id, status_code(error).name))
+
+    return StreamSession(replica=node.replica, cache=node.cache, peers=peers, error=error_response, observe=observe,
+                         metadata=None, time_remaining=None)
 
 
 async def requests_of(*requests: pb.ModelInferRequest, until: asyncio.Event | None = None,
@@ -140,22 +148,26 @@ async def test_a_copy_that_does_not_stream_answers_each_request_once_flagged_fin
     await onnx_node.register("m")
     flagged = pb.ModelInferRequest(model_name="m", id="b", parameters={EMPTY_FINAL_KEY: pb.InferParameter(
         bool_param=True)})
-    out = [r async for r in session(onnx_node, FakeStreamPeers()).responses(
+    observed: list[tuple[str, str]] = []
+    out = [r async for r in session(onnx_node, FakeStreamPeers(), observed).responses(
         requests_of(pb.ModelInferRequest(model_name="m", id="a"), pb.ModelInferRequest(model_name="nope", id="c"),
                     flagged), here)]
     assert sorted(ids(out)) == ["a", "b", "c: Request for unknown model: 'nope' is not found"]
     final = {r.infer_response.id: r.infer_response.parameters[FINAL_KEY].bool_param for r in out if not r.error_message}
     assert final == {"a": False, "b": True}
     assert onnx_node.cache.ready[("m", "")].inflight == 0  # every run released its copy
+    assert sorted(observed) == [("a", "OK"), ("b", "OK"), ("c", "NOT_FOUND")]  # each request once, when answered
 
 
 async def test_an_error_of_one_run_answers_that_request_and_the_stream_goes_on(onnx_node: NodeParts) -> None:
     await onnx_node.register("m")
     await onnx_node.use("m")
     onnx_node.runtime.models["m@1"].errors.append(InvalidInput("bad INPUT0"))
-    out = [r async for r in session(onnx_node, FakeStreamPeers()).responses(
+    observed: list[tuple[str, str]] = []
+    out = [r async for r in session(onnx_node, FakeStreamPeers(), observed).responses(
         requests_of(pb.ModelInferRequest(model_name="m", id="a")), here)]
     assert ids(out) == ["a: bad INPUT0"]
+    assert observed == [("a", "INVALID_ARGUMENT")]
 
 
 async def test_requests_to_a_copy_that_streams_go_in_order_on_one_stream_holding_the_copy(node: NodeParts) -> None:
@@ -183,10 +195,12 @@ async def test_requests_for_a_peers_copy_share_one_forwarded_stream_with_their_h
     async def to_n2(request: pb.ModelInferRequest, serve: StreamSession) -> None:
         await serve.at(n2, request, Hop(hops=1, tried=("me",), mode=Mode.COPY), None)
 
-    out = [r async for r in session(node, peers).responses(
+    observed: list[tuple[str, str]] = []
+    out = [r async for r in session(node, peers, observed).responses(
         requests_of(pb.ModelInferRequest(model_name="m", id="a"), pb.ModelInferRequest(model_name="m", id="b")),
         to_n2)]
     assert out == [] and [peer for peer, _ in peers.opened] == ["n2"]
+    assert observed == [("a", "OK"), ("b", "OK")]  # once each, when handed to the peer's stream
     stream = peers.opened[0][1]
     assert [Hop.decode(r.parameters[PARAMETER_KEY].string_param).mode for r in stream.sent] == [Mode.COPY] * 2
     assert stream.finished
