@@ -120,7 +120,8 @@ def full_load(mesh: LocalMesh, drivers: list[tuple[LoadGenProcess, str]], second
 
 
 def run(args: argparse.Namespace, signals: Signals) -> Json:
-    config: Json = {k: getattr(args, k) for k in ("rounds", "requests", "seconds", "concurrency", "warmup")}
+    config: Json = {k: getattr(args, k) for k in ("rounds", "requests", "seconds", "concurrency", "warmup",
+                                                  "grpc_server")}
     config["loadavg_1m_before"] = os.getloadavg()[0]  # other work on the machine is the main noise
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshserve-mesh-hop-")))
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
         # The bench's own load would make the mesh add a copy on the forwarder (B a local hit): one copy only.
         mesh = signals.start(stack, lambda: LocalMesh.start(
             nodes=2, model_repository=work / "models", capacity="1GiB", log_dir=work / "logs",
-            extra_args=["--max-copies", "1", "--no-proactive-loads"]), LocalMesh.stop)
+            extra_args=["--max-copies", "1", "--no-proactive-loads", "--grpc-server", args.grpc_server]),
+            LocalMesh.stop)
         try:
             owner = place(mesh)
             own, fwd = mesh.nodes[owner], mesh.nodes[forwarder := 1 - owner]
@@ -177,7 +179,8 @@ def format_report(result: Json) -> str:
     rows.append(("c=1 p50 added over A, ms", "-", cell(s["added_p50_ms"]["B"]), cell(s["added_p50_ms"]["C"])))
     ratio, bc = s["hop_ratio"], s["b_over_c"]
     lines = [f"one mesh hop vs one bare gRPC hop: {c['model_mb']:.2f} MB MLP on {c['owner']} (owner), {c['forwarder']} "
-             f"forwards; {c['rounds']} interleaved rounds, c=1 {c['requests']} requests, c={c['concurrency']} "
+             f"forwards, on {c['grpc_server']} gRPC servers; {c['rounds']} interleaved rounds, c=1 {c['requests']} "
+             f"requests, c={c['concurrency']} "
              f"{c['seconds']:g} s; medians (min-max over rounds); 1-min load average {c['loadavg_1m_before']:.1f} "
              f"before, {c['loadavg_1m_after']:.1f} after", ""]
     lines += table(rows)
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                             "interleaved rounds; a multiple of 3 rotates the order fairly")
     parser.add_argument("--full-seconds", type=float, default=10.0, help="full-load phase duration (default 10)")
     parser.add_argument("--full-concurrency", type=int, default=16, help="callers in total, split over both nodes")
+    parser.add_argument("--grpc-server", choices=("aio", "threaded"), default="aio",
+                        help="the nodes' gRPC server (default aio)")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(report.QUICK, full_seconds=2.0)

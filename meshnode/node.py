@@ -19,8 +19,12 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import grpc
+
 from meshnode.api.access import Access, read_credentials
 from meshnode.api.config import ModelConfigs
+from meshnode.api.direct import INFER as DIRECT_METHOD
+from meshnode.api.direct import DirectInfer
 from meshnode.api.http.server import RestServer
 from meshnode.api.inference import InferenceServicer
 from meshnode.api.management import ManagementServicer
@@ -42,6 +46,7 @@ from meshnode.mesh.runtime_health import RuntimeHealth
 from meshnode.mesh.state import MeshState
 from meshnode.mesh.statistics import MeshStatistics
 from meshnode.net import transport
+from meshnode.net.direct_calls import DirectCalls
 from meshnode.net.health import Health
 from meshnode.net.peers import GrpcPeers
 from meshnode.net.proof import MeshProof, read_secret
@@ -176,18 +181,20 @@ class Node:
             metrics=self.metrics, statistics=self.statistics, instance_id=self.instance_id,
             loop=asyncio.get_running_loop(), tracing=tracing) if s.grpc_server == "threaded" else None
         self._server = self._grpc_server()
-        transport.add_inference_service(self._server, self._handlers(access, inference))
+        self._direct: list[DirectCalls] = []  # ModelInfer off the threaded servers' C core (api.direct)
+        transport.add_inference_service(self._server, self._handlers(self._server, access, inference))
         # KServe v2 REST: the same handlers, guarded on the loop, called with the request converted (api.http)
         rest = access.guard(inference) if self._hits is None else after_hits(access.guard(inference), self._hits)
         self._rest = RestServer(rest, s.http_max_request_size) if s.http_port is not None else None
-        transport.add_management_service(self._server,
-                                         self._handlers(access, ManagementServicer(management).handlers()))
+        management_handlers = ManagementServicer(management).handlers()
+        transport.add_management_service(self._server, self._handlers(self._server, access, management_handlers))
         self._health = Health(self._server)
         transport.add_reflection(self._server)
         self._peer_server = None
         if self._peer_tls is not None:
             self._peer_server = self._grpc_server()
-            transport.add_inference_service(self._peer_server, self._handlers(Access(members=True), inference))
+            transport.add_inference_service(self._peer_server,
+                                            self._handlers(self._peer_server, Access(members=True), inference))
         self.publisher = InstancePublisher(store, self._node_view)
         self.runtime_health = RuntimeHealth(runtime=self.runtime, cache=self.cache, status=self.runtime_status,
                                             publisher=self.publisher, health=self._health)
@@ -203,12 +210,18 @@ class Node:
             return transport.create_server()
         return transport.create_threaded_server(self.settings.server_threads)
 
-    def _handlers(self, access: Access, handlers: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    def _handlers(self, server: transport.Server, access: Access,
+                  handlers: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
         """The coroutine handlers as the node's gRPC servers take them: guarded on grpc.aio's, admitted on the
-        worker thread on a threaded one."""
+        worker thread on a threaded one, but for ModelInfer, taken off its C core (api.direct)."""
         if self._hits is None:
             return access.guard(handlers)
-        return ThreadedServices(loop=asyncio.get_running_loop(), access=access, hits=self._hits).handlers(handlers)
+        assert isinstance(server, grpc.Server)
+        loop = asyncio.get_running_loop()
+        if (infer := handlers.get(DIRECT_METHOD)) is not None:
+            self._direct.append(transport.serve_directly(server, DIRECT_METHOD, DirectInfer(
+                loop=loop, access=access, hits=self._hits, handler=infer), self.settings.server_threads))
+        return ThreadedServices(loop=loop, access=access, hits=self._hits).handlers(handlers)
 
     @property
     def http_port(self) -> int | None:
@@ -232,6 +245,8 @@ class Node:
         if self._peer_server is not None:
             self.peer_port = transport.bind(self._peer_server, s.host, s.peer_port, self._peer_tls)
             await transport.start(self._peer_server)
+        for direct in self._direct:
+            direct.start()
         if self._rest is not None and s.http_port is not None:
             await self._rest.start(s.host, s.http_port, client_tls)
         warn_if_open(s, self.unauthenticated)
@@ -303,6 +318,8 @@ class Node:
             await asyncio.sleep(LEAVE_PAUSE_S)
         await asyncio.gather(*(transport.stop(server, grace_s) for server in (self._server, self._peer_server)
                                if server is not None))
+        for direct in self._direct:  # after their servers, which ended their calls
+            await asyncio.to_thread(direct.stop)
         if self._rest is not None:
             await self._rest.close()
         await self.peers.close()

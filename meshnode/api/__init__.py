@@ -4,7 +4,8 @@ Handlers only convert protobuf messages to and from the transport-neutral core (
 control) and map errors to statuses in one place (api.status); api.access guards every handler (roles,
 mesh membership, which decides whether a request's hop is honoured). A second transport (REST) belongs
 beside them and calls the same core. api.threaded serves the gRPC ports on grpcio's threaded server
-(--grpc-server threaded): local hits on its workers (serving.threaded_hits), every other call on the event loop
-through the same handlers.
+(--grpc-server threaded), every call on the event loop through the same handlers, but ModelInfer: api.direct
+answers its local hits on the polling thread that took the call off gRPC's C core (serving.threaded_hits,
+net.direct_calls), and the rest on the event loop.
 May import control, serving, state, and the leaves (net, errors).
 """

@@ -1,10 +1,10 @@
 """The node's gRPC services on grpcio's threaded server (net.transport.create_threaded_server).
 
-Every call is admitted on the worker thread that received it (api.access). A ModelInfer that is a local hit
-is answered there too (serving.threaded_hits). Everything else runs the coroutine handlers grpc.aio would run,
-on the node's event loop, while the worker waits: a unary call as one task, a stream's requests fed to its
-async generator by a reader thread, its responses taken one at a time (the stream's back-pressure). A call
-the client cancels, or whose deadline passes, cancels its task on the loop.
+Every call is admitted on the worker thread that received it (api.access), then runs the coroutine handler
+grpc.aio would run, on the node's event loop, while the worker waits: a unary call as one task, a stream's
+requests fed to its async generator by a reader thread, its responses taken one at a time (the stream's
+back-pressure). A call the client cancels, or whose deadline passes, cancels its task on the loop. ModelInfer is
+not among them: it is served off the C core directly (api.direct).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from meshnode.api.access import Access, from_member
+from meshnode.api.access import Access, CallContext
 from meshnode.api.status import status_of, trailing_of
 from meshnode.net import transport
 from meshnode.serving.threaded_hits import ThreadedHits
-from meshpb import pb
 
 T = TypeVar("T")
 INFER = "ModelInfer"
@@ -46,11 +45,13 @@ def time_remaining(context: grpc.ServicerContext) -> float | None:
     return None if remaining > _NO_DEADLINE_S else remaining
 
 
-class _LoopContext:
-    """What the coroutine handlers read of a call, as grpc.aio's context, from the threaded server's."""
+class LoopContext:
+    """What the coroutine handlers read of a call, as grpc.aio's context, from another server's (`remaining`:
+    the call's time left, None without a deadline)."""
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(self, context: CallContext, remaining: Callable[[], float | None]) -> None:
         self._context = context
+        self._remaining = remaining
 
     def invocation_metadata(self) -> Any:
         return self._context.invocation_metadata()
@@ -59,21 +60,25 @@ class _LoopContext:
         return self._context.peer_identities()
 
     def time_remaining(self) -> float | None:
-        return time_remaining(self._context)
+        return self._remaining()
 
     async def abort(self, code: grpc.StatusCode, details: str,
                     trailing_metadata: tuple[tuple[str, str], ...] = ()) -> NoReturn:
         raise _Aborted(code, details, trailing_metadata)
 
 
-def _end(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
-    """End the call with the error's status, message and trailing metadata (api.status: one map)."""
+def ending(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status, message and trailing metadata a handler's error ends its call with (api.status: one map)."""
     if isinstance(error, _Aborted):
-        code, details, trailing = error.code, error.details, error.trailing
-    elif isinstance(error, concurrent.futures.CancelledError):
-        code, details, trailing = grpc.StatusCode.CANCELLED, "the call was cancelled", ()
-    else:
-        (code, details), trailing = status_of(error), trailing_of(error)
+        return error.code, error.details, error.trailing
+    if isinstance(error, concurrent.futures.CancelledError):
+        return grpc.StatusCode.CANCELLED, "the call was cancelled", ()
+    (code, details), trailing = status_of(error), trailing_of(error)
+    return code, details, trailing
+
+
+def _end(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+    code, details, trailing = ending(error)
     if trailing:
         context.set_trailing_metadata(trailing)
     context.abort(code, details)
@@ -83,12 +88,13 @@ class ThreadedServices:
     def __init__(self, *, loop: asyncio.AbstractEventLoop, access: Access, hits: ThreadedHits | None = None) -> None:
         self._loop = loop
         self._access = access
-        self._hits = hits  # None: every ModelInfer goes to the loop
+        self._hits = hits  # None: no local hits to count before a call (api.direct answers them)
 
     def handlers(self, handlers: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
-        """The threaded server's handlers for grpc.aio-style ones (not guarded: admission is done here)."""
+        """The threaded server's handlers for grpc.aio-style ones (not guarded: admission is done here), but
+        ModelInfer's (api.direct)."""
         return {method: self._stream(method, handler) if inspect.isasyncgenfunction(handler)
-                else self._unary(method, handler) for method, handler in handlers.items()}
+                else self._unary(method, handler) for method, handler in handlers.items() if method != INFER}
 
     def _admit(self, method: str, context: grpc.ServicerContext) -> None:
         refusal = self._access.admit(method, context)
@@ -111,33 +117,18 @@ class ThreadedServices:
 
 
     def _unary(self, method: str, handler: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
-        async def sized(request: Any, context: _LoopContext) -> tuple[Any, Callable[[int], None] | None]:
+        async def sized(request: Any, context: LoopContext) -> tuple[Any, Callable[[int], None] | None]:
             # The handler's context on the loop learns what records the response's size; the worker writes it.
             return await handler(request, context), transport.RESPONSE_BYTES_TO.get()
 
-        def bridged(request: Any, context: grpc.ServicerContext) -> Any:
-            response, report = self._on_loop(sized(request, _LoopContext(context)), context, _Running(context))
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            self._admit(method, context)
+            response, report = self._on_loop(sized(request, LoopContext(context, functools.partial(
+                time_remaining, context))), context, _Running(context))
             transport.RESPONSE_BYTES_TO.set(report)
             return response
 
-        if method != INFER or self._hits is None:
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                self._admit(method, context)
-                return bridged(request, context)
-
-            return unary
-        hits = self._hits
-
-        def infer(request: pb.ModelInferRequest, context: grpc.ServicerContext) -> Any:
-            self._admit(method, context)
-            try:
-                data = hits.answer(request, context.invocation_metadata, from_member(), transport.REQUEST_BYTES.get(),
-                                   functools.partial(time_remaining, context))
-            except Exception as error:
-                _end(context, error)
-            return data if data is not None else bridged(request, context)
-
-        return infer
+        return unary
 
     def _stream(self, method: str, handler: Callable[..., AsyncGenerator[Any, None]],
                 ) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]:
@@ -148,7 +139,7 @@ class ThreadedServices:
             feed = _Feed(loop)
             threading.Thread(target=feed.pump, args=(requests, context), name="grpc-stream-reader",
                              daemon=True).start()
-            responses = handler(feed, _LoopContext(context))
+            responses = handler(feed, LoopContext(context, functools.partial(time_remaining, context)))
             running = _Running(context)
             try:
                 while True:

@@ -1,12 +1,12 @@
-"""Local hits answered on the threaded server's worker threads, without a trip through the event loop.
+"""Local hits answered on the threaded server's polling threads, without a trip through the event loop.
 
-grpcio's threaded server costs a unary call 15-20% less CPU than grpc.aio (bench.hot_path), and ONNX
-Runtime releases the GIL while it runs: a hit on a copy here that answers on the calling thread
-(runtimes.base.AnswersOnCaller) runs on the worker that received it. Only what a hit must decide is done
-there: the copy's lookup, the in-flight counts (the one state both sides change, under the cache's lock), the
-run and the response's bytes. Its bookkeeping (the cache's recency, statistics, metrics) is queued and applied
-on the loop in batches (`drain`), so every part the loop owns is still changed by the loop alone, and is
-current whenever the loop reads it for a call.
+A ModelInfer taken off gRPC's C core by a polling thread (net.direct_calls, api.direct) costs far less CPU than
+grpc.aio's task per call (bench.hot_path), and ONNX Runtime releases the GIL while it runs: a hit on a copy here
+that answers on the calling thread (runtimes.base.AnswersOnCaller) runs on the thread that took the call. Only what
+a hit must decide is done there: the copy's lookup, the in-flight counts (the one state both sides change, under the
+cache's lock), the run and the response's bytes. Its bookkeeping (the cache's recency, statistics, metrics) is
+queued and applied on the loop in batches (`drain`), so every part the loop owns is still changed by the loop alone,
+and is current whenever the loop reads it for a call.
 
 Anything else is not a hit here: `answer` returns None and the caller sends the request down the loop path
 (serving.dataplane), which decides it exactly as before: a miss, a sequence, a copy at its bound, a model with
@@ -39,10 +39,10 @@ from router.hop import HOPS_KEY, MODE_KEY, PARAMETER_KEY, TRIED_KEY, Hop
 from router.sequences import sequence_of
 
 _HOP_METADATA = frozenset((HOPS_KEY, TRIED_KEY, MODE_KEY))
-# Each wake of the loop costs the workers the GIL, and cost a hit about 10% more CPU when it came every 10 ms:
-# hits that end within this many seconds share one. Whatever reads what hits change drains first (api.threaded
-# before every call it runs on the loop, a metrics scrape, REST), so only background parts (placement's view
-# of recency and load) see it up to this late.
+# Each wake of the loop costs the polling threads the GIL, and cost a hit about 10% more CPU when it came every
+# 10 ms: hits that end within this many seconds share one. Whatever reads what hits change drains first
+# (api.threaded and api.direct before every call they run on the loop, a metrics scrape, REST), so only
+# background parts (placement's view of recency and load) see it up to this late.
 DRAIN_EVERY_S = 0.2
 
 

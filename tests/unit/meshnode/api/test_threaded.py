@@ -1,5 +1,5 @@
 """ThreadedServices on a real grpcio threaded server: calls admitted on its workers, coroutine handlers run on the
-test's loop, statuses and cancellation carried across, and ModelInfer's fast path on the worker.
+test's loop, statuses and cancellation carried across (ModelInfer is api.direct's: test_direct.py).
 
 The server listens on 127.0.0.1 (port 0) and the test calls it through a grpc.aio channel on the same loop the
 handlers run on; the handlers are the test's own coroutines.
@@ -8,11 +8,10 @@ handlers run on; the handlers are the test's own coroutines.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
@@ -20,9 +19,8 @@ import pytest
 from meshnode.api.access import Access, Credentials, Role
 from meshnode.api.status import maps_errors
 from meshnode.api.threaded import STREAM_WINDOW, ThreadedServices
-from meshnode.errors import InvalidInput, ModelNotFound
+from meshnode.errors import ModelNotFound
 from meshnode.net import transport
-from meshnode.runtimes.base import CallerMetadata
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshpb import pb
 from router.errors import NODE_KEY
@@ -257,87 +255,7 @@ async def test_a_refused_stream_never_starts_its_handler() -> None:
     streaming = Streaming(busy=False)
     access = Access(members=False, credentials=Credentials(((TOKEN, Role.READER),)), require_for_infer=True)
     async with serving({"ModelStreamInfer": streaming.model_stream_infer}, access) as stub:
-        call = stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="m", id="first")]))
+        # No request written: a write racing the server's refusal fails in the client as INTERNAL.
+        call = stub.ModelStreamInfer(iter(()))
         refused = await rpc_error(call.read())
     assert refused.code() == grpc.StatusCode.UNAUTHENTICATED and not streaming.ended.is_set()
-
-
-# -- ModelInfer: the fast path on the worker, else the loop ----------------------------------------
-
-
-@dataclass
-class Hits:
-    """ThreadedHits as the services call it: "fast" is answered on the worker, "bad" refused, others not hits."""
-
-    asked: list[tuple[str, bool, int, float | None]] = field(default_factory=list)
-    drains: int = 0
-
-    def answer(self, request: pb.ModelInferRequest, metadata: CallerMetadata, member: bool, request_bytes: int,
-               time_remaining: Callable[[], float | None]) -> bytes | None:
-        self.asked.append((request.id, member, request_bytes, time_remaining()))
-        if request.id == "bad":
-            error = InvalidInput("unexpected input 'X'")
-            error.node = "n7"
-            raise error
-        if request.id == "fast":
-            return pb.ModelInferResponse(model_name=request.model_name, id="fast").SerializeToString()
-        return None
-
-    def drain(self) -> None:
-        self.drains += 1
-
-
-async def test_model_infer_answers_a_hit_on_the_worker_and_anything_else_on_the_loop_after_a_drain() -> None:
-    hits = Hits()
-    on_loop: list[tuple[str, int]] = []
-
-    async def model_infer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        on_loop.append((request.id, hits.drains))
-        return pb.ModelInferResponse(model_name=request.model_name, id="loop")
-
-    fast, slow, bad = (pb.ModelInferRequest(model_name="m", id=id) for id in ("fast", "slow", "bad"))
-    async with serving({"ModelInfer": model_infer}, hits=cast(ThreadedHits, hits)) as stub:
-        assert (await stub.ModelInfer(fast)).id == "fast"
-        assert on_loop == []
-        assert (await stub.ModelInfer(slow)).id == "loop"
-        refused = await rpc_error(stub.ModelInfer(bad))
-
-    assert on_loop == [("slow", 1)]  # the hits so far were drained before the loop's handler ran
-    assert hits.asked == [("fast", True, fast.ByteSize(), None), ("slow", True, slow.ByteSize(), None),
-                          ("bad", True, bad.ByteSize(), None)]
-    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.details() == "unexpected input 'X'"
-    assert (NODE_KEY, "n7") in tuple(refused.trailing_metadata() or ())
-
-
-@dataclass
-class Slow:
-    """ThreadedHits whose `answer` returns (not a hit) only once the call has ended: a client that cancelled
-    while a hit was tried on the worker, before the call reached the loop."""
-
-    loop: asyncio.AbstractEventLoop
-    asked: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def answer(self, request: pb.ModelInferRequest, metadata: CallerMetadata, member: bool, request_bytes: int,
-               time_remaining: Callable[[], float | None]) -> bytes | None:
-        context = metadata.__self__  # type: ignore[attr-defined]  # the call's context.invocation_metadata
-        ended = threading.Event()
-        if context.add_callback(ended.set):  # False: the call has ended already
-            self.loop.call_soon_threadsafe(self.asked.set)
-            ended.wait(WAIT_S)
-        return None
-
-    def drain(self) -> None:
-        pass
-
-
-async def test_a_call_that_ended_before_its_work_reached_the_loop_has_that_work_cancelled() -> None:
-    waiting, slow = Waiting(), Slow(asyncio.get_running_loop())
-    async with serving({"ModelInfer": waiting.model_infer}, hits=cast(ThreadedHits, slow)) as stub:
-        call = stub.ModelInfer(pb.ModelInferRequest(model_name="m"))
-        await asyncio.wait_for(slow.asked.wait(), WAIT_S)
-        call.cancel()
-        try:
-            await asyncio.wait_for(waiting.started.wait(), WAIT_S)  # the loop's handler runs after the call ended
-            await asyncio.wait_for(waiting.cancelled.wait(), WAIT_S)
-        finally:
-            waiting.release()
