@@ -143,7 +143,7 @@ class Node:
         # control
         self.control = ModelControl(registry=self.registry, repository=self.storage.local_repository,
                                     locations=self.storage.locations, cache=self.cache, replica=self.replica,
-                                    mesh=self.mesh, aliases=self.aliases,
+                                    mesh=self.mesh, aliases=self.aliases, copies=self.copies,
                                     runtime=self.runtime.name)
         self.repository_registration = RepositoryRegistration(
             repository=self.storage.local_repository, registry=self.registry, runtime=self.runtime.name,

@@ -232,3 +232,75 @@ def write_repository(directory: Path | str, names_and_kinds: Iterable[tuple[str,
             raise ValueError(f"unknown example kind {kind!r} for model {name!r}")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+# Triton's example models (docs/examples/model_repository), as its example clients call them. Each comes with
+# the config.pbtxt Triton's has, so a Triton serves it the same way (see _example_config's callers).
+EXAMPLE_WIDTH = 16
+EXAMPLE_MAX_BATCH = 8
+
+
+def _config_type(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _example_config(name: str, inputs: Sequence[tuple[str, str, int]], outputs: Sequence[tuple[str, str, int]],
+                    extra: str = "") -> str:
+    """config.pbtxt of a batching ONNX Runtime model; tensors as (name, datatype, width) with dims [width]."""
+    def tensors(specs: Sequence[tuple[str, str, int]]) -> str:
+        return ", ".join(f'{{ name: "{n}" data_type: {_config_type(d)} dims: [ {w} ] }}' for n, d, w in specs)
+
+    return (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {EXAMPLE_MAX_BATCH}\n{extra}'
+            f"input [ {tensors(inputs)} ]\noutput [ {tensors(outputs)} ]\n")
+
+
+def _write_add_sub_example(directory: Path | str, name: str, version: int, datatype: str,
+                           nodes: list[onnx.NodeProto]) -> Path:
+    """A graph from INPUT0, INPUT1 to OUTPUT0 (sum), OUTPUT1 (difference), all `datatype` [-1, 16]."""
+    shape = (-1, EXAMPLE_WIDTH)
+    elem_type = ONNX_TYPES[datatype]
+    model_dir = _save(directory, name, version, nodes, [_value_info(n, elem_type, shape) for n in ("INPUT0", "INPUT1")],
+                      [_value_info(n, elem_type, shape) for n in ("OUTPUT0", "OUTPUT1")])
+    specs = [(n, datatype, EXAMPLE_WIDTH) for n in ("INPUT0", "INPUT1")]
+    (model_dir / "config.pbtxt").write_text(
+        _example_config(name, specs, [(n, datatype, EXAMPLE_WIDTH) for n in ("OUTPUT0", "OUTPUT1")]))
+    return model_dir
+
+
+def write_simple(directory: Path | str, name: str = "simple", datatype: str = "INT32", version: int = 1) -> Path:
+    """Triton's "simple" (INT32) or "simple_int8" (INT8): INPUT0, INPUT1 [16] in batches of up to 8 ->
+    OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1."""
+    nodes = [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+             helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])]
+    return _write_add_sub_example(directory, name, version, datatype, nodes)
+
+
+def write_simple_string(directory: Path | str, name: str = "simple_string", version: int = 1) -> Path:
+    """Triton's "simple_string": INPUT0, INPUT1 BYTES [16] holding decimal integers -> OUTPUT0, OUTPUT1 BYTES,
+    their sum and difference in decimal (ONNX Runtime casts strings to and from INT32)."""
+    nodes = [helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+             helper.make_node("Add", ["a", "b"], ["sum"]),
+             helper.make_node("Sub", ["a", "b"], ["difference"]),
+             helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+             helper.make_node("Cast", ["difference"], ["OUTPUT1"], to=TensorProto.STRING)]
+    return _write_add_sub_example(directory, name, version, "BYTES", nodes)
+
+
+def write_simple_sequence(directory: Path | str, name: str = "simple_sequence", version: int = 1, *,
+                          idle_us: int = 5_000_000) -> Path:
+    """Triton's "simple_sequence" as its example clients see it: INPUT INT32 [1] -> OUTPUT = READY * (INPUT + START)
+    (so a sequence's first answer is its input plus one, later ones their input), with START and READY controls
+    and no CORRID, so sequence ids may be integers or strings."""
+    int32 = TensorProto.INT32
+    nodes = [helper.make_node("Add", ["INPUT", "START"], ["started"]),
+             helper.make_node("Mul", ["started", "READY"], ["OUTPUT"])]
+    model_dir = _save(directory, name, version, nodes,
+                      [_value_info(n, int32, (-1, 1)) for n in ("INPUT", "START", "READY")],
+                      [_value_info("OUTPUT", int32, (-1, 1))])
+    controls = ", ".join(f'{{ name: "{n}" control [ {{ kind: CONTROL_SEQUENCE_{n} int32_false_true: [ 0, 1 ] }} ] }}'
+                         for n in ("START", "READY"))
+    batching = f"sequence_batching {{ max_sequence_idle_microseconds: {idle_us}\n  control_input [ {controls} ] }}\n"
+    (model_dir / "config.pbtxt").write_text(
+        _example_config(name, [("INPUT", "INT32", 1)], [("OUTPUT", "INT32", 1)], batching))
+    return model_dir

@@ -31,7 +31,12 @@ class TritonPythonModel:
         return responses
 '''
 
-_ONNX_MLP_PY = '''\
+# A Python-backend model that runs the ONNX graph beside it in Triton's own onnxruntime: every input the request
+# carries (Triton's control inputs included) by name, every output of the graph. So one graph per example model
+# serves both runtimes. as_python_backend renames the graph so that Triton, completing a config without a backend
+# (a load with an override config), finds only model.py and picks the Python backend.
+GRAPH_FILE = "graph.onnx"
+_ONNX_GRAPH_PY = '''\
 import os
 
 import onnxruntime as ort
@@ -40,18 +45,20 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        path = os.path.join(args["model_repository"], args["model_version"], "{graph}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.outputs = [output.name for output in self.session.get_outputs()]
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            (y,) = self.session.run(["OUTPUT0"], {"INPUT0": x})
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", y)]))
+            feeds = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+            arrays = self.session.run(self.outputs, feeds)
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, array) for name, array in zip(self.outputs, arrays)]))
         return responses
 '''
 
@@ -93,7 +100,19 @@ def write_python_onnx_mlp(
     write_mlp(directory, name, version, in_features=in_features, out_features=out_features,
               approx_bytes=approx_bytes, seed=seed)
     config = _tensors("input", ("INPUT0",), in_features) + _tensors("output", ("OUTPUT0",), out_features)
-    return _write(directory, name, version, config, _ONNX_MLP_PY)
+    return _write(directory, name, version, config, _ONNX_GRAPH_PY.replace("{graph}", "model.onnx"))
+
+
+def as_python_backend(model_dir: Path) -> Path:
+    """A numeric model of deploy.local.models whose config.pbtxt is complete, made a Python-backend model that
+    runs its graph."""
+    config = model_dir / "config.pbtxt"
+    config.write_text(config.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
+    for version in model_dir.iterdir():
+        if version.name.isdigit():
+            (version / "model.onnx").rename(version / GRAPH_FILE)
+            (version / "model.py").write_text(_ONNX_GRAPH_PY.replace("{graph}", GRAPH_FILE))
+    return model_dir
 
 
 _REPEAT_PY = '''\

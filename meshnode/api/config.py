@@ -3,7 +3,8 @@
 An ONNX model's config is what Triton's auto-complete would make of it: the name, platform
 `onnxruntime_onnx`, the inputs and outputs with their data types and dims, and `max_batch_size` when the
 first dimension of every input is dynamic (then the dims leave it out), merged under the model's
-`config.pbtxt` (storage.versions.read_config): what the file says wins, the graph fills in what it does not.
+`config.pbtxt` (storage.versions.read_config), or its config override when a load gave one (it replaces the
+file, as in Triton): what the config says wins, the graph fills in what it does not.
 
 Where the answer comes from, cheapest first, as metadata (serving.dataplane.model_metadata): a copy on
 this node; a copy elsewhere (asked as a forwarded request, so it never loads there); the files alone when
@@ -62,7 +63,7 @@ def derived(name: str, platform: str, inputs: tuple[TensorSpec, ...], outputs: t
         config.platform = platform
     batching = batches(inputs)
     if not written.input and not written.output:  # the file leaves the tensors (and so the batching) to the graph
-        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE if batching else 0
+        config.max_batch_size = (written.max_batch_size or DEFAULT_MAX_BATCH_SIZE) if batching else 0
     skip = 1 if config.max_batch_size > 0 else 0
     if not written.input:
         config.input.extend(model_config_pb2.ModelInput(name=t.name, data_type=data_type(t.datatype),
@@ -74,9 +75,12 @@ def derived(name: str, platform: str, inputs: tuple[TensorSpec, ...], outputs: t
 
 
 def written_config(record: ModelRecord) -> ModelConfig:
-    """The model's config.pbtxt (empty for a model stored as a single file, or without one)."""
+    """The model's config override, else its config.pbtxt (empty for a model stored as a single file, or
+    without one)."""
     storage = Path(record.storage)
-    return read_config(storage) if storage.is_dir() else model_config_pb2.ModelConfig()
+    if record.config_override or storage.is_dir():
+        return read_config(storage, record.config_override)
+    return model_config_pb2.ModelConfig()
 
 
 class ModelConfigs:

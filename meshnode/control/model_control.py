@@ -6,18 +6,24 @@ Registrations live in etcd and survive restarts. The repository's models are reg
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
 
+import grpc
+
+from meshnode.control.alias_switch import RECORDED_WITHIN_S
 from meshnode.control.registration import CopyHere, Registration
 from meshnode.control.repository_registration import find_model_directory
 from meshnode.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     LoadFailed,
     ModelNotFound,
 )
+from meshnode.mesh.copy_manager import CopyManager
 from meshnode.mesh.state import MeshState
 from meshnode.serving.cache import ModelCache
 from meshnode.serving.replica import LocalReplica
@@ -42,7 +48,7 @@ class IndexEntry:
 class ModelControl:
     def __init__(
         self, *, registry: Registry, repository: ModelRepository | None, locations: Locations, cache: ModelCache,
-        replica: LocalReplica, mesh: MeshState, aliases: Aliases, runtime: str,
+        replica: LocalReplica, mesh: MeshState, aliases: Aliases, copies: CopyManager, runtime: str,
     ) -> None:
         self._locations = locations  # where registrations may point, and where uploads go
         self._runtime = runtime  # this node's: models it registers run on nodes like it unless told otherwise
@@ -52,6 +58,7 @@ class ModelControl:
         self._cache = cache
         self._replica = replica
         self._mesh = mesh
+        self._copies = copies  # where a model goes that this node has no room for
 
     async def load(self, command: Registration | CopyHere) -> None:
         """RepositoryModelLoad: register (or re-register) and load here, or load a peer's requested copy."""
@@ -82,8 +89,10 @@ class ModelControl:
         hint, keeping = registration.size_hint_bytes, registration.keeping()
 
         def replaces(old: ModelRecord | None) -> bool:
-            """New files or a new location: every copy loaded from the old ones is stale."""
-            return old is not None and (bool(files) or old.storage != storage)
+            """New files, a new location or another config override: every copy loaded from the old ones is
+            stale."""
+            return old is not None and (bool(files) or old.storage != storage or registration.config_override
+                                        not in (None, old.config_override))
 
         def register(old: ModelRecord | None) -> ModelRecord:
             if old is None:
@@ -108,8 +117,27 @@ class ModelControl:
         try:
             entry = await self._replica.acquire(name, "")
         except MeshError as error:
-            raise LoadFailed.because(f"load failed for model '{name}': {error}", error) from error
+            if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise LoadFailed.because(f"load failed for model '{name}': {error}", error) from error
+            await self._load_elsewhere(name, error)  # no room here: loaded, as a client of the mesh sees it
+            return
         self._cache.release(entry)
+
+    async def _load_elsewhere(self, name: str, here: MeshError) -> None:
+        """The model served by a copy on another node: one there already, else one placement puts there."""
+        if self._loaded_somewhere(self._registry.get(name)):
+            return
+        loaded, why = await self._copies.add_copies(name, 1)
+        if not loaded:
+            elsewhere = "; ".join(str(e) for e in why) or "no other node took it"
+            raise LoadFailed.because(f"load failed for model '{name}': {here}; elsewhere: {elsewhere}", here)
+        # The copy's node records it a flush later: until then this node's next call for the model (its config,
+        # metadata) would not know of it.
+        with contextlib.suppress(DeadlineExceeded):
+            await self._registry.wait_for(name, self._loaded_somewhere, RECORDED_WITHIN_S)
+
+    def _loaded_somewhere(self, record: ModelRecord | None) -> bool:
+        return record is not None and any(c["state"] == LOADED for c in self.copies(record).values())
 
     async def load_copy(self, name: str) -> None:
         """A copy here of a registered model (drain hand-off, extra copies); its record is unchanged."""

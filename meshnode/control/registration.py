@@ -3,6 +3,10 @@
 RepositoryModelLoad carries a `config` JSON string and `file:` uploads (Triton's wire format) plus
 meshserve's own parameters (meshnode.net.params); every transport reads them here, once, into a
 Registration or a CopyHere. The management service builds a Registration directly.
+
+The `config` JSON holds meshserve's keys (MESHSERVE_KEYS) and, as in Triton, ModelConfig's fields in protobuf's
+JSON form: those make the model's config override, which replaces its config.pbtxt (storage.versions.read_config)
+until a load without them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
+
 from meshnode.errors import InvalidInput
 from meshnode.net import params as wire
 from meshnode.runtimes import RUNTIMES
@@ -20,6 +27,12 @@ from meshnode.runtimes import RUNTIMES
 MAX_TIMEOUT_MS = 2**32 - 1
 # The largest size hint: what an int64 holds (8 EiB), far beyond any node.
 MAX_SIZE_HINT = 2**63 - 1
+# The config JSON's keys that are meshserve's, not ModelConfig's ("runtime" is both: meshserve's wins).
+MESHSERVE_KEYS = ("storage_uri", "runtime", "min_copies", "pinned", "load_timeout_s", "timeout_ms", "size_hint")
+CLIP = 300  # characters of a client's text quoted in a message
+# ModelConfig's fields, by either name protobuf's JSON form accepts.
+_MODEL_CONFIG_KEYS = frozenset(name for f in model_config_pb2.ModelConfig.DESCRIPTOR.fields
+                               for name in (f.name, f.json_name))
 # What each keeping field must be, as InvalidInput says it, whether the value has the wrong type or range.
 _RULES = {
     "runtime": f"config 'runtime' must be one of {', '.join(RUNTIMES)}, or \"\" for any",
@@ -46,6 +59,8 @@ class Registration:
     load_timeout_s: float | None = None
     timeout_ms: int | None = None  # an inference running longer ends with DEADLINE_EXCEEDED
     runtime: str | None = None  # "" for any; None: the registering node's for a new model
+    # ModelConfig as JSON, replacing the model's config.pbtxt; "" for none (the file's). None keeps the record's.
+    config_override: str | None = None
 
     def __post_init__(self) -> None:
         # Every way in (RepositoryModelLoad's config JSON, the management service) is held to the same rules.
@@ -61,7 +76,7 @@ class Registration:
     def keeping(self) -> dict[str, Any]:
         """The record fields this registration sets about how and where the mesh keeps the model."""
         fields = {"pinned": self.pinned, "min_copies": self.min_copies, "load_timeout_s": self.load_timeout_s,
-                  "timeout_ms": self.timeout_ms, "runtime": self.runtime}
+                  "timeout_ms": self.timeout_ms, "runtime": self.runtime, "config_override": self.config_override}
         return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -79,7 +94,7 @@ def read_load(name: str, parameters: Mapping[str, object]) -> Registration | Cop
     files = {k[len("file:"):]: v for k, v in parameters.items() if k.startswith("file:")}
     if not all(isinstance(v, bytes) for v in files.values()):
         raise InvalidInput("file: parameters must carry bytes")
-    config = _config(parameters.get("config"))
+    config = _config(name, parameters.get("config"))
     size_hint = parameters.get(wire.SIZE_HINT, config.get("size_hint"))
     storage_uri = config.get("storage_uri")
     return Registration(
@@ -87,6 +102,7 @@ def read_load(name: str, parameters: Mapping[str, object]) -> Registration | Cop
         files={k: v for k, v in files.items() if isinstance(v, bytes)},
         lazy=parameters.get(wire.LAZY) is True,
         size_hint_bytes=_size_hint(size_hint),
+        config_override=_override(name, config),
         **_keeping(config),
     )
 
@@ -143,19 +159,45 @@ def _keeping(config: Mapping[str, object]) -> dict[str, Any]:
     return keeping
 
 
-def _config(raw: object) -> dict[str, object]:
+def _config(name: str, raw: object) -> dict[str, object]:
     if raw is None:
         return {}
+    # Triton's words start the refusal (its clients look for "failed to load"); the rest says what is wrong.
+    refused = f"failed to load '{name}': the 'config' parameter"
     if not isinstance(raw, str):
-        raise InvalidInput("the 'config' parameter must be a JSON string")
+        raise InvalidInput(f"{refused} must be a JSON string")
     try:
         config = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as error:
-        raise InvalidInput(f"the 'config' parameter is not valid JSON: {error}") from None
+        raise InvalidInput(f"{refused} is not valid JSON: {error}") from None
     except RecursionError:
-        raise InvalidInput("the 'config' parameter is not valid JSON: nested too deeply") from None
+        raise InvalidInput(f"{refused} is not valid JSON: nested too deeply") from None
     except ValueError as error:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
-        raise InvalidInput(f"the 'config' parameter is not valid JSON: {error}") from None
+        raise InvalidInput(f"{refused} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
-        raise InvalidInput("the 'config' parameter must be a JSON object")
+        raise InvalidInput(f"{refused} must be a JSON object")
     return config
+
+
+def _override(name: str, config: Mapping[str, object]) -> str:
+    """The config's ModelConfig fields as compact JSON ("" when it has none); InvalidInput names a key that is
+    neither ModelConfig's nor meshserve's, or says why ModelConfig refuses a value."""
+    fields = {k: v for k, v in config.items() if k not in MESHSERVE_KEYS}
+    if not fields:
+        return ""
+    unknown = sorted(k for k in fields if k not in _MODEL_CONFIG_KEYS)
+    if unknown:
+        raise InvalidInput(f"failed to load '{name}': the 'config' parameter has unknown field '{_clip(unknown[0])}': "
+                           f"neither a ModelConfig field nor one of {', '.join(MESHSERVE_KEYS)}")
+    try:
+        json_format.ParseDict(fields, model_config_pb2.ModelConfig())
+    except json_format.ParseError as error:
+        reason = str(error).splitlines()[0]  # the rest lists every field the message has
+        raise InvalidInput(f"failed to load '{name}': the 'config' parameter is not a valid model config: "
+                           f"{_clip(reason)}") from None
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def _clip(text: str) -> str:
+    """A client's text in a message (a key, protobuf's reason quoting a value): at most CLIP characters."""
+    return text if len(text) <= CLIP else f"{text[:CLIP]}..."

@@ -173,7 +173,7 @@ def sequence_batcher(source: ModelSource, inputs: Sequence[TensorSpec], outputs:
     model_dir = source.directory.parent
     if not source.directory.name.isdigit():  # a single model file, without a config beside it
         return None
-    config = read_config(model_dir)
+    config = read_config(model_dir, source.config_override)
     if not config.HasField("sequence_batching"):
         return None
     batching = config.sequence_batching

@@ -216,11 +216,11 @@ class TritonRuntime:
             return model
 
     def _load_request(self, source: ModelSource, versions: list[str]) -> _Upload:
-        """Triton's load of `source`'s model holding exactly `versions`: its config (the model's config.pbtxt,
-        named as registered, with a specific version_policy), and the versions' files unless Triton's own
-        repository has them."""
+        """Triton's load of `source`'s model holding exactly `versions`: its config (the model's config override,
+        as Triton's own clients send one, else its config.pbtxt; named as registered, with a specific
+        version_policy), and the versions' files unless Triton's own repository has them."""
         model_dir = source.directory.parent
-        config = only(read_config(model_dir), versions)
+        config = only(read_config(model_dir, source.config_override), versions)
         config.name = source.name  # a copy stored under another name keeps the config's old one
         files: dict[str, bytes] = {}
         if not self._in_triton_repository(model_dir, source.name):

@@ -123,13 +123,13 @@ class LocalReplica:
         """The files of one version of the model here, for as long as the block runs: a store's model is
         downloaded to this node's disk tier first (once), within the model's load timeout."""
         async with self._files.opened(record.storage, record.load_timeout_s or self._cache.load_timeout_s) as files:
-            yield model_source(record.name, files, version)
+            yield model_source(record.name, files, version, record.config_override)
 
     def served_versions(self, record: ModelRecord) -> list[str] | None:
         """The versions the model's policy serves, read from its files here; None when this node does not have
         them (a store's model it never pulled). Raises LoadFailed for a broken config.pbtxt."""
         files = self._files.on_disk(record.storage)
-        return available_versions(files) if files is not None else None
+        return available_versions(files, record.config_override) if files is not None else None
 
     def load_options(self, record: ModelRecord, source: ModelSource, churn_guard: bool = False) -> LoadOptions:
         return LoadOptions(predicted_bytes=record.effective_size(lambda: self._predicted_size(source)),
@@ -140,11 +140,13 @@ class LocalReplica:
         """The copy's max_sequence_idle_microseconds in seconds (Triton's default when unset), from its
         config.pbtxt here; 0 when the model has no sequence batching."""
         record = self._records.get(entry.name)
-        files = self._files.on_disk(record.storage) if record is not None else None
+        if record is None:
+            return 0.0
+        files = self._files.on_disk(record.storage)
         if files is None or not files.is_dir():
             return 0.0
         try:
-            config = read_config(files)
+            config = read_config(files, record.config_override)
         except MeshError:  # a config broken since the load: as without one
             return 0.0
         if not config.HasField("sequence_batching"):

@@ -65,6 +65,9 @@ class ModelRecord(JsonRecord):
     load_timeout_s: float | None = None  # None: each node's default
     timeout_ms: int | None = None  # an inference running longer is abandoned (DEADLINE_EXCEEDED); None: no limit
     runtime: str = ""  # only nodes running this runtime load it ("onnxruntime", "triton"); "" for any
+    # A load's ModelConfig as JSON (RepositoryModelLoad's `config`, as in Triton): it replaces the model's
+    # config.pbtxt on every node until a load without one. "" for none.
+    config_override: str = ""
     # Pointed at by an alias with auto_delete: unregistered once no alias points at it any more.
     delete_when_unaliased: bool = False
     # Bumped by a re-registration with other files or storage: a copy loaded under an older one is stale.

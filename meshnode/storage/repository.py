@@ -26,6 +26,7 @@ class ModelSource:
     version: str
     directory: Path
     model_file: Path
+    config_override: str = ""  # the model's ModelConfig as JSON in place of its config.pbtxt; "" for none
 
 
 def version_files(source: ModelSource) -> list[Path]:
@@ -104,24 +105,25 @@ def _version_dirs(model_dir: Path) -> dict[str, Path]:
     return {c.name: c for c in children if c.is_dir() and c.name.isdigit()}
 
 
-def available_versions(storage: Path) -> list[str]:
-    """The versions the model's version_policy serves, ascending; a single model file is version 1.
+def available_versions(storage: Path, config_override: str = "") -> list[str]:
+    """The versions the model's version_policy serves (its config override's, else its config.pbtxt's),
+    ascending; a single model file is version 1.
 
-    Raises LoadFailed when the model's config.pbtxt is broken."""
+    Raises LoadFailed when the model's config is broken."""
     if storage.is_file():
         return ["1"]
     present = sorted(_version_dirs(storage), key=int)
-    return served(read_config(storage).version_policy, present) if present else []
+    return served(read_config(storage, config_override).version_policy, present) if present else []
 
 
-def model_source(name: str, storage: Path, version: str) -> ModelSource:
+def model_source(name: str, storage: Path, version: str, config_override: str = "") -> ModelSource:
     """The files of one version; version '' means the newest the policy serves. Raises ModelNotFound for a
     version the policy does not serve, as Triton does."""
     if storage.is_file():
         if version not in ("", "1"):
             raise ModelNotFound.no_version(name, version)
-        return ModelSource(name, "1", storage.parent, storage)
-    versions = available_versions(storage)
+        return ModelSource(name, "1", storage.parent, storage, config_override)
+    versions = available_versions(storage, config_override)
     if not versions:
         raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
     chosen = version or versions[-1]
@@ -130,9 +132,9 @@ def model_source(name: str, storage: Path, version: str) -> ModelSource:
     directory = storage / chosen
     for filename in MODEL_FILENAMES:
         if (directory / filename).exists():
-            return ModelSource(name, chosen, directory, directory / filename)
+            return ModelSource(name, chosen, directory, directory / filename, config_override)
     # Missing file: the load reports it with the model's name, not this lookup.
-    return ModelSource(name, chosen, directory, directory / MODEL_FILENAMES[0])
+    return ModelSource(name, chosen, directory, directory / MODEL_FILENAMES[0], config_override)
 
 
 class ModelRepository:
@@ -187,10 +189,14 @@ class ModelRepository:
 
 
 def _safe_relative(relative: str) -> PurePosixPath:
-    _check_path(relative, "upload path")
+    # Every upload path refused starts with Triton's words, which its clients look for.
+    try:
+        _check_path(relative, "upload path")
+    except InvalidInput as error:
+        raise InvalidInput(f"Invalid file path in load parameters: {error}") from None
     path = PurePosixPath(relative)
     if path.is_absolute() or not path.parts or any(p in ("..", "") for p in path.parts):
-        raise InvalidInput(f"invalid file path '{_clip(relative)}' in load parameters")
+        raise InvalidInput(f"Invalid file path '{_clip(relative)}' in load parameters")
     return path
 
 

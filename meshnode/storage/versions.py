@@ -5,7 +5,8 @@ default with N = 1), every one (`all { }`) or the listed ones that exist (`speci
 request without a version gets the newest served one. Both runtimes follow this, so a model answers alike
 through ONNX Runtime and through Triton. The config is parsed with protobuf's text format against Triton's own
 ModelConfig message: any config Triton accepts parses here, and a broken one fails the load with the parser's
-message.
+message. A model loaded with a config override (RepositoryModelLoad's `config`, ModelConfig in protobuf's JSON
+form) has that instead of its config.pbtxt, as in Triton.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from meshnode.errors import LoadFailed
@@ -21,9 +22,15 @@ from meshnode.errors import LoadFailed
 CONFIG_FILE = "config.pbtxt"
 
 
-def read_config(model_dir: Path) -> model_config_pb2.ModelConfig:
-    """The model's config.pbtxt, or an empty config when it has none; LoadFailed names a broken one."""
+def read_config(model_dir: Path, override: str = "") -> model_config_pb2.ModelConfig:
+    """The model's config: `override` when it has one, else its config.pbtxt, else an empty config;
+    LoadFailed names a broken one."""
     config = model_config_pb2.ModelConfig()
+    if override:
+        try:
+            return json_format.Parse(override, config)
+        except json_format.ParseError as error:  # checked when loaded: only a record written by hand gets here
+            raise LoadFailed(f"the model's config override is not a valid model config: {error}") from None
     path = model_dir / CONFIG_FILE
     try:
         text = path.read_text()

@@ -94,12 +94,13 @@ def test_the_node_served_a_real_model_after_the_fuzzing(rpc: Rpc) -> None:
 
 def test_config_nested_too_deep(rpc: Rpc) -> None:
     assert_status(rpc, "RepositoryModelLoad", load_request("fz-deep", config="[" * 1000 + "]" * 1000), Bad,
-                  r"^the 'config' parameter is not valid JSON: nested too deeply$")
+                  r"^failed to load 'fz-deep': the 'config' parameter is not valid JSON: nested too deeply$")
 
 
 def test_config_with_a_5000_digit_number(rpc: Rpc) -> None:
     assert_status(rpc, "RepositoryModelLoad", load_request("fz-digits", config='{"a": 1%s}' % ("0" * 5000)), Bad,
-                  r"^the 'config' parameter is not valid JSON: Exceeds the limit \(4300 digits\)")
+                  r"^failed to load 'fz-digits': the 'config' parameter is not valid JSON: Exceeds the limit "
+                  r"\(4300 digits\)")
 
 
 @pytest.mark.parametrize("where", ["parameter", "config"])
@@ -112,8 +113,9 @@ def test_size_hint_digits_int_refuses(rpc: Rpc, where: str, hint: str) -> None:
 
 
 @pytest.mark.parametrize(("path", "says"), [
-    ("a\x00b", r"^upload path 'a\\x00b' contains a NUL byte$"),
-    ("y" * 300, r"^upload path 'y+\.\.\. \(300 characters\)' has a name longer than 255 bytes"),
+    ("a\x00b", r"^Invalid file path in load parameters: upload path 'a\\x00b' contains a NUL byte$"),
+    ("y" * 300, r"^Invalid file path in load parameters: upload path 'y+\.\.\. \(300 characters\)' has a name "
+                r"longer than 255 bytes"),
 ], ids=["nul", "too-long"])
 def test_upload_path_the_file_system_refuses(rpc: Rpc, path: str, says: str) -> None:
     assert_status(rpc, "RepositoryModelLoad", load_request("fz-upload", **{"file_" + path: b"x"}), Bad, says)

@@ -104,7 +104,7 @@ def test_load_rejects_bad_parameters_clearly(etcd: EtcdProcess, tmp_path: Path) 
             for kwargs, fragment in (
                 ({"config": "{not json"}, "JSON"),
                 ({"config": json.dumps({"storage_uri": str(tmp_path / "missing")})}, "does not exist"),
-                ({"files": {"file:../escape/model.onnx": b"x"}}, "invalid file path"),
+                ({"files": {"file:../escape/model.onnx": b"x"}}, "Invalid file path"),
             ):
                 with pytest.raises(InferenceServerException) as err:
                     client.load_model("x", **kwargs)  # type: ignore[arg-type]

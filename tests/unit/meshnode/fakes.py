@@ -320,7 +320,7 @@ class NodeParts:
         self.repository = repository
         self.control = ModelControl(registry=self.registry, repository=ModelRepository(repository),
                                     locations=Locations(ObjectStore(StoreOptions()), str(repository)), cache=self.cache,
-                                    replica=self.replica, mesh=self.mesh, aliases=self.aliases,
+                                    replica=self.replica, mesh=self.mesh, aliases=self.aliases, copies=self.copies,
                                     runtime=self.runtime.name)
         self._mesh_started = False
 

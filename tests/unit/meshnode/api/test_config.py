@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from meshnode.api.config import DEFAULT_MAX_BATCH_SIZE, data_type, derived
+from meshnode.api.config import DEFAULT_MAX_BATCH_SIZE, data_type, derived, written_config
 from meshnode.runtimes.base import TensorSpec
+from meshnode.state.registry import ModelRecord
 
 INPUTS = (TensorSpec("INPUT0", "FP32", (-1, 4)), TensorSpec("TEXT", "BYTES", (-1, 1)))
 OUTPUTS = (TensorSpec("OUTPUT0", "INT64", (-1, 2)),)
@@ -45,3 +48,26 @@ def test_the_written_config_wins_and_the_graph_fills_in_the_rest() -> None:
     # The file lists outputs, so it decides batching (none said: 0) and its outputs stay as written.
     assert config.max_batch_size == 0 and list(config.output[0].dims) == [-1, 2]
     assert [list(t.dims) for t in config.input] == [[-1, 4], [-1, 1]]
+
+
+def test_a_max_batch_size_written_without_tensors_stays_when_the_graph_batches() -> None:
+    assert derived("m", "onnxruntime_onnx", INPUTS, OUTPUTS, _written("max_batch_size: 16")).max_batch_size == 16
+    fixed = (TensorSpec("x", "FP32", (3, 4)),)
+    assert derived("m", "onnxruntime_onnx", fixed, (), _written("max_batch_size: 16")).max_batch_size == 0
+
+
+def test_the_written_config_is_the_override_when_a_load_gave_one(tmp_path: Path) -> None:
+    (tmp_path / "1").mkdir()
+    (tmp_path / "config.pbtxt").write_text('max_batch_size: 8 input [ { name: "INPUT0" data_type: TYPE_FP32 '
+                                           'dims: [ 4 ] } ]')
+    record = ModelRecord(name="m", storage=str(tmp_path))
+    assert written_config(record).max_batch_size == 8
+    overridden = written_config(ModelRecord(name="m", storage=str(tmp_path), config_override='{"maxBatchSize": "16"}'))
+    assert overridden.max_batch_size == 16 and not overridden.input
+    config = derived("m", "onnxruntime_onnx", INPUTS, OUTPUTS, overridden)
+    assert config.max_batch_size == 16 and [list(t.dims) for t in config.input] == [[4], [1]]
+    single = tmp_path / "model.onnx"
+    single.write_bytes(b"x")
+    assert written_config(ModelRecord(name="s", storage=str(single))).max_batch_size == 0
+    assert written_config(ModelRecord(name="s", storage=str(single), config_override='{"max_batch_size": 2}')
+                          ).max_batch_size == 2

@@ -374,3 +374,22 @@ async def test_a_load_that_times_out_fails_with_unavailable_naming_the_model_and
                                                  load_timeout_s=0.05))
     # It may load in time later, or on another node: a status clients retry, unlike a broken file's INTERNAL.
     assert (raised.value.code, raised.value.retry_elsewhere) == (grpc.StatusCode.UNAVAILABLE, True)
+
+
+async def test_a_load_through_a_node_without_room_puts_the_model_where_there_is_room(
+        node: NodeParts, tmp_path: Path) -> None:
+    directory = elsewhere(tmp_path, "big")
+    with pytest.raises(LoadFailed) as nowhere:  # more than any node holds
+        await node.control.register(Registration("big", storage_uri=str(directory), size_hint_bytes=10**15))
+    assert nowhere.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "elsewhere: no node to place a copy on" in str(nowhere.value)
+
+    fits_n2 = 5_000  # more than this node's whole capacity (1,000 bytes), less than n2's
+    node.store.publish(node_view("n2", runtime=node.runtime.name))
+    await node.store.settle()  # the watch delivered it
+    await node.control.register(Registration("big", size_hint_bytes=fits_n2))
+    assert node.peers.loads == [("n2", "big")] and node.runtime.loads == []
+
+    await node.registry.update("big", lambda r: replace(r, copies={"n2": Copy(state=LOADED, since=NOW)}) if r else None)
+    await node.control.register(Registration("big", size_hint_bytes=fits_n2))  # n2's copy serves it already
+    assert node.peers.loads == [("n2", "big")] and not list(node.cache.entries("big"))

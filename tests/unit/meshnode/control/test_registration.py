@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
 import pytest
 
@@ -20,13 +22,18 @@ def config(**fields: object) -> str:
     return json.dumps(fields)
 
 
+def loaded(name: str = "m", **fields: Any) -> Registration:
+    """The registration a RepositoryModelLoad reads: without ModelConfig fields, it drops any override."""
+    return dataclasses.replace(Registration(name, config_override=""), **fields)
+
+
 def test_a_peers_copy_request_is_a_copy_here_whatever_else_it_carries() -> None:
     assert read_load("m", {wire.COPY: True, "config": "not even json", wire.LAZY: True}) == CopyHere("m")
 
 
 def test_no_parameters_register_the_model_by_name_and_load_it() -> None:
-    assert read_load("m", {}) == Registration("m")
-    assert read_load("m", {"config": "  "}) == Registration("m")  # an empty config is no config
+    assert read_load("m", {}) == loaded()
+    assert read_load("m", {"config": "  "}) == loaded()  # an empty config is no config
 
 
 def test_every_parameter_is_read_into_the_registration() -> None:
@@ -36,7 +43,7 @@ def test_every_parameter_is_read_into_the_registration() -> None:
                          timeout_ms=250),
         "unrelated": "ignored",
     }
-    assert read_load("m", parameters) == Registration(
+    assert read_load("m", parameters) == loaded(
         "m", storage_uri="/models/m", files={"1/model.onnx": b"weights", "config.pbtxt": b"name: 'm'"}, lazy=True,
         size_hint_bytes=123, pinned=True, min_copies=2, load_timeout_s=30.0, timeout_ms=250, runtime="triton")
 
@@ -58,7 +65,7 @@ def test_a_size_hint_is_a_whole_number_of_bytes_or_none(parameters: dict[str, ob
 
 @pytest.mark.parametrize("value", ["true", 1, None])
 def test_lazy_and_unregister_are_set_only_by_a_true_bool(value: object) -> None:
-    assert read_load("m", {wire.LAZY: value}) == Registration("m", lazy=False)
+    assert read_load("m", {wire.LAZY: value}) == loaded(lazy=False)
     assert read_unregister({wire.UNREGISTER: value}) is False
 
 
@@ -68,14 +75,14 @@ def test_unregister_is_read_from_unloads_parameters() -> None:
 
 
 @pytest.mark.parametrize(("fields", "expected"), [
-    ({"runtime": ""}, Registration("m", runtime="")),  # any runtime
-    ({"min_copies": 1}, Registration("m", min_copies=1)),
-    ({"min_copies": 100}, Registration("m", min_copies=100)),
-    ({"load_timeout_s": 0.5}, Registration("m", load_timeout_s=0.5)),
-    ({"pinned": False}, Registration("m", pinned=False)),
-    ({"timeout_ms": 1}, Registration("m", timeout_ms=1)),
-    ({"timeout_ms": 4294967295}, Registration("m", timeout_ms=4294967295)),
-    ({"timeout_ms": None}, Registration("m")),  # null is no value: the registration's stays
+    ({"runtime": ""}, loaded(runtime="")),  # any runtime
+    ({"min_copies": 1}, loaded(min_copies=1)),
+    ({"min_copies": 100}, loaded(min_copies=100)),
+    ({"load_timeout_s": 0.5}, loaded(load_timeout_s=0.5)),
+    ({"pinned": False}, loaded(pinned=False)),
+    ({"timeout_ms": 1}, loaded(timeout_ms=1)),
+    ({"timeout_ms": 4294967295}, loaded(timeout_ms=4294967295)),
+    ({"timeout_ms": None}, loaded()),  # null is no value: the registration's stays
 ])
 def test_keeping_fields_at_their_bounds_are_accepted(fields: dict[str, object], expected: Registration) -> None:
     assert read_load("m", {"config": json.dumps(fields)}) == expected
@@ -83,8 +90,8 @@ def test_keeping_fields_at_their_bounds_are_accepted(fields: dict[str, object], 
 
 @pytest.mark.parametrize(("parameters", "message"), [
     ({"file:1/model.onnx": "text"}, "file: parameters must carry bytes"),
-    ({"config": b"{}"}, "the 'config' parameter must be a JSON string"),
-    ({"config": "[1, 2]"}, "the 'config' parameter must be a JSON object"),
+    ({"config": b"{}"}, "failed to load 'm': the 'config' parameter must be a JSON string"),
+    ({"config": "[1, 2]"}, "failed to load 'm': the 'config' parameter must be a JSON object"),
     ({"config": config(runtime=5)}, RUNTIME_RULE),
     ({"config": config(runtime="tpu")}, RUNTIME_RULE),
     ({"config": config(pinned="yes")}, "config 'pinned' must be true or false"),
@@ -114,8 +121,8 @@ def test_bad_parameters_are_invalid_input_saying_what_is_wrong(parameters: dict[
 def test_config_that_is_not_json_says_where_it_fails() -> None:
     with pytest.raises(InvalidInput) as raised:
         read_load("m", {"config": '{"pinned": tru}'})
-    assert str(raised.value) == ("the 'config' parameter is not valid JSON: Expecting value: line 1 column 12 "
-                                 "(char 11)")
+    assert str(raised.value) == ("failed to load 'm': the 'config' parameter is not valid JSON: Expecting value: "
+                                 "line 1 column 12 (char 11)")
 
 
 def test_a_registration_built_directly_is_held_to_the_same_rules() -> None:
@@ -125,13 +132,19 @@ def test_a_registration_built_directly_is_held_to_the_same_rules() -> None:
         Registration("m", timeout_ms=0)
     assert Registration("m", pinned=True, runtime="").keeping() == {"pinned": True, "runtime": ""}
     assert Registration("m", timeout_ms=250).keeping() == {"timeout_ms": 250}
-    assert Registration("m").keeping() == {}
+    assert Registration("m").keeping() == {}  # the management service's: the override stays
+    assert Registration("m", config_override="").keeping() == {"config_override": ""}
 
 
 @pytest.mark.parametrize(("raw", "says"), [
-    ("[" * 100_000 + "]" * 100_000, r"^the 'config' parameter is not valid JSON: nested too deeply$"),
-    ('{"a": 1%s}' % ("0" * 5000), r"^the 'config' parameter is not valid JSON: Exceeds the limit \(4300 digits\)"),
-    ("{", r"^the 'config' parameter is not valid JSON: Expecting property name"),
+    ("[" * 100_000 + "]" * 100_000,
+     r"^failed to load 'm': the 'config' parameter is not valid JSON: nested too deeply$"),
+    ('{"a": 1%s}' % ("0" * 5000),
+     r"^failed to load 'm': the 'config' parameter is not valid JSON: Exceeds the limit \(4300 digits\)"),
+    ("{", r"^failed to load 'm': the 'config' parameter is not valid JSON: Expecting property name"),
+    # Triton's model-control example: a fragment, not a JSON object
+    ('"parameters": {"config": {{"max_batch_size": "16"}}}',
+     r"^failed to load 'm': the 'config' parameter is not valid JSON: Extra data"),
 ])
 def test_a_config_json_cannot_parse_is_invalid_input(raw: str, says: str) -> None:
     with pytest.raises(InvalidInput, match=says):
@@ -153,3 +166,33 @@ def test_a_size_hint_of_digits_int_refuses_or_beyond_int64_is_invalid_input(hint
 def test_a_size_hint_up_to_int64_is_read(hint: str | int) -> None:
     registration = read_load("m", {wire.SIZE_HINT: hint})
     assert isinstance(registration, Registration) and registration.size_hint_bytes == int(hint)
+
+
+@pytest.mark.parametrize(("fields", "override"), [
+    ({"max_batch_size": "16"}, '{"max_batch_size":"16"}'),  # int64 as a string, as protobuf's JSON form allows
+    ({"maxBatchSize": 16, "storage_uri": "/models/m", "pinned": True}, '{"maxBatchSize":16}'),  # mixed with ours
+    ({"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}], "sequence_batching": {}},
+     '{"input":[{"name":"x","data_type":"TYPE_FP32","dims":[4]}],"sequence_batching":{}}'),
+    ({"storage_uri": "/models/m"}, ""),  # only meshserve's keys: no override, the model's config.pbtxt again
+    ({"runtime": "triton"}, ""),  # ModelConfig has a runtime too: meshserve's meaning wins
+])
+def test_model_config_fields_of_the_config_are_its_override(fields: dict[str, object], override: str) -> None:
+    registration = read_load("m", {"config": json.dumps(fields)})
+    assert isinstance(registration, Registration) and registration.config_override == override
+    assert registration.keeping()["config_override"] == override
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"max_batch_size": 16, "colour": "red"},
+     "^failed to load 'm': the 'config' parameter has unknown field 'colour': neither a ModelConfig field nor one "
+     "of storage_uri, runtime, min_copies, pinned, load_timeout_s, timeout_ms, size_hint$"),
+    ({"max_batch_size": "sixteen"},
+     r"^failed to load 'm': the 'config' parameter is not a valid model config: Failed to parse max_batch_size "
+     r"field: invalid literal"),
+    ({"input": 5}, "^failed to load 'm': the 'config' parameter is not a valid model config: Failed to parse input"),
+    ({"max_batch_size": 2**70}, "^failed to load 'm': .* Value out of range"),
+])
+def test_an_override_model_config_refuses_is_invalid_input_naming_why(fields: dict[str, object], says: str) -> None:
+    with pytest.raises(InvalidInput, match=says):
+        read_load("m", {"config": json.dumps(fields)})
+

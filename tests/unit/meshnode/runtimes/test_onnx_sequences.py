@@ -6,12 +6,15 @@ The batcher alone with a fake run (clock, turns, cancellation), then real sessio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import json_format, text_format
 from onnx import TensorProto, helper
+from tritonclient.grpc import model_config_pb2
 
 from deploy.local import models as examples
 from meshnode.errors import InvalidInput, LoadFailed
@@ -286,6 +289,19 @@ async def test_accumulator_keeps_running_sums_per_sequence(runtime: OnnxRuntime,
     with pytest.raises(InvalidInput, match="unexpected inference output 'STATE_OUT' for model 'acc'"):
         await model.infer(sequence_request("acc", 1, 11, outputs=("STATE_OUT",)))
 
+
+async def test_a_config_override_replaces_the_config_pbtxt_for_sequence_batching(runtime: OnnxRuntime,
+                                                                                  tmp_path: Path) -> None:
+    model_dir = examples.write_accumulator(tmp_path, "acc")
+    config = model_dir / "config.pbtxt"
+    override = json_format.MessageToJson(text_format.Parse(config.read_text(), model_config_pb2.ModelConfig()))
+    config.write_text("max_batch_size: 4\n")  # the file alone: no sequence batching
+    assert sequence_batcher(source(model_dir), GRAPH_INPUTS, GRAPH_OUTPUTS) is None
+    model = await runtime.load(dataclasses.replace(source(model_dir), config_override=override))
+    assert isinstance(model, OnnxModel) and model.sequences is not None
+    assert [await total(model, v, 7, start=v == 1) for v in (1, 2, 3)] == [1, 3, 6]
+    plain = dataclasses.replace(source(model_dir), config_override='{"max_batch_size": 4}')
+    assert sequence_batcher(plain, GRAPH_INPUTS, GRAPH_OUTPUTS) is None
 
 async def test_state_output_is_returned_when_the_config_lists_it(runtime: OnnxRuntime, tmp_path: Path) -> None:
     model_dir = examples.write_accumulator(tmp_path, "acc")

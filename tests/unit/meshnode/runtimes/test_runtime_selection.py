@@ -81,6 +81,16 @@ def test_a_model_in_tritons_own_repository_sends_its_config_but_no_files(tmp_pat
     assert json.loads(upload.config)["versionPolicy"] == {"specific": {"versions": ["2"]}}
 
 
+
+def test_a_config_override_is_sent_to_triton_in_place_of_the_config_pbtxt(tmp_path: Path) -> None:
+    storage = write_python_add_sub(tmp_path, "over", version=1, width=4)
+    override = '{"backend": "python", "max_batch_size": "16"}'
+    upload = TritonRuntime("127.0.0.1:1")._load_request(model_source("over", storage, "", override), ["1"])
+    config = json.loads(upload.config)
+    assert (config["name"], config["backend"], config["maxBatchSize"]) == ("over", "python", 16)
+    assert "input" not in config  # the file's tensors are not merged in: Triton auto-completes them
+    assert config["versionPolicy"] == {"specific": {"versions": ["1"]}}
+
 def test_a_missing_triton_install_says_how_to_get_one(tmp_path: Path) -> None:
     with pytest.raises(TritonProcessError, match="make triton"):
         TritonInstall.find(tmp_path / "nowhere")

@@ -40,6 +40,14 @@ def test_json_leaves_defaults_out_and_reads_them_back() -> None:
     assert ModelRecord.from_json(odd.to_json()) == odd and ModelRecord.from_json(plain.to_json()) == plain
 
 
+
+def test_a_config_override_is_kept_in_the_record_as_given_and_left_out_when_none() -> None:
+    overridden = record("m", config_override='{"max_batch_size":"16"}')
+    assert json.loads(overridden.to_json())["config_override"] == '{"max_batch_size":"16"}'
+    assert ModelRecord.from_json(overridden.to_json()) == overridden
+    assert lazily(overridden.to_json()).config_override == '{"max_batch_size":"16"}'
+    assert "config_override" not in json.loads(record("m").to_json())
+
 def lazily(raw: bytes) -> ModelRecord:
     """Model "m" of JSON `raw` as the registry's view holds and hands it out when nobody uses it."""
     holding = Registry(FakeStore().etcd)._holding

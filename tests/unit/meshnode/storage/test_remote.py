@@ -124,8 +124,8 @@ def test_write_model_to_a_local_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "files", "says"), [
-    ("m", {"../x": b""}, "invalid file path"),
-    ("m", {"/etc/x": b""}, "invalid file path"),
+    ("m", {"../x": b""}, "Invalid file path"),
+    ("m", {"/etc/x": b""}, "Invalid file path"),
     ("m", {"1/a\x00b": b""}, "NUL byte"),
     ("m", {"1/m": b"", "1/m/x": b""}, "clash"),
     ("../m", {"1/m": b""}, "invalid model name"),

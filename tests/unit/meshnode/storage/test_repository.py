@@ -39,13 +39,14 @@ def test_a_long_uri_is_clipped_in_the_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("files", "says"), [
-    ({"a\x00b": b"x"}, r"^upload path 'a\\x00b' contains a NUL byte$"),
-    ({"y" * 300: b"x"}, r"^upload path 'y{200}\.\.\. \(300 characters\)' has a name longer than 255 bytes"),
+    ({"a\x00b": b"x"}, r"^Invalid file path in load parameters: upload path 'a\\x00b' contains a NUL byte$"),
+    ({"y" * 300: b"x"}, r"^Invalid file path in load parameters: upload path 'y{200}\.\.\. \(300 characters\)' has "
+                        r"a name longer than 255 bytes"),
     ({"1/model.onnx": b"x", "1/model.onnx/x": b"x"},
      r"^uploads 'file:1/model.onnx' and 'file:1/model.onnx/x' clash: '1/model.onnx' cannot be both a file and a "
      r"directory$"),
     ({"1/model.onnx/x": b"x", "./1/model.onnx": b"x"}, r"^uploads 'file:./1/model.onnx' and 'file:1/model.onnx/x'"),
-    ({"../x": b"x"}, r"^invalid file path '../x' in load parameters$"),
+    ({"../x": b"x"}, r"^Invalid file path '../x' in load parameters$"),
 ])
 def test_uploads_the_file_system_refuses_are_invalid_input_and_write_nothing(
         tmp_path: Path, files: dict[str, bytes], says: str) -> None:

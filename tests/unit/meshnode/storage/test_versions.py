@@ -52,3 +52,21 @@ def test_only_narrows_a_config_to_the_versions_held_and_keeps_the_rest(tmp_path:
     narrowed = only(config, ["2", "1"])
     assert list(narrowed.version_policy.specific.versions) == [1, 2]
     assert narrowed.name == "m" and config.version_policy.WhichOneof("policy_choice") == "all"
+
+
+OVERRIDE = '{"max_batch_size": "16", "version_policy": {"all": {}}}'
+
+
+def test_a_config_override_replaces_the_config_pbtxt_whole(tmp_path: Path) -> None:
+    model_dir = _model(tmp_path, (1, 2, 3), "{ latest { num_versions: 1 } }")
+    config = read_config(model_dir, OVERRIDE)
+    assert config.max_batch_size == 16 and config.name == ""  # nothing of the file's is left
+    assert available_versions(model_dir, OVERRIDE) == ["1", "2", "3"]
+    source = model_source("m", model_dir, "1", OVERRIDE)
+    assert (source.version, source.config_override) == ("1", OVERRIDE)
+    assert model_source("m", model_dir, "").version == "3"  # without it, the file's policy
+
+
+def test_an_override_that_is_no_model_config_fails_the_load(tmp_path: Path) -> None:
+    with pytest.raises(LoadFailed, match="^the model's config override is not a valid model config"):
+        read_config(_model(tmp_path, (1,), None), '{"max_batch_size": "many"}')
