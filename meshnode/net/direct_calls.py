@@ -28,6 +28,7 @@ _NO_FLAGS = 0
 _CODES = {code: code.value[0] for code in grpc.StatusCode}
 _NO_DEADLINE_S = 1e9  # the core's "no deadline" is centuries away
 MIN_POLLERS = 4  # polling at all times; more are started while these are busy, up to the bound
+POLL_S = 0.25  # how soon a poller sees the stop
 
 
 class _Requested:
@@ -118,38 +119,30 @@ class DirectCalls:
         self._method = method
         self._handle = handle
         self._max_pollers = max(max_pollers, MIN_POLLERS)
+        # Never shut down: the core aborts the process when a batch is started on a queue that was, and an answer
+        # may come from the loop at any time. It goes with the last call that can start one (each holds this).
         self._queue = cygrpc.CompletionQueue()
         self._core.register_completion_queue(self._queue)
         self._core.register_method(method)
-        # Nothing may be started on the queue once it is shut down (the core aborts the process): every start
-        # checks `_open` under this lock, which `stop` takes to close it.
-        self._lock = threading.Lock()
         self._open = False
         self._pollers: list[threading.Thread] = []
-        self._idle = 0  # pollers waiting on the queue, changed under _lock
+        self._lock = threading.Lock()
+        self._busy = 0  # pollers in `handle`, changed under _lock
 
     def start(self) -> None:
-        with self._lock:
-            self._open = True
-            for _ in range(MIN_POLLERS):
-                self._request_call()
-            for _ in range(MIN_POLLERS):
-                self._start_poller()
+        self._open = True
+        for _ in range(MIN_POLLERS):
+            self._request_call()
+            self._start_poller()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """After the server stopped (its calls ended): close the queue, and the pollers end with it."""
-        with self._lock:
-            if not self._open:
-                return
-            self._open = False
-            self._queue.shutdown()
+        """After the server stopped (its calls ended): the pollers end within a poll."""
+        self._open = False
         for poller in list(self._pollers):
             poller.join(timeout_s)
 
     def start_batch(self, call: Any, operations: tuple[Any, ...], tag: object) -> None:
-        with self._lock:
-            if self._open:  # closed: the server's stop cancelled the call already
-                call.start_server_batch(operations, tag)
+        call.start_server_batch(operations, tag)
 
     def _request_call(self) -> None:
         self._core.request_registered_call(self._queue, self._queue, self._method, _Requested())
@@ -157,33 +150,22 @@ class DirectCalls:
     def _start_poller(self) -> None:
         poller = threading.Thread(target=self._poll, name="grpc-direct", daemon=True)
         self._pollers.append(poller)
-        self._idle += 1
         poller.start()
 
     def _poll(self) -> None:
-        shutdown = cygrpc.CompletionType.queue_shutdown
-        while True:
-            event = self._queue.poll()
-            if event.completion_type == shutdown:
-                return
-            with self._lock:
-                self._idle -= 1
-                if not self._idle and len(self._pollers) < self._max_pollers and self._open:
-                    self._start_poller()  # every poller may be busy with a call a while: one more waits
-            try:
+        timeout = cygrpc.CompletionType.queue_timeout
+        while self._open:
+            event = self._queue.poll(time.time() + POLL_S)
+            if event.completion_type != timeout:
                 self._on_event(event)
-            finally:
-                with self._lock:
-                    self._idle += 1
 
     def _on_event(self, event: Any) -> None:
         tag = event.tag
         if isinstance(tag, _Requested):
             if not event.success:
                 return  # the server is stopping
-            with self._lock:
-                if self._open:
-                    self._request_call()  # the next call, while this one is served
+            if self._open:
+                self._request_call()  # the next call, while this one is served
             details = event.call_details
             call = DirectCall(event.call, self, event.invocation_metadata, details.deadline)
             self.start_batch(event.call, (cygrpc.ReceiveMessageOperation(_NO_FLAGS),), _Read(call))
@@ -194,10 +176,17 @@ class DirectCalls:
                 call.fail(grpc.StatusCode.UNIMPLEMENTED, f'"{self._method}" requires exactly one request message.')
                 return
             call.request = message
+            with self._lock:
+                self._busy += 1
+                if self._busy >= len(self._pollers) and len(self._pollers) < self._max_pollers and self._open:
+                    self._start_poller()  # every poller may be busy with a call a while: one more waits
             try:
                 self._handle(call)
             except Exception:  # a handler answers its own errors; anything else must not end the poller
                 log.exception("unexpected error serving %s", self._method)
                 call.fail(grpc.StatusCode.INTERNAL, "unexpected error on the server")
+            finally:
+                with self._lock:
+                    self._busy -= 1
         elif isinstance(tag, _Closed):
             tag.call.closed(event.batch_operations[0].cancelled())
