@@ -5,7 +5,8 @@ SIGINT or, when its standard input is a pipe, that pipe's end (so a crashed benc
 
 Honest, not handicapped: the same transport module as the node (so the same gRPC options and
 handler registration), ORT with one intra-op thread run inline on the loop (`--threads N`: on grpcio's
-threaded server's N workers, as the node's local hits run), and raw FP32 decoded with np.frombuffer.
+threaded server with ModelInfer taken off its C core by up to N threads, as the node's local hits run), and raw
+FP32 decoded with np.frombuffer.
 Only checks a benchmark client cannot trip are left out.
 """
 
@@ -22,6 +23,7 @@ import onnxruntime as ort
 
 from bench.serving import serve_until_stopped
 from meshnode.net import transport
+from meshnode.net.direct_calls import DirectCall
 from meshpb import pb
 
 READY_PREFIX = "floor ready port="
@@ -113,11 +115,20 @@ async def serve(model: Path, name: str, host: str, port: int, threads: int) -> N
     session = create_session(model)
     if threads:
         threaded = transport.create_threaded_server(threads)
-        transport.add_inference_service(threaded, handlers(session, name, threaded=True))
+        served = handlers(session, name, threaded=True)
+        infer = served.pop("ModelInfer")
+
+        def answer(call: DirectCall) -> None:  # as the node's hits: on the thread that took the call
+            call.reply(infer(pb.ModelInferRequest.FromString(call.request), call).SerializeToString())
+
+        direct = transport.serve_directly(threaded, "ModelInfer", answer, threads)
+        transport.add_inference_service(threaded, served)
         bound = transport.bind(threaded, host, port)
         threaded.start()
+        direct.start()
         await serve_until_stopped(f"{READY_PREFIX}{bound}")
         threaded.stop(0)
+        direct.stop()
         return
     server = transport.create_server()
     transport.add_inference_service(server, handlers(session, name))
@@ -134,7 +145,8 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="serve on grpcio's threaded server with this many workers (default 0: grpc.aio)")
+                        help="serve on grpcio's threaded server, ModelInfer on up to this many polling threads "
+                             "(default 0: grpc.aio)")
     args = parser.parse_args()
     asyncio.run(serve(args.model, args.name, args.host, args.port, args.threads))
 

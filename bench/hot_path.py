@@ -1,7 +1,8 @@
 """`python -m bench.hot_path`: the node's local hit against both floors and Triton, in one run, one table.
 
 On one 1 MB MLP (ONNX Runtime, one intra-op thread everywhere): the floor on grpc.aio (bench.floor), the
-floor on grpcio's threaded server (`--threads`), a meshserve node's local hit on each of its gRPC servers
+floor on grpcio's threaded server with ModelInfer off its C core (`--threads`, as the node's threaded server),
+a meshserve node's local hit on each of its gRPC servers
 (`--grpc-server aio` and `threaded`), and Triton's C++ front end with the model in a Python-backend stub running
 ONNX Runtime (meshnode.local.triton, `make triton`). One load
 generator process (bench.loadgen, stock tritonclient.grpc.aio) runs interleaved rounds of c=1 latency and c=16
@@ -36,7 +37,7 @@ from meshnode.local.node import NodeProcess
 from meshnode.local.triton import TritonProcess
 
 MODEL = "mlp"
-FLOOR_THREADS = 8  # the threaded floor's workers, as in ../shared/reference/peers-measured.md
+FLOOR_THREADS = 8  # the threaded floor's polling threads at most, as in ../shared/reference/peers-measured.md
 IN_FEATURES = 16  # INPUT0 FP32 [-1, 16] -> OUTPUT0 FP32 [-1, 4], about 1 MB of weights
 PATHS = {"floor": "grpc.aio floor", "threaded": "threaded floor", "node": "node (grpc.aio)",
          "node_threaded": "node (threaded)", "triton": "Triton, Python-backend ORT"}
