@@ -102,7 +102,7 @@ def summarize(rounds: list[Json]) -> Json:
 
 
 def run(args: argparse.Namespace, signals: Signals) -> Json:
-    config: Json = {k: getattr(args, k) for k in ("rounds", "requests", "responses", "warmup")}
+    config: Json = {k: getattr(args, k) for k in ("rounds", "requests", "responses", "warmup", "grpc_server")}
     config["loadavg_1m_before"] = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         repo = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshserve-streaming-bench-")))
@@ -115,7 +115,8 @@ def run(args: argparse.Namespace, signals: Signals) -> Json:
                 NodeProcess.start, etcd=etcd.endpoint, model_repository=repo, capacity=capacity,
                 etcd_prefix="streaming-bench", extra_args=[
                     "--instance-id", name, "--runtime", "triton", "--triton-url", triton.grpc_target,
-                    "--triton-model-repository", str(repo), "--no-proactive-loads"]), NodeProcess.stop))
+                    "--triton-model-repository", str(repo), "--no-proactive-loads",
+                    "--grpc-server", args.grpc_server]), NodeProcess.stop))
             if name == "n0":
                 direct = triton.grpc_target
         targets = {"direct": direct, "node": nodes[0].target, "hop": nodes[1].target}
@@ -146,9 +147,9 @@ def format_report(result: Json) -> str:
                                                                                        "hop/node")))
              for key, label in FIGURES.items()]
     lines = [f"a decoupled model (Python backend) streaming {c['responses']} responses per request, one request at a "
-             f"time on one stream; {c['rounds']} interleaved rounds of {c['requests']} requests per path; medians "
-             f"(min-max over rounds), ratios paired per round; 1-min load average {c['loadavg_1m_before']:.1f} "
-             f"before, {c['loadavg_1m_after']:.1f} after",
+             f"time on one stream, nodes on {c['grpc_server']} gRPC servers; {c['rounds']} interleaved rounds of "
+             f"{c['requests']} requests per path; medians (min-max over rounds), ratios paired per round; 1-min load "
+             f"average {c['loadavg_1m_before']:.1f} before, {c['loadavg_1m_after']:.1f} after",
              "paths: " + "; ".join(f"{p}: {label}" for p, label in PATHS.items()), ""]
     return "\n".join(lines + table(rows))
 
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="requests per path before measuring")
     parser.add_argument("--quick", action="store_true", help="tiny counts for a smoke test (noise)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--grpc-server", choices=("aio", "threaded"), default="aio",
+                        help="the nodes' gRPC server (default aio)")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(rounds=1, requests=3, warmup=1)
