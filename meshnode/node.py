@@ -23,12 +23,12 @@ import grpc
 
 from meshnode.api.access import Access, read_credentials
 from meshnode.api.config import ModelConfigs
-from meshnode.api.direct import INFER as DIRECT_METHOD
 from meshnode.api.direct import DirectInfer
 from meshnode.api.http.server import RestServer
 from meshnode.api.inference import InferenceServicer
 from meshnode.api.management import ManagementServicer
 from meshnode.api.protocol_extras import ProtocolExtrasServicer
+from meshnode.api.threaded import INFER as DIRECT_METHOD
 from meshnode.api.threaded import ThreadedServices, after_hits
 from meshnode.background import BackgroundTasks
 from meshnode.control.alias_retirement import Retirement
@@ -175,7 +175,8 @@ class Node:
             tracing=tracing is not None, log_format=s.log_format)
         inference = {**InferenceServicer(self.dataplane, self.control, self.metrics).handlers(), **extras.handlers()}
         # The gRPC ports: grpc.aio's servers, or grpcio's threaded ones (--grpc-server threaded), where local hits
-        # run on their workers (serving.threaded_hits) and everything else on this loop (api.threaded).
+        # run on the threads that take ModelInfer off the C core (api.direct, serving.threaded_hits) and everything
+        # else on this loop (api.threaded).
         self._hits = ThreadedHits(
             cache=self.cache, dataplane=self.dataplane, alias_targets=self.aliases.targets, records=self.registry.view,
             metrics=self.metrics, statistics=self.statistics, instance_id=self.instance_id,

@@ -17,13 +17,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from meshnode.api.access import Access, from_member
-from meshnode.api.threaded import LoopContext, ending
+from meshnode.api.threaded import INFER, LoopContext, ending
 from meshnode.net import transport
 from meshnode.net.direct_calls import DirectCall
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshpb import pb
 
-INFER = "ModelInfer"
 InferHandler = Callable[[pb.ModelInferRequest, Any], Awaitable[pb.ModelInferResponse]]
 
 

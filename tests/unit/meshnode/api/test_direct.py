@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from meshnode.api.access import Access, Credentials, Role
-from meshnode.api.direct import INFER, DirectInfer, InferHandler
+from meshnode.api.direct import DirectInfer, InferHandler
+from meshnode.api.threaded import INFER
 from meshnode.errors import InvalidInput
 from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata
