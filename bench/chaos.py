@@ -71,15 +71,17 @@ def _write_models(repo: Path, triton: bool) -> list[Model]:
     return models
 
 
-def _serves(target: str, model: Model, timeout_s: float = 5.0) -> bool:
+def _refusal(target: str, model: Model, timeout_s: float = 5.0) -> str | None:
+    """None when `target` answers `model` right; else what it answered."""
     client = triton_sync.InferenceServerClient(target, channel_args=CHANNEL_ARGS)
     try:
         x = InferInput("INPUT0", list(model.x.shape), "FP32")
         x.set_data_from_numpy(model.x)
         got = client.infer(model.name, [x], client_timeout=timeout_s).as_numpy("OUTPUT0")
-        return got is not None and bool(np.allclose(got, model.expected, rtol=1e-4, atol=1e-5))
-    except InferenceServerException:
-        return False
+        right = got is not None and bool(np.allclose(got, model.expected, rtol=1e-4, atol=1e-5))
+        return None if right else "a wrong answer"
+    except InferenceServerException as error:
+        return str(error)
     finally:
         client.close()
 
@@ -88,12 +90,19 @@ def _wait_recovered(mesh: LocalMesh, model: Model, load: CheckedLoad | None = No
     """When a request through every node succeeds again, from a new client and (with `load`) from the load's
     own clients, whose channels to a restarted node reconnect on their own schedule."""
     deadline = time.monotonic() + RECOVERY_LIMIT_S
-    while time.monotonic() < deadline:
-        if all(_serves(target, model) for target in mesh.targets()) and (
-                load is None or all(load.answered_since(i, since) for i in range(len(mesh.nodes)))):
+    while True:
+        refused = {node.instance_id: why for node in mesh.nodes
+                   if (why := _refusal(node.target, model)) is not None}
+        waiting = [] if load is None else [mesh.nodes[i].instance_id for i in range(len(mesh.nodes))
+                                           if not load.answered_since(i, since)]
+        if not refused and not waiting:
             return time.monotonic()
+        if time.monotonic() >= deadline:
+            # What each node still answered, for whoever reads the failure: the mesh's logs are gone with it.
+            raise RuntimeError(f"the mesh did not serve {model.name} through every node within {RECOVERY_LIMIT_S:g}s:"
+                               f" refused by {refused or 'none'}; the load's clients not answered since on "
+                               f"{waiting or 'none'}")
         time.sleep(0.1)
-    raise RuntimeError(f"the mesh did not serve {model.name} through every node within {RECOVERY_LIMIT_S:g}s")
 
 
 def _inject(kind: str, mesh: LocalMesh, repo: Path, models: list[Model], rng: random.Random) -> Fault:
