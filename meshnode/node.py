@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -45,6 +45,7 @@ from meshnode.mesh.metadata import PeerMetadata
 from meshnode.mesh.runtime_health import RuntimeHealth
 from meshnode.mesh.state import MeshState
 from meshnode.mesh.statistics import MeshStatistics
+from meshnode.mesh.totals import mesh_totals
 from meshnode.net import transport
 from meshnode.net.direct_calls import DirectCalls
 from meshnode.net.health import Health
@@ -53,7 +54,7 @@ from meshnode.net.proof import MeshProof, read_secret
 from meshnode.net.tls import ClientTls, ServerTls
 from meshnode.observability import logging as node_logging
 from meshnode.observability.endpoint import MetricsServer, serve_metrics
-from meshnode.observability.metrics import MeshTotals, NodeMetrics, NodeState
+from meshnode.observability.metrics import NodeMetrics, NodeState
 from meshnode.observability.rates import RequestRate, Smoothed
 from meshnode.observability.tracing import Tracing, tracer_provider
 from meshnode.runtimes import create_runtime
@@ -71,7 +72,7 @@ from meshnode.storage.materializer import StorageStats
 from meshnode.storage.node_storage import open_storage
 from meshnode.storage.uris import StoreOptions
 from placement.copies import CopyConfig
-from placement.types import LOADED, NodeView
+from placement.types import NodeView
 from router.router import Router
 
 log = logging.getLogger("meshserve.node")
@@ -335,17 +336,6 @@ class Node:
         await self._store.close()
         if self._tracer_provider is not None:
             await asyncio.to_thread(self._tracer_provider.shutdown)  # exports the spans still batched
-
-
-def mesh_totals(in_use: Iterable[ModelRecord], managed: int, live: Container[str], now: float,
-                failure_window_s: float) -> MeshTotals:
-    """Models with a loaded copy on a live node, with a load failure in the last `failure_window_s`, and all
-    (`managed`). Only records in use (copies or failures) can count for the first two."""
-    loaded = failed = 0
-    for record in in_use:
-        loaded += any(c["state"] == LOADED for c in record.live_copies(live).values())
-        failed += any(now - f["at"] < failure_window_s for f in record.failures.values())
-    return MeshTotals(models_loaded=loaded, models_with_failure=failed, models_managed=managed)
 
 
 def copy_config(settings: NodeSettings) -> CopyConfig:
