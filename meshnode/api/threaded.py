@@ -194,7 +194,8 @@ class _Feed:
                 while not self._room.acquire(timeout=_POLL_S):
                     if not context.is_active():
                         return
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, request)
+                # Its size, known where it was parsed (on this thread), goes with it to the loop's reader.
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, (request, transport.REQUEST_BYTES.get()))
         except grpc.RpcError:
             pass  # the call was cancelled: the handler's task is cancelled with it
         finally:
@@ -204,11 +205,13 @@ class _Feed:
         return self
 
     async def __anext__(self) -> Any:
-        request = await self._queue.get()
-        if request is _END:
+        item = await self._queue.get()
+        if item is _END:
             self._queue.put_nowait(_END)  # whoever reads again also learns the end
             raise StopAsyncIteration
         self._room.release()
+        request, size = item
+        transport.REQUEST_BYTES.set(size)  # as grpc.aio sets it in the task that reads the stream
         return request
 
 

@@ -225,10 +225,11 @@ class DataPlane:
     def _observe_stream_request(self, request: pb.ModelInferRequest, arrived: float,
                                 error: BaseException | None) -> None:
         """A stream's request counts as an external request, as a unary one does; its responses' sizes are not
-        recorded (a decoupled model's are many)."""
+        recorded (a decoupled model's are many). Its size is the one its reader recorded (net.transport), in the
+        context this runs in: the stream's, or the run's task made from it."""
         self._metrics.api_requests += 1
         self._metrics.observe_api(STREAM_INFER, status_code(error).name, (time.perf_counter() - arrived) * 1000.0,
-                                  request.model_name, request.ByteSize())
+                                  request.model_name, transport.REQUEST_BYTES.get())
 
     def past_deadline(self, entry: CachedModel, inflight: int,
                        time_remaining: TimeRemaining | None) -> Overloaded | None:
