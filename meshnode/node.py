@@ -23,13 +23,12 @@ import grpc
 
 from meshnode.api.access import Access, read_credentials
 from meshnode.api.config import ModelConfigs
-from meshnode.api.direct import DirectInfer
 from meshnode.api.http.server import RestServer
 from meshnode.api.inference import InferenceServicer
 from meshnode.api.management import ManagementServicer
 from meshnode.api.protocol_extras import ProtocolExtrasServicer
-from meshnode.api.threaded import INFER as DIRECT_METHOD
-from meshnode.api.threaded import ThreadedServices, after_hits
+from meshnode.api.threaded import after_hits
+from meshnode.api.threaded_lane import ThreadedLane
 from meshnode.background import BackgroundTasks
 from meshnode.control.alias_retirement import Retirement
 from meshnode.control.alias_switch import AliasSwitch
@@ -47,10 +46,11 @@ from meshnode.mesh.state import MeshState
 from meshnode.mesh.statistics import MeshStatistics
 from meshnode.mesh.totals import mesh_totals
 from meshnode.net import transport
-from meshnode.net.direct_calls import DirectCalls
 from meshnode.net.health import Health
+from meshnode.net.peer_load import PeerLoad
 from meshnode.net.peers import GrpcPeers
 from meshnode.net.proof import MeshProof, read_secret
+from meshnode.net.threaded_peers import ThreadedPeers
 from meshnode.net.tls import ClientTls, ServerTls
 from meshnode.observability import logging as node_logging
 from meshnode.observability.endpoint import MetricsServer, serve_metrics
@@ -63,6 +63,7 @@ from meshnode.serving.dataplane import DataPlane
 from meshnode.serving.replica import LocalReplica
 from meshnode.serving.runtime_status import RuntimeStatus
 from meshnode.serving.statistics import ModelStatistics
+from meshnode.serving.threaded_forwards import ThreadedForwards
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshnode.settings import NodeSettings
 from meshnode.state.aliases import Aliases
@@ -119,11 +120,14 @@ class Node:
         proof = MeshProof(read_secret(s.mesh_secret_file)) if s.mesh_secret_file is not None else None
         self._peer_tls = (ServerTls(s.peer_cert, s.peer_key, client_ca=s.peer_ca)
                           if s.peer_cert is not None and s.peer_key is not None and s.peer_ca is not None else None)
-        self.peers = GrpcPeers(tls=ClientTls(s.peer_ca, s.peer_cert, s.peer_key) if self._peer_tls else None,
-                               proof=None if self._peer_tls else proof,
+        peer_tls = ClientTls(s.peer_ca, s.peer_cert, s.peer_key) if self._peer_tls else None
+        peer_proof = None if self._peer_tls else proof
+        # Calls out to peers, counted for both servers' forwards (the threaded server's in api.threaded_lane)
+        load = PeerLoad()
+        self.peers = GrpcPeers(load, tls=peer_tls, proof=peer_proof,
                                client_span=tracing.client if tracing is not None else None)
         self.mesh = MeshState(store, self.registry, self.cache, self.runtime, self.instance_id,
-                              on_node_gone=self.peers.forget)
+                              on_node_gone=self._peer_gone)
         self.runtime_status = RuntimeStatus()
         self.statistics = ModelStatistics()
         self.replica = LocalReplica(instance_id=self.instance_id, registry=self.registry, cache=self.cache,
@@ -175,18 +179,14 @@ class Node:
                                       alias_targets=self.aliases.targets),
             tracing=tracing is not None, log_format=s.log_format)
         inference = {**InferenceServicer(self.dataplane, self.control, self.metrics).handlers(), **extras.handlers()}
-        # The gRPC ports: grpc.aio's servers, or grpcio's threaded ones (--grpc-server threaded), where local hits
-        # run on the threads that take ModelInfer off the C core (api.direct, serving.threaded_hits) and everything
-        # else on this loop (api.threaded).
-        self._hits = ThreadedHits(
-            cache=self.cache, dataplane=self.dataplane, alias_targets=self.aliases.targets, records=self.registry.view,
-            metrics=self.metrics, statistics=self.statistics, instance_id=self.instance_id,
-            loop=asyncio.get_running_loop(), tracing=tracing) if s.grpc_server == "threaded" else None
+        # The gRPC ports: grpc.aio's servers, or grpcio's threaded ones (--grpc-server threaded), whose polling
+        # threads answer local hits and forward to peers' copies themselves (api.threaded_lane).
+        self._lane = self._threaded_lane(ThreadedPeers(load, peer_tls, peer_proof), load, tracing) \
+            if s.grpc_server == "threaded" else None
         self._server = self._grpc_server()
-        self._direct: list[DirectCalls] = []  # ModelInfer off the threaded servers' C core (api.direct)
         transport.add_inference_service(self._server, self._handlers(self._server, access, inference))
         # KServe v2 REST: the same handlers, guarded on the loop, called with the request converted (api.http)
-        rest = access.guard(inference) if self._hits is None else after_hits(access.guard(inference), self._hits)
+        rest = access.guard(inference) if self._lane is None else after_hits(access.guard(inference), self._lane.hits)
         self._rest = RestServer(rest, s.http_max_request_size) if s.http_port is not None else None
         management_handlers = ManagementServicer(management).handlers()
         transport.add_management_service(self._server, self._handlers(self._server, access, management_handlers))
@@ -207,23 +207,32 @@ class Node:
         self.peer_port: int | None = None
         self._metrics_server: MetricsServer | None = None
 
+    def _peer_gone(self, instance_id: str) -> None:
+        self.peers.forget(instance_id)
+        if self._lane is not None:
+            self._lane.forget(instance_id)
+
+    def _threaded_lane(self, peers: ThreadedPeers, load: PeerLoad, tracing: Tracing | None) -> ThreadedLane:
+        loop = asyncio.get_running_loop()
+        hits = ThreadedHits(
+            cache=self.cache, dataplane=self.dataplane, alias_targets=self.aliases.targets, records=self.registry.view,
+            metrics=self.metrics, statistics=self.statistics, instance_id=self.instance_id, loop=loop, tracing=tracing)
+        forwards = ThreadedForwards(
+            mesh=self.mesh, peers=peers, load=load, dataplane=self.dataplane, cache=self.cache,
+            alias_targets=self.aliases.targets, hits=hits, instance_id=self.instance_id, tracing=tracing)
+        return ThreadedLane(hits=hits, forwards=forwards, peers=peers, threads=self.settings.server_threads, loop=loop)
+
     def _grpc_server(self) -> transport.Server:
-        if self._hits is None:
-            return transport.create_server()
-        return transport.create_threaded_server(self.settings.server_threads)
+        return transport.create_server() if self._lane is None else self._lane.server()
 
     def _handlers(self, server: transport.Server, access: Access,
                   handlers: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
-        """The coroutine handlers as the node's gRPC servers take them: guarded on grpc.aio's, admitted on the
-        worker thread on a threaded one, but for ModelInfer, taken off its C core (api.direct)."""
-        if self._hits is None:
+        """The coroutine handlers as the node's gRPC servers take them: guarded on grpc.aio's (api.access), the
+        threaded lane's way on a threaded one."""
+        if self._lane is None:
             return access.guard(handlers)
         assert isinstance(server, grpc.Server)
-        loop = asyncio.get_running_loop()
-        if (infer := handlers.get(DIRECT_METHOD)) is not None:
-            self._direct.append(transport.serve_directly(server, DIRECT_METHOD, DirectInfer(
-                loop=loop, access=access, hits=self._hits, handler=infer), self.settings.server_threads))
-        return ThreadedServices(loop=loop, access=access, hits=self._hits).handlers(handlers)
+        return self._lane.handlers(server, access, handlers)
 
     @property
     def http_port(self) -> int | None:
@@ -247,8 +256,8 @@ class Node:
         if self._peer_server is not None:
             self.peer_port = transport.bind(self._peer_server, s.host, s.peer_port, self._peer_tls)
             await transport.start(self._peer_server)
-        for direct in self._direct:
-            direct.start()
+        if self._lane is not None:
+            self._lane.start()
         if self._rest is not None and s.http_port is not None:
             await self._rest.start(s.host, s.http_port, client_tls)
         warn_if_open(s, self.unauthenticated)
@@ -280,8 +289,8 @@ class Node:
 
     def _state(self) -> NodeState:
         """For a metrics scrape, which then renders the metrics: both count every local hit so far."""
-        if self._hits is not None:
-            self._hits.drain()
+        if self._lane is not None:
+            self._lane.hits.drain()
         stats = self.cache.stats()
         live = self.mesh.nodes()
         # The mesh's totals come from one node, as from ModelMesh's leader: the lowest live instance id.
@@ -320,8 +329,8 @@ class Node:
             await asyncio.sleep(LEAVE_PAUSE_S)
         await asyncio.gather(*(transport.stop(server, grace_s) for server in (self._server, self._peer_server)
                                if server is not None))
-        for direct in self._direct:  # after their servers, which ended their calls
-            await asyncio.to_thread(direct.stop)
+        if self._lane is not None:  # after its servers, which ended their calls
+            await self._lane.stop()
         if self._rest is not None:
             await self._rest.close()
         await self.peers.close()

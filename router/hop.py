@@ -12,6 +12,8 @@ PARAMETER_KEY = "meshserve_hop"
 HOPS_KEY = "meshserve-hops"
 TRIED_KEY = "meshserve-tried"
 MODE_KEY = "meshserve-mode"
+# The hop's own metadata entries: honoured from mesh members only (a client's are stripped).
+HOP_METADATA = frozenset((HOPS_KEY, TRIED_KEY, MODE_KEY))
 # Trace context travels unchanged from the client through every hop.
 PROPAGATED_KEYS = ("traceparent", "tracestate")
 MAX_HOPS = 2

@@ -5,7 +5,8 @@ control) and map errors to statuses in one place (api.status); api.access guards
 mesh membership, which decides whether a request's hop is honoured). A second transport (REST) belongs
 beside them and calls the same core. api.threaded serves the gRPC ports on grpcio's threaded server
 (--grpc-server threaded), every call on the event loop through the same handlers, but ModelInfer: api.direct
-answers its local hits on the polling thread that took the call off gRPC's C core (serving.threaded_hits,
-net.direct_calls), and the rest on the event loop.
+answers its local hits, and forwards a client's request to a peer's loaded copy, on the polling thread that took
+the call off gRPC's C core (serving.threaded_hits, serving.threaded_forwards, net.direct_calls), and the rest on
+the event loop; api.threaded_lane holds those parts as one.
 May import control, serving, state, and the leaves (net, errors).
 """

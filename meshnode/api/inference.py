@@ -18,9 +18,7 @@ from meshnode.observability.metrics import NodeMetrics
 from meshnode.runtimes.base import CallerMetadata
 from meshnode.serving.dataplane import DataPlane
 from meshpb import pb
-from router.hop import HOPS_KEY, MODE_KEY, PARAMETER_KEY, TRIED_KEY, Hop
-
-_HOP_METADATA = frozenset((HOPS_KEY, TRIED_KEY, MODE_KEY))
+from router.hop import HOP_METADATA, PARAMETER_KEY, Hop
 
 
 def _parameters(params: Any) -> dict[str, object]:
@@ -47,10 +45,10 @@ class InferenceServicer:
         if from_member():
             return context.invocation_metadata  # type: ignore[no-any-return]
         metadata: tuple[tuple[str, Any], ...] = tuple(context.invocation_metadata() or ())
-        if not any(key in _HOP_METADATA for key, _ in metadata):
+        if not any(key in HOP_METADATA for key, _ in metadata):
             return context.invocation_metadata  # type: ignore[no-any-return]
         self._metrics.hops_stripped += 1
-        kept = tuple((key, value) for key, value in metadata if key not in _HOP_METADATA)
+        kept = tuple((key, value) for key, value in metadata if key not in HOP_METADATA)
         return lambda: kept
 
     def _without_forged_hop(self, request: pb.ModelInferRequest) -> pb.ModelInferRequest:

@@ -1,7 +1,5 @@
-"""Forwarding to peer nodes over gRPC: one channel per peer, outstanding counts, suspects.
-
-A peer that fails to answer (connection refused, reset mid-request) is a suspect for a few
-seconds, so concurrent requests stop choosing it before its lease has even expired.
+"""Forwarding to peer nodes over gRPC from the event loop: one channel per peer; the calls outstanding and
+the suspects are counted in net.peer_load, shared with the threaded server's forwards (net.threaded_peers).
 
 Peers prove they are mesh members, so that the hop they send is honoured: by their certificate over
 mutual TLS (`tls`), or else by a MeshProof on each call (`proof`, with the mesh secret).
@@ -10,7 +8,6 @@ mutual TLS (`tls`), or else by a MeshProof on each call (`proof`, with the mesh 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -20,6 +17,7 @@ from google.protobuf.message import Message
 
 from meshnode.background import BackgroundTasks
 from meshnode.net import params, transport
+from meshnode.net.peer_load import PeerLoad
 from meshnode.net.proof import MeshProof
 from meshnode.net.tls import ClientTls
 from meshpb import pb
@@ -27,13 +25,12 @@ from placement.types import NodeView
 from router.errors import NOT_HERE_PREFIX, OVERLOADED_PREFIX, RETRY_ELSEWHERE_CODES, Overloaded, PeerError
 from router.hop import PARAMETER_KEY, Hop, Mode
 
-SUSPECT_S = 3.0
 # A traced call: (method, endpoint) -> a span around the call, yielding the trace context to send with it
 # (meshnode.observability.tracing.Tracing.client).
 ClientSpan = Callable[[str, str], AbstractContextManager[tuple[tuple[str, str], ...]]]
 
 
-def peer_error(peer: str, error: grpc.aio.AioRpcError, *,
+def peer_error(peer: str, error: grpc.aio.AioRpcError | grpc.Call, *,
                retry_elsewhere: bool | None = None) -> PeerError | Overloaded:
     """A peer's failed call as the router sees it: the peer's status and message as the peer worded them (the
     peer is the error's `node`, never a prefix), and whether another node may succeed (by the status, unless
@@ -68,28 +65,21 @@ class PeerStream(transport.CallStream):
 
 
 class GrpcPeers:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, tls: ClientTls | None = None,
-                 proof: MeshProof | None = None, client_span: ClientSpan | None = None) -> None:
+    def __init__(self, load: PeerLoad, tls: ClientTls | None = None, proof: MeshProof | None = None,
+                 client_span: ClientSpan | None = None) -> None:
+        self._load = load
         self._tls = tls
         self._client_span = client_span  # None: tracing is off
         self._proof = proof
         self._stubs: dict[str, tuple[str, grpc.aio.Channel, transport.InferenceStub]] = {}
-        self._outstanding: dict[str, int] = {}
-        self._suspect_until: dict[str, float] = {}
         self._gone: set[str] = set()  # left the mesh; channel closes when its last call ends
         self._closing = BackgroundTasks()
-        self._now = clock
 
     def outstanding(self) -> Mapping[str, int]:
-        return self._outstanding
+        return self._load.outstanding()
 
     def suspects(self) -> frozenset[str]:
-        if not self._suspect_until:
-            return frozenset()
-        now = self._now()
-        for peer in [p for p, until in self._suspect_until.items() if until <= now]:
-            del self._suspect_until[peer]
-        return frozenset(self._suspect_until)
+        return self._load.suspects()
 
     def _stub(self, node: NodeView) -> transport.InferenceStub:
         self._gone.discard(node.instance_id)  # back in the mesh (a restart under the same id)
@@ -105,7 +95,7 @@ class GrpcPeers:
     async def infer(self, node: NodeView, request: pb.ModelInferRequest, hop: Hop,
                     budget_s: float | None) -> pb.ModelInferResponse:
         peer = node.instance_id
-        self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
+        self._load.started(peer)
         try:
             request.parameters[PARAMETER_KEY].string_param = hop.encode()
             # Only trace context (when the client sent some, or ours when tracing) and the proof go as metadata.
@@ -125,7 +115,7 @@ class GrpcPeers:
                             retry_elsewhere=True) from None
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAVAILABLE and not (error.details() or "").startswith(NOT_HERE_PREFIX):
-                self._suspect_until[peer] = self._now() + SUSPECT_S
+                self._load.suspect(peer)
             raise peer_error(peer, error) from None
         finally:
             self._ended(peer)
@@ -137,22 +127,17 @@ class GrpcPeers:
         as outstanding while open; a call that breaks makes the peer a suspect, as a unary call does."""
         peer = node.instance_id
         call = self._stub(node).ModelStreamInfer(metadata=self._metadata("ModelStreamInfer", propagated))
-        self._outstanding[peer] = self._outstanding.get(peer, 0) + 1
+        self._load.started(peer)
 
         def failed(error: grpc.aio.AioRpcError) -> pb.ModelStreamInferResponse:
             if error.code() == grpc.StatusCode.UNAVAILABLE:
-                self._suspect_until[peer] = self._now() + SUSPECT_S
+                self._load.suspect(peer)
             return pb.ModelStreamInferResponse(error_message=error.details() or f"node {peer} ended the stream")
 
         return PeerStream(call, sink, failed, ended=lambda: self._ended(peer))
 
     def _ended(self, peer: str) -> None:
-        # The peer may have been forgotten (its lease ended) while calls were out.
-        left = self._outstanding.get(peer, 0) - 1
-        if left > 0:
-            self._outstanding[peer] = left
-        else:
-            self._outstanding.pop(peer, None)
+        if not self._load.ended(peer):
             self._close_if_gone(peer)
 
     async def load_copy(self, node: NodeView, name: str, budget_s: float) -> None:
@@ -203,12 +188,12 @@ class GrpcPeers:
 
     def forget(self, instance_id: str) -> None:
         """The peer left the mesh: close its channel once the calls still out on it have ended."""
-        self._suspect_until.pop(instance_id, None)
+        self._load.clear(instance_id)
         self._gone.add(instance_id)
         self._close_if_gone(instance_id)
 
     def _close_if_gone(self, instance_id: str) -> None:
-        if instance_id not in self._gone or self._outstanding.get(instance_id):
+        if instance_id not in self._gone or self._load.outstanding().get(instance_id):
             return
         self._gone.discard(instance_id)
         found = self._stubs.pop(instance_id, None)

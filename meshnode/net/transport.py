@@ -240,14 +240,28 @@ class _AddsMetadata(grpc.aio.UnaryUnaryClientInterceptor):
                                                              details.credentials, details.wait_for_ready), request)
 
 
+def _channel_options(options: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    return list({**dict(_OPTIONS), **(options or {})}.items())
+
+
 def create_channel(target: str, tls: ClientTls | None = None, metadata: Extra | None = None,
                    options: Mapping[str, Any] | None = None) -> grpc.aio.Channel:
     """A channel in plaintext or TLS; `metadata` (called per call) adds entries to every unary call."""
     interceptors = [_AddsMetadata(metadata)] if metadata is not None else None
-    opts = list({**dict(_OPTIONS), **(options or {})}.items())
+    opts = _channel_options(options)
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
     return grpc.aio.secure_channel(target, channel_credentials(tls), options=opts, interceptors=interceptors)
+
+
+def create_threaded_channel(target: str, tls: ClientTls | None = None,
+                            options: Mapping[str, Any] | None = None) -> grpc.Channel:
+    """A grpcio channel whose calls block the calling thread (the threaded server's polling threads), in
+    plaintext or TLS, with the options of `create_channel`'s."""
+    opts = _channel_options(options)
+    if tls is None:
+        return grpc.insecure_channel(target, options=opts)
+    return grpc.secure_channel(target, channel_credentials(tls), options=opts)
 
 
 class Stub:

@@ -13,9 +13,11 @@ other copies, and refuses a peer's, so that the peer tries another (router.route
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
 from typing import Protocol
 
 from meshnode.errors import InvalidInput, ModelLost, Unsupported
@@ -41,6 +43,9 @@ INFER = "ModelInfer"  # the method in metrics' labels and span names
 STREAM_INFER = "ModelStreamInfer"
 SERVER_NAME = "meshserve"
 SERVER_EXTENSIONS = ("model_repository", "model_repository(unload_dependents)", "parameters")
+# Peers that failed the request already on a path outside the router (the threaded server's forward from its
+# polling thread, serving.threaded_forwards), in the context its loop task copies: the router skips them.
+TRIED_ALREADY: ContextVar[tuple[str, ...]] = ContextVar("meshserve_tried_already", default=())
 # What Triton's std::stol takes as a version: leading blanks, a sign, digits (anything after them it ignores).
 _VERSION_PREFIX = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
@@ -195,6 +200,8 @@ class DataPlane:
         sent = request.parameters.get(PARAMETER_KEY)
         if sent is not None:  # from a peer: the hop rides in the request (router.hop)
             hop = Hop.decode(sent.string_param, hop.propagated)
+        if tried := TRIED_ALREADY.get():
+            hop = dataclasses.replace(hop, tried=(*hop.tried, *tried))
         if self._tracing is not None:
             self._tracing.routed(hop)
         return hop

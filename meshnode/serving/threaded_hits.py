@@ -35,10 +35,9 @@ from meshnode.serving.statistics import ModelStatistics
 from meshnode.state.registry import ModelRecord
 from meshpb import pb
 from router.errors import MeshError
-from router.hop import HOPS_KEY, MODE_KEY, PARAMETER_KEY, TRIED_KEY, Hop
+from router.hop import HOP_METADATA, PARAMETER_KEY, Hop
 from router.sequences import sequence_of
 
-_HOP_METADATA = frozenset((HOPS_KEY, TRIED_KEY, MODE_KEY))
 # Each wake of the loop costs the polling threads the GIL, and cost a hit about 10% more CPU when it came every
 # 10 ms: hits that end within this many seconds share one. Whatever reads what hits change drains first
 # (api.threaded and api.direct before every call they run on the loop, a metrics scrape, REST), so only
@@ -56,6 +55,18 @@ class _Ran:
     left: int  # requests still in flight on the copy after this one
     started: float  # perf_counter: arrived, called the runtime, answered
     began: float
+    ended: float
+    code: str  # its gRPC status name
+    request_bytes: int
+    response_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """One request forwarded to a peer from a polling thread (serving.threaded_forwards), for the loop's metrics."""
+
+    model: str
+    started: float  # perf_counter
     ended: float
     code: str  # its gRPC status name
     request_bytes: int
@@ -84,7 +95,7 @@ class ThreadedHits:
         self._runs_per_copy = cache.queues.runs_per_copy
         self._max_per_copy = cache.queues.runs_per_copy + cache.queues.max_queued
         self._answers: dict[type, bool] = {}
-        self._ran: deque[_Ran] = deque()
+        self._ran: deque[_Ran | Forwarded] = deque()
         self._drain_due = False
 
     def answer(self, request: pb.ModelInferRequest, metadata: CallerMetadata, member: bool, request_bytes: int,
@@ -146,11 +157,15 @@ class ThreadedHits:
                 entry.inflight -= 1
                 plane.inflight -= 1
                 left = entry.inflight
-            self._ran.append(_Ran(entry, inputs, request, left, started, began, time.perf_counter(), code,
-                                  request_bytes, len(data) if data is not None else None))
-            if not self._drain_due:  # one wake of the loop per DRAIN_EVERY_S at most
-                self._drain_due = True
-                self._loop.call_soon_threadsafe(self._loop.call_later, DRAIN_EVERY_S, self.drain)
+            self.done(_Ran(entry, inputs, request, left, started, began, time.perf_counter(), code, request_bytes,
+                           len(data) if data is not None else None))
+
+    def done(self, ran: _Ran | Forwarded) -> None:
+        """From a polling thread: a request it answered, for the loop's bookkeeping."""
+        self._ran.append(ran)
+        if not self._drain_due:  # one wake of the loop per DRAIN_EVERY_S at most
+            self._drain_due = True
+            self._loop.call_soon_threadsafe(self._loop.call_later, DRAIN_EVERY_S, self.drain)
 
     def _hit(self, request: pb.ModelInferRequest, metadata: CallerMetadata, member: bool) -> CachedModel | None:
         entry = self._ready.get((request.model_name, request.model_version))
@@ -165,7 +180,7 @@ class ThreadedHits:
         if request.parameters and (sequence_of(request.parameters) is not None
                                    or (not member and PARAMETER_KEY in request.parameters)):
             return None
-        if not member and any(key in _HOP_METADATA for key, _ in metadata() or ()):
+        if not member and any(key in HOP_METADATA for key, _ in metadata() or ()):
             return None  # the loop path strips and counts it
         return entry
 
@@ -187,6 +202,11 @@ class ThreadedHits:
         metrics, cache, statistics = self._metrics, self._cache, self._statistics
         while self._ran:
             ran = self._ran.popleft()
+            if isinstance(ran, Forwarded):
+                metrics.api_requests += 1
+                metrics.observe_api(INFER, ran.code, (ran.ended - ran.started) * 1000.0, ran.model, ran.request_bytes,
+                                    ran.response_bytes)
+                continue
             entry = ran.entry
             cache.finished(entry, ran.left, served=bool(ran.code))
             if not ran.code:

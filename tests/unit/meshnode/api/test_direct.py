@@ -20,6 +20,8 @@ from meshnode.api.threaded import INFER
 from meshnode.errors import InvalidInput
 from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata
+from meshnode.serving.dataplane import TRIED_ALREADY
+from meshnode.serving.threaded_forwards import NOT_TAKEN, Declined, ThreadedForwards
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshpb import pb
 from router.errors import NODE_KEY
@@ -52,12 +54,29 @@ class Hits:
         self.drains += 1
 
 
+@dataclass
+class Forwards:
+    """ThreadedForwards as DirectInfer calls it: "far" is answered by a peer from the poller, others not forwards."""
+
+    asked: list[tuple[str, bytes, float | None]] = field(default_factory=list)
+
+    def forward(self, request: pb.ModelInferRequest, data: bytes, metadata: CallerMetadata,
+                time_remaining: Callable[[], float | None]) -> bytes | Declined:
+        self.asked.append((request.id, data, time_remaining()))
+        if request.id == "far":
+            return pb.ModelInferResponse(model_name=request.model_name, id="from a peer").SerializeToString()
+        if request.id == "moved":
+            return Declined(("n9",))  # its copy on n9 failed it: the loop path serves it, skipping n9
+        return NOT_TAKEN
+
+
 @asynccontextmanager
 async def serving(handler: InferHandler, hits: Hits, access: Access | None = None,
-                  ) -> AsyncIterator[grpc.aio.Channel]:
+                  forwards: Forwards | None = None) -> AsyncIterator[grpc.aio.Channel]:
     server = transport.create_threaded_server(4)
     infer = DirectInfer(loop=asyncio.get_running_loop(), access=access or Access(members=True),
-                        hits=cast(ThreadedHits, hits), handler=handler)
+                        hits=cast(ThreadedHits, hits), forwards=cast(ThreadedForwards, forwards or Forwards()),
+                        handler=handler)
     direct = transport.serve_directly(server, INFER, infer, 8)
     port = transport.bind(server, "127.0.0.1", 0)
     server.start()
@@ -99,6 +118,31 @@ async def test_a_hit_is_answered_on_the_poller_and_anything_else_on_the_loop_aft
     assert within is not None and 15.0 < within <= 21.0 and bad_asked[0] == "bad"
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.details() == "unexpected input 'X'"
     assert (NODE_KEY, "n7") in tuple(refused.trailing_metadata() or ())
+
+
+async def test_a_request_a_peer_answers_is_replied_on_the_poller_and_a_hit_never_offered_to_the_forwards() -> None:
+    hits, forwards = Hits(), Forwards()
+    on_loop: list[tuple[str, tuple[str, ...]]] = []
+
+    async def model_infer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        on_loop.append((request.id, TRIED_ALREADY.get()))
+        return pb.ModelInferResponse(model_name=request.model_name, id="loop")
+
+    far, fast, slow, moved = (pb.ModelInferRequest(model_name="m", id=id) for id in ("far", "fast", "slow", "moved"))
+    async with serving(model_infer, hits, forwards=forwards) as channel:
+        stub = transport.InferenceStub(channel)
+        assert (await stub.ModelInfer(far, timeout=20.0)).id == "from a peer"
+        assert (await stub.ModelInfer(fast)).id == "fast"
+        assert (await stub.ModelInfer(moved)).id == "loop"
+        assert (await stub.ModelInfer(slow)).id == "loop"
+
+    # The forwarded request never reached the loop's handler; one a peer failed did, knowing whom it tried.
+    assert on_loop == [("moved", ("n9",)), ("slow", ())]
+    assert [request_id for request_id, *_ in hits.asked] == ["far", "fast", "moved", "slow"]  # a hit first
+    (far_id, data, within), _, (slow_id, _, without) = forwards.asked  # the hit was not offered
+    assert (far_id, slow_id, without) == ("far", "slow", None)
+    assert data == far.SerializeToString()  # the request's bytes as the client sent them
+    assert within is not None and 15.0 < within <= 21.0
 
 
 async def test_errors_on_the_loop_arrive_with_their_status_and_a_bug_as_internal() -> None:

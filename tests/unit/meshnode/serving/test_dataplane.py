@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.errors import InvalidInput, LoadFailed, ModelLost, ModelNotFound
-from meshnode.serving.dataplane import SERVER_EXTENSIONS, DataPlane, check_version
+from meshnode.serving.dataplane import SERVER_EXTENSIONS, TRIED_ALREADY, DataPlane, check_version
 from meshnode.state.registry import Copy, ModelRecord
 from meshpb import pb
 from placement.types import LOADED
@@ -112,6 +112,15 @@ async def test_a_miss_goes_to_the_router_with_the_hop_the_peer_sent_and_the_call
     await plane.dataplane.infer(request, metadata, lambda: 3.0)
     assert plane.router.routed == [Routed("m", "", Hop(1, ("n1", "n2"), Mode.COPY, (TRACEPARENT,)), 3.0)]
     assert plane.dataplane.inflight == 0 and plane.node.metrics.api_requests == 1
+
+
+async def test_a_miss_skips_the_peers_a_forward_outside_the_router_tried_already(plane: Plane) -> None:
+    token = TRIED_ALREADY.set(("n3",))
+    try:
+        await plane.dataplane.infer(pb.ModelInferRequest(model_name="m"), CallerMetadata((TRACEPARENT,)))
+    finally:
+        TRIED_ALREADY.reset(token)
+    assert plane.router.routed == [Routed("m", "", Hop(tried=("n3",), propagated=(TRACEPARENT,)), None)]
 
 
 async def test_a_miss_reads_the_hop_from_metadata_when_the_request_carries_none(plane: Plane) -> None:

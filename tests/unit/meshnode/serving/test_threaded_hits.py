@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from meshnode.serving.threaded_hits import Forwarded
 from meshpb import pb
 from router.hop import HOPS_KEY, PARAMETER_KEY, Hop, Mode
 from router.sequences import SEQUENCE_ID
@@ -68,6 +69,22 @@ async def test_a_hit_is_answered_on_the_worker_and_its_bookkeeping_waits_for_the
     assert samples(kit, "modelmesh_response_size_bytes_sum")[(("code", "OK"), ("method", "ModelInfer"))] == len(data)
     assert samples(kit, "modelmesh_invoke_model_milliseconds_count") == {
         (("code", "OK"), ("method", "ModelInfer")): 1}
+
+
+async def test_a_request_forwarded_from_a_worker_counts_at_the_drain_as_an_api_request_only(kit: Kit) -> None:
+    before, loop = counted(kit), asyncio.get_running_loop()
+    await loop.run_in_executor(kit.workers, kit.hits.done, Forwarded("m", 1.0, 1.25, "OK", 10, 40))
+    await loop.run_in_executor(kit.workers, kit.hits.done, Forwarded("m", 2.0, 2.5, "INVALID_ARGUMENT", 12, None))
+    assert counted(kit) == before  # nothing counted off the loop
+
+    kit.hits.drain()
+
+    # Counted as requests this node took, not as hits or runs here: the peer ran them.
+    assert counted(kit) == (before[0] + 2, *before[1:])
+    ok, failed = (("code", "OK"), ("method", "ModelInfer")), (("code", "INVALID_ARGUMENT"), ("method", "ModelInfer"))
+    assert samples(kit, "modelmesh_api_request_milliseconds_sum") == {ok: 250.0, failed: 500.0}
+    assert samples(kit, "modelmesh_request_size_bytes_sum")[failed] == 12
+    assert samples(kit, "modelmesh_response_size_bytes_sum") == {ok: 40}
 
 
 async def test_the_loop_drains_a_hits_bookkeeping_by_itself_soon_after(
