@@ -2,19 +2,20 @@
 
 Every call is admitted on the worker thread that received it (api.access), then runs the coroutine handler
 grpc.aio would run, on the node's event loop, while the worker waits: a unary call as one task, a stream's
-requests fed to its async generator by a reader thread, its responses taken one at a time (the stream's
-back-pressure). A call the client cancels, or whose deadline passes, cancels its task on the loop. ModelInfer is
+requests fed to its async generator by a reader thread, its responses made by one task on the loop that runs a
+window ahead of the worker writing them (the stream's back-pressure). A call the client cancels, or whose deadline passes, cancels its task on the loop. ModelInfer is
 not among them: it is served off the C core directly (api.direct).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import inspect
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -105,8 +106,6 @@ class ThreadedServices:
         future = running.start(asyncio.run_coroutine_threadsafe(self._after_hits(call), self._loop))
         try:
             return future.result()
-        except StopAsyncIteration:
-            raise
         except BaseException as error:
             _end(context, error)
 
@@ -140,17 +139,68 @@ class ThreadedServices:
             threading.Thread(target=feed.pump, args=(requests, context), name="grpc-stream-reader",
                              daemon=True).start()
             responses = handler(feed, LoopContext(context, functools.partial(time_remaining, context)))
-            running = _Running(context)
-            try:
-                while True:
-                    try:
-                        yield self._on_loop(_next(responses), context, running)
-                    except StopAsyncIteration:
-                        return
-            finally:
-                asyncio.run_coroutine_threadsafe(responses.aclose(), loop)
+            outbox = _Outbox(loop)
+            context.add_callback(outbox.end)  # the call ended first: the worker stops waiting
+            _Running(context).start(asyncio.run_coroutine_threadsafe(self._after_hits(outbox.fill(responses)), loop))
+            while (item := outbox.take()) is not _END:
+                if isinstance(item, _Failed):
+                    _end(context, item.error)
+                yield item
 
         return stream
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Outbox:
+    """A stream's responses, made on the loop by one task that runs ahead of the worker writing them by up to
+    STREAM_WINDOW (a decoupled model's many responses wake neither side once per response: the task waits only
+    when the window is full, the worker only when it is empty)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[Any] = collections.deque()
+        self._ready = threading.Condition()
+        self._room = asyncio.Event()
+
+    async def fill(self, responses: AsyncGenerator[Any, None]) -> None:
+        """On the loop: every response, then the end or the handler's error."""
+        last: Any = _END
+        try:
+            async for response in responses:
+                while len(self._items) >= STREAM_WINDOW:
+                    self._room.clear()
+                    if len(self._items) >= STREAM_WINDOW:  # the worker may have taken one meanwhile
+                        await self._room.wait()
+                self._put(response)
+        except asyncio.CancelledError:
+            raise  # the call ended: no one to answer
+        except BaseException as error:
+            last = _Failed(error)
+        finally:
+            await responses.aclose()
+            self._put(last)
+
+    def _put(self, item: Any) -> None:
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify()
+
+    def end(self) -> None:
+        self._put(_END)
+
+    def take(self) -> Any:
+        """On the worker: the next response, or _END, or a _Failed."""
+        with self._ready:
+            while not self._items:
+                self._ready.wait()
+            item = self._items.popleft()
+            if len(self._items) == STREAM_WINDOW - 1:  # the loop's task may be waiting for room
+                self._loop.call_soon_threadsafe(self._room.set)
+            return item
 
 
 class _Running:
@@ -171,10 +221,6 @@ class _Running:
         self._ended = True
         if self._future is not None:
             self._future.cancel()
-
-
-async def _next(responses: AsyncIterator[T]) -> T:
-    return await anext(responses)
 
 
 _END = object()
