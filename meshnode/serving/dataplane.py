@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from typing import Protocol
 
+import grpc
+
 from meshnode.errors import InvalidInput, ModelLost, Unsupported
 from meshnode.net import transport
 from meshnode.observability.metrics import NodeMetrics
@@ -61,6 +63,17 @@ def check_version(version: str) -> None:
                            "stol), version should be an integral value > 0")
     if value < 0:
         raise InvalidInput(f"invalid model version specified '{version}' , version should be an integral value > 0")
+
+
+def _told(error: BaseException | None, time_remaining: TimeRemaining | None) -> grpc.StatusCode:
+    """The status the request's client got: DEADLINE_EXCEEDED for a call its deadline ended, not the cancellation
+    that reached its handler then."""
+    code = status_code(error)
+    if code is grpc.StatusCode.CANCELLED and time_remaining is not None:
+        left = time_remaining()
+        if left is not None and left <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+    return code
 
 
 class MetadataElsewhere(Protocol):
@@ -129,7 +142,7 @@ class DataPlane:
                 failed.node = self._replica.instance_id
             raise
         finally:
-            response_size = self._metrics.observe_api(INFER, status_code(error).name,
+            response_size = self._metrics.observe_api(INFER, _told(error, time_remaining).name,
                                                       (time.perf_counter() - started) * 1000.0, request.model_name,
                                                       transport.REQUEST_BYTES.get())
             if response is not None:

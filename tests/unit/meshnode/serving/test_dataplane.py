@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshnode.errors import InvalidInput, LoadFailed, ModelLost, ModelNotFound
 from meshnode.serving.dataplane import SERVER_EXTENSIONS, TRIED_ALREADY, DataPlane, check_version
@@ -282,3 +284,26 @@ async def test_server_metadata_names_the_server_its_version_and_extensions(plane
     assert plane.dataplane.server_metadata() == pb.ServerMetadataResponse(
         name="meshserve", version="1.2.3", extensions=list(SERVER_EXTENSIONS))
     assert SERVER_EXTENSIONS == ("model_repository", "model_repository(unload_dependents)", "parameters")
+
+
+@pytest.mark.parametrize(("left_s", "code"), [(0.0, "DEADLINE_EXCEEDED"), (-0.2, "DEADLINE_EXCEEDED"),
+                                              (5.0, "CANCELLED"), (None, "CANCELLED")])
+async def test_a_request_ended_under_it_counts_as_its_client_was_told(
+        plane: Plane, monkeypatch: pytest.MonkeyPatch, left_s: float | None, code: str) -> None:
+    routing = asyncio.Event()
+
+    async def forever(*args: object, **kwargs: object) -> pb.ModelInferResponse:
+        routing.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(plane.router, "route", forever)
+    task = asyncio.create_task(plane.dataplane.infer(pb.ModelInferRequest(model_name="m"), None, lambda: left_s))
+    await routing.wait()
+    task.cancel()  # the call ended: its deadline passed, or its client cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    counted = {tuple(sorted(s.labels.items())): s.value
+               for family in text_string_to_metric_families(plane.node.metrics.render().decode())
+               for s in family.samples if s.name == "modelmesh_api_request_milliseconds_count"}
+    assert counted == {(("code", code), ("method", "ModelInfer")): 1}
