@@ -111,8 +111,10 @@ class ThreadedPeers:
                 self._retire(held)
 
     def close(self) -> None:
+        """Every channel, now: the node is stopping, and calls still out end CANCELLED, so that the polling
+        threads waiting in them are free to end (their own callers' calls ended with the server)."""
         with self._lock:
             self._closed = True
-            for held in self._channels.values():
-                self._retire(held)
-            self._channels.clear()
+            held, self._channels = list(self._channels.values()), {}
+        for channel in held:
+            channel.channel.close()

@@ -278,3 +278,20 @@ def test_close_closes_every_channel(load: PeerLoad, opened: list[tuple[str, grpc
         peers.close()
     assert [is_closed(channel) for _, channel in opened] == [True, True]
 
+
+
+def test_close_ends_the_calls_still_out_at_once_and_a_later_calls_channel_with_it(
+        load: PeerLoad, opened: list[tuple[str, grpc.Channel]], calling: ThreadPoolExecutor) -> None:
+    peers, peer = ThreadedPeers(load), Peer(gate=threading.Event())
+    with serving(peer) as endpoint:
+        call = calling.submit(peers.infer, node(endpoint), DATA, (), 60.0)
+        assert peer.entered.wait(WAIT_S)
+        peers.close()  # the node is stopping: the poller waiting in the call must not wait for the peer
+        with pytest.raises(PeerError) as failed:
+            call.result(WAIT_S)
+        assert failed.value.code == grpc.StatusCode.CANCELLED and load.outstanding() == {}
+        assert peer.gate is not None
+        peer.gate.set()
+        # A poller still forwarding as the node stops gets a channel of its own, closed with its call.
+        assert peers.infer(node(endpoint), b"late", (), WAIT_S) == b"reply to late"
+    assert [is_closed(channel) for _, channel in opened] == [True, True]
