@@ -1,21 +1,18 @@
 """The node's gRPC services on grpcio's threaded server (net.transport.create_threaded_server).
 
 Every call is admitted on the worker thread that received it (api.access), then runs the coroutine handler
-grpc.aio would run, on the node's event loop, while the worker waits: a unary call as one task, a stream's
-requests fed to its async generator by a reader thread, its responses made by one task on the loop that runs a
-window ahead of the worker writing them (the stream's back-pressure). A call the client cancels, or whose deadline passes, cancels its task on the loop. ModelInfer is
-not among them: it is served off the C core directly (api.direct).
+grpc.aio would run, as one task on the node's event loop, while the worker waits. A call the client cancels, or
+whose deadline passes, cancels its task on the loop. ModelInfer and ModelStreamInfer are not among them: they are
+served off the C core directly (api.direct, api.direct_stream), which share this module's context and error map.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import functools
 import inspect
-import threading
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -23,14 +20,11 @@ import grpc
 from meshnode.api.access import Access, CallContext
 from meshnode.api.status import status_of, trailing_of
 from meshnode.net import transport
+from meshnode.serving.dataplane import STREAM_INFER
 from meshnode.serving.threaded_hits import ThreadedHits
 
 T = TypeVar("T")
 INFER = "ModelInfer"
-# Requests of one stream read ahead of its handler: past this, the reader waits and gRPC's flow control
-# holds the client.
-STREAM_WINDOW = 16
-_POLL_S = 0.5  # how often a waiting stream reader looks whether its call is still alive
 _NO_DEADLINE_S = 1e9  # 31 years: past any deadline a client sets
 
 
@@ -92,10 +86,10 @@ class ThreadedServices:
         self._hits = hits  # None: no local hits to count before a call (api.direct answers them)
 
     def handlers(self, handlers: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
-        """The threaded server's handlers for grpc.aio-style ones (not guarded: admission is done here), but
-        ModelInfer's (api.direct)."""
-        return {method: self._stream(method, handler) if inspect.isasyncgenfunction(handler)
-                else self._unary(method, handler) for method, handler in handlers.items() if method != INFER}
+        """The threaded server's handlers for grpc.aio-style unary ones (not guarded: admission is done here), but
+        ModelInfer's and ModelStreamInfer's (api.direct, api.direct_stream)."""
+        return {method: self._unary(method, handler) for method, handler in handlers.items()
+                if method not in (INFER, STREAM_INFER)}
 
     def _admit(self, method: str, context: grpc.ServicerContext) -> None:
         refusal = self._access.admit(method, context)
@@ -129,79 +123,6 @@ class ThreadedServices:
 
         return unary
 
-    def _stream(self, method: str, handler: Callable[..., AsyncGenerator[Any, None]],
-                ) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]:
-        loop = self._loop
-
-        def stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            self._admit(method, context)
-            feed = _Feed(loop)
-            threading.Thread(target=feed.pump, args=(requests, context), name="grpc-stream-reader",
-                             daemon=True).start()
-            responses = handler(feed, LoopContext(context, functools.partial(time_remaining, context)))
-            outbox = _Outbox(loop)
-            context.add_callback(outbox.end)  # the call ended first: the worker stops waiting
-            _Running(context).start(asyncio.run_coroutine_threadsafe(self._after_hits(outbox.fill(responses)), loop))
-            while (item := outbox.take()) is not _END:
-                if isinstance(item, _Failed):
-                    _end(context, item.error)
-                yield item
-
-        return stream
-
-
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-class _Outbox:
-    """A stream's responses, made on the loop by one task that runs ahead of the worker writing them by up to
-    STREAM_WINDOW (a decoupled model's many responses wake neither side once per response: the task waits only
-    when the window is full, the worker only when it is empty)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._items: collections.deque[Any] = collections.deque()
-        self._ready = threading.Condition()
-        self._room = asyncio.Event()
-
-    async def fill(self, responses: AsyncGenerator[Any, None]) -> None:
-        """On the loop: every response, then the end or the handler's error."""
-        last: Any = _END
-        try:
-            async for response in responses:
-                while len(self._items) >= STREAM_WINDOW:
-                    self._room.clear()
-                    if len(self._items) >= STREAM_WINDOW:  # the worker may have taken one meanwhile
-                        await self._room.wait()
-                self._put(response)
-        except asyncio.CancelledError:
-            raise  # the call ended: no one to answer
-        except BaseException as error:
-            last = _Failed(error)
-        finally:
-            await responses.aclose()
-            self._put(last)
-
-    def _put(self, item: Any) -> None:
-        with self._ready:
-            self._items.append(item)
-            self._ready.notify()
-
-    def end(self) -> None:
-        self._put(_END)
-
-    def take(self) -> Any:
-        """On the worker: the next response, or _END, or a _Failed."""
-        with self._ready:
-            while not self._items:
-                self._ready.wait()
-            item = self._items.popleft()
-            if len(self._items) == STREAM_WINDOW - 1:  # the loop's task may be waiting for room
-                self._loop.call_soon_threadsafe(self._room.set)
-            return item
-
 
 class _Running:
     """A call's work on the loop now: cancelled when the call ends first (the client cancelled, the deadline
@@ -221,44 +142,6 @@ class _Running:
         self._ended = True
         if self._future is not None:
             self._future.cancel()
-
-
-_END = object()
-
-
-class _Feed:
-    """A stream's requests as the loop's async iterator, read from gRPC's blocking iterator by a thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._room = threading.Semaphore(STREAM_WINDOW)
-
-    def pump(self, requests: Iterator[Any], context: grpc.ServicerContext) -> None:
-        try:
-            for request in requests:
-                while not self._room.acquire(timeout=_POLL_S):
-                    if not context.is_active():
-                        return
-                # Its size, known where it was parsed (on this thread), goes with it to the loop's reader.
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, (request, transport.REQUEST_BYTES.get()))
-        except grpc.RpcError:
-            pass  # the call was cancelled: the handler's task is cancelled with it
-        finally:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
-
-    def __aiter__(self) -> _Feed:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = await self._queue.get()
-        if item is _END:
-            self._queue.put_nowait(_END)  # whoever reads again also learns the end
-            raise StopAsyncIteration
-        self._room.release()
-        request, size = item
-        transport.REQUEST_BYTES.set(size)  # as grpc.aio sets it in the task that reads the stream
-        return request
 
 
 def after_hits(handlers: Mapping[str, Callable[..., Any]], hits: ThreadedHits) -> dict[str, Callable[..., Any]]:

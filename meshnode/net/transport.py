@@ -2,8 +2,8 @@
 
 TLS/mTLS, interceptors (tracing) and message-size limits plug in here and nowhere else. A server is either
 grpc.aio's (handlers are coroutines on the event loop) or grpcio's threaded one (handlers are functions run on
-its worker threads: --grpc-server threaded, see meshnode.api.threaded, with ModelInfer served off its C core:
-net.direct_calls); both take the same handler registration, binding and reflection.
+its worker threads: --grpc-server threaded, see meshnode.api.threaded, with ModelInfer and ModelStreamInfer served
+off its C core: net.direct_calls); both take the same handler registration, binding and reflection.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as triton_pb
 
-from meshnode.net.direct_calls import DirectCalls
+from meshnode.net.direct_calls import DirectCalls, StreamHandle
 from meshnode.net.direct_calls import Handler as DirectHandler
 from meshnode.net.tls import ClientTls, ServerTls, channel_credentials, server_credentials
 from meshpb import INFERENCE_METHODS, INFERENCE_SERVICE, MANAGEMENT_METHODS, MANAGEMENT_SERVICE, Methods, mpb, pb
@@ -96,10 +96,13 @@ def create_threaded_server(threads: int) -> grpc.Server:
     return grpc.server(ThreadPoolExecutor(threads, thread_name_prefix="grpc"), options=_OPTIONS)
 
 
-def serve_directly(server: grpc.Server, method: str, handle: DirectHandler, max_pollers: int) -> DirectCalls:
+def serve_directly(server: grpc.Server, method: str, handle: DirectHandler, max_pollers: int,
+                   streams: Mapping[str, StreamHandle] | None = None) -> DirectCalls:
     """The inference service's unary `method` of a threaded server, off its C core by `handle` on up to
-    `max_pollers` threads (net.direct_calls); before the server starts, and never also in its handlers."""
-    return DirectCalls(server, f"/{INFERENCE_SERVICE}/{method}", handle, max_pollers)
+    `max_pollers` threads (net.direct_calls), and its stream methods in `streams` (method: the handler of its new
+    calls) by the same threads; before the server starts, and never also in its handlers."""
+    return DirectCalls(server, f"/{INFERENCE_SERVICE}/{method}", handle, max_pollers,
+                       {f"/{INFERENCE_SERVICE}/{name}": opened for name, opened in (streams or {}).items()})
 
 
 async def start(server: Server) -> None:

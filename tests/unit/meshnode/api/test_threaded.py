@@ -1,5 +1,6 @@
 """ThreadedServices on a real grpcio threaded server: calls admitted on its workers, coroutine handlers run on the
-test's loop, statuses and cancellation carried across (ModelInfer is api.direct's: test_direct.py).
+test's loop, statuses and cancellation carried across (ModelInfer is api.direct's: test_direct.py; ModelStreamInfer
+api.direct_stream's: test_direct_stream.py).
 
 The server listens on 127.0.0.1 (port 0) and the test calls it through a grpc.aio channel on the same loop the
 handlers run on; the handlers are the test's own coroutines.
@@ -18,7 +19,7 @@ import pytest
 
 from meshnode.api.access import Access, Credentials, Role
 from meshnode.api.status import maps_errors
-from meshnode.api.threaded import STREAM_WINDOW, ThreadedServices
+from meshnode.api.threaded import ThreadedServices
 from meshnode.errors import ModelNotFound
 from meshnode.net import transport
 from meshnode.serving.threaded_hits import ThreadedHits
@@ -175,87 +176,10 @@ async def test_a_call_whose_deadline_passes_cancels_its_handlers_task_on_the_loo
     assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED and waiting.started.is_set()
 
 
-# -- streams ---------------------------------------------------------------------------------------
+def test_the_direct_lanes_methods_are_left_out() -> None:
+    async def handler(request: Any, context: Any) -> Any:
+        raise AssertionError("not called")
 
-
-def stream_response(id: str) -> pb.ModelStreamInferResponse:  # noqa: A002
-    return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(id=id))
-
-
-async def test_a_streams_requests_reach_its_handler_and_its_responses_the_client_in_order() -> None:
-    seen: list[str] = []
-
-    async def model_stream_infer(requests: AsyncIterator[pb.ModelInferRequest],
-                                 context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in requests:
-            seen.append(request.id)
-            for part in ("a", "b"):
-                yield stream_response(f"{request.id}{part}")
-
-    count = 3 * STREAM_WINDOW  # more than the reader takes ahead of the handler
-    sent = [pb.ModelInferRequest(model_name="m", id=str(i)) for i in range(count)]
-    async with serving({"ModelStreamInfer": model_stream_infer}) as stub:
-        received = [r.infer_response.id async for r in stub.ModelStreamInfer(iter(sent))]
-    assert seen == [str(i) for i in range(count)]
-    assert received == [f"{i}{part}" for i in range(count) for part in ("a", "b")]
-
-
-@dataclass
-class Streaming:
-    """A stream handler answering each request, then waiting (`busy`) or reading the next; its end is seen."""
-
-    busy: bool
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def model_stream_infer(self, requests: AsyncIterator[pb.ModelInferRequest],
-                                 context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        try:
-            async for request in requests:
-                yield stream_response(request.id)
-                self.answered.set()
-                if self.busy:
-                    await asyncio.Event().wait()
-        finally:
-            self.ended.set()
-
-
-@pytest.mark.parametrize("busy", [False, True], ids=["waiting for a request", "busy on the loop"])
-async def test_a_stream_the_client_cancels_ends_its_handler(busy: bool) -> None:
-    streaming = Streaming(busy)
-    async with serving({"ModelStreamInfer": streaming.model_stream_infer}) as stub:
-        call = stub.ModelStreamInfer()
-        await call.write(pb.ModelInferRequest(model_name="m", id="first"))
-        first = await call.read()
-        assert isinstance(first, pb.ModelStreamInferResponse) and first.infer_response.id == "first"
-        await asyncio.wait_for(streaming.answered.wait(), WAIT_S)
-        call.cancel()
-        await asyncio.wait_for(streaming.ended.wait(), WAIT_S)
-
-
-async def test_a_streams_error_ends_it_with_its_status_after_the_responses_before_it() -> None:
-    async def model_stream_infer(requests: AsyncIterator[pb.ModelInferRequest],
-                                 context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in requests:
-            yield stream_response(request.id)
-            error = ModelNotFound("model 'gone' is not registered")
-            error.node = "n7"
-            raise error
-
-    async with serving({"ModelStreamInfer": model_stream_infer}) as stub:
-        call = stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="m", id="first")]))
-        first = await call.read()
-        failed = await rpc_error(call.read())
-    assert isinstance(first, pb.ModelStreamInferResponse) and first.infer_response.id == "first"
-    assert failed.code() == grpc.StatusCode.NOT_FOUND and failed.details() == "model 'gone' is not registered"
-    assert (NODE_KEY, "n7") in tuple(failed.trailing_metadata() or ())
-
-
-async def test_a_refused_stream_never_starts_its_handler() -> None:
-    streaming = Streaming(busy=False)
-    access = Access(members=False, credentials=Credentials(((TOKEN, Role.READER),)), require_for_infer=True)
-    async with serving({"ModelStreamInfer": streaming.model_stream_infer}, access) as stub:
-        # No request written: a write racing the server's refusal fails in the client as INTERNAL.
-        call = stub.ModelStreamInfer(iter(()))
-        refused = await rpc_error(call.read())
-    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED and not streaming.ended.is_set()
+    services = ThreadedServices(loop=asyncio.new_event_loop(), access=Access(members=True))
+    served = services.handlers({"ModelInfer": handler, "ModelStreamInfer": handler, "ServerLive": handler})
+    assert set(served) == {"ServerLive"}  # api.direct's and api.direct_stream's

@@ -1,6 +1,8 @@
 """DirectCalls on a real grpcio threaded server: ModelInfer taken off its C core by the test's handler, answered
 at once or later from another thread, failed with a status and trailing metadata, told of the client's cancel,
-more pollers while every one is busy, and every other method still served by grpcio.
+more pollers while every one is busy, and every other method still served by grpcio. ModelStreamInfer taken off
+it by the same pollers (net.direct_streams): messages both ways in order, from any thread, its status after them,
+the client's cancel, and the back-pressure of a client that does not read.
 
 The server listens on 127.0.0.1 (port 0); the test calls it through a grpc.aio channel.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,17 +20,26 @@ import grpc
 import pytest
 
 from meshnode.net import transport
-from meshnode.net.direct_calls import MIN_POLLERS, DirectCall, DirectCalls
+from meshnode.net.direct_calls import MIN_POLLERS, DirectCall, DirectCalls, StreamHandle
+from meshnode.net.direct_streams import DirectStream
 from meshpb import pb
 from tests.unit.meshnode.fakes import WAIT_S
 
 pytestmark = pytest.mark.timeout(30)
 
 
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
 @dataclass
 class Served:
     stub: transport.InferenceStub
     direct: DirectCalls
+    channel: grpc.aio.Channel
+
+    def stream(self, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+        """A ModelStreamInfer call of raw bytes both ways."""
+        return self.channel.stream_stream(STREAM)(metadata=metadata)
 
 
 async def server_live(request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -36,16 +47,17 @@ async def server_live(request: pb.ServerLiveRequest, context: Any) -> pb.ServerL
 
 
 @asynccontextmanager
-async def serving(handle: Callable[[DirectCall], None], max_pollers: int = 8) -> AsyncIterator[Served]:
+async def serving(handle: Callable[[DirectCall], None], max_pollers: int = 8,
+                  streams: Mapping[str, StreamHandle] | None = None) -> AsyncIterator[Served]:
     server = transport.create_threaded_server(4)
-    direct = transport.serve_directly(server, "ModelInfer", handle, max_pollers)
+    direct = transport.serve_directly(server, "ModelInfer", handle, max_pollers, streams)
     transport.add_inference_service(server, {"ServerLive": lambda request, context: pb.ServerLiveResponse(live=True)})
     port = transport.bind(server, "127.0.0.1", 0)
     server.start()
     direct.start()
     channel = transport.create_channel(f"127.0.0.1:{port}")
     try:
-        yield Served(transport.InferenceStub(channel), direct)
+        yield Served(transport.InferenceStub(channel), direct, channel)
     finally:
         await channel.close()
         assert await asyncio.to_thread(server.stop(None).wait, WAIT_S)
@@ -167,3 +179,205 @@ async def test_while_every_poller_is_busy_another_one_takes_the_next_call() -> N
     assert sorted(a.id for a in answers) == [str(i) for i in range(busy)]
     assert len(pollers) <= busy + 1
     assert not any(t.is_alive() for t in pollers)  # stop ended them
+
+
+# -- streams ---------------------------------------------------------------------------------------
+
+
+class Echo:
+    """A stream handler that answers each request with its bytes (`times` times), reads the next, and ends the
+    stream OK once the client sent its last; what it saw of the call is kept."""
+
+    def __init__(self, stream: DirectStream, times: int = 1) -> None:
+        self.stream = stream
+        self.times = times
+        self.who = dict(stream.invocation_metadata()).get("who")
+        self.pollers = {threading.current_thread().name}
+        stream.serve(self, 64)
+        stream.read()
+
+    def on_request(self, data: bytes | None) -> None:
+        self.pollers.add(threading.current_thread().name)
+        if data is None:
+            self.stream.finish()
+            return
+        for _ in range(self.times):
+            self.stream.send(data)
+        self.stream.read()
+
+    def on_room(self) -> None:
+        pass
+
+
+def streams_of(handle: Callable[[DirectStream], object]) -> dict[str, StreamHandle]:
+    """ModelStreamInfer's new calls to `handle` (a handler's class, or a function)."""
+    def opened(stream: DirectStream) -> None:
+        handle(stream)
+
+    return {"ModelStreamInfer": opened}
+
+
+async def test_a_streams_messages_go_both_ways_in_order_beside_the_unary_method() -> None:
+    echoes: list[Echo] = []
+    async with serving(echo, streams=streams_of(lambda stream: echoes.append(Echo(stream, times=2)))) as served:
+        call = served.stream(metadata=(("who", "me"),))
+        sent = [str(i).encode() * (i % 50 + 1) for i in range(300)]
+
+        async def write() -> None:
+            for data in sent:
+                await call.write(data)
+            await call.done_writing()
+
+        writing = asyncio.create_task(write())
+        received = [data async for data in call]
+        await writing
+        unary = await served.stub.ModelInfer(pb.ModelInferRequest(id="beside"))
+        assert await call.code() == grpc.StatusCode.OK
+    assert received == [data for data in sent for _ in range(2)]
+    assert unary.id == "beside"
+    (echoed,) = echoes
+    assert echoed.who == "me" and echoed.pollers == {"grpc-direct"}
+
+
+async def test_a_stream_the_client_half_closes_at_once_ends_ok_without_messages() -> None:
+    async with serving(echo, streams=streams_of(Echo)) as served:
+        call = served.stream()
+        await call.done_writing()
+        received = [data async for data in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert received == []
+
+
+class Failing:
+    """Answers two requests, then ends the stream with an error, its details and trailing metadata."""
+
+    def __init__(self, stream: DirectStream) -> None:
+        self.stream = stream
+        self.seen = 0
+        stream.serve(self, 64)
+        stream.read()
+
+    def on_request(self, data: bytes | None) -> None:
+        assert data is not None
+        self.seen += 1
+        self.stream.send(data)
+        if self.seen == 2:
+            self.stream.finish(grpc.StatusCode.NOT_FOUND, "model 'gone' is not found", (("meshserve-node", "n7"),))
+        else:
+            self.stream.read()
+
+    def on_room(self) -> None:
+        pass
+
+
+async def test_a_streams_failure_carries_its_status_and_trailing_metadata_after_its_messages() -> None:
+    async with serving(echo, streams=streams_of(Failing)) as served:
+        call = served.stream()
+        for data in (b"a", b"b"):
+            await call.write(data)
+        received = [await call.read(), await call.read()]
+        failed = await rpc_error(call.read())
+    assert received == [b"a", b"b"]
+    assert (failed.code(), failed.details()) == (grpc.StatusCode.NOT_FOUND, "model 'gone' is not found")
+    assert ("meshserve-node", "n7") in tuple(failed.trailing_metadata() or ())
+
+
+async def test_a_streams_messages_and_end_may_be_sent_from_another_thread() -> None:
+    count = 200
+
+    def from_a_thread(stream: DirectStream) -> None:
+        def send() -> None:
+            for i in range(count):
+                stream.send(str(i).encode())
+            stream.finish()
+
+        threading.Thread(target=send).start()
+
+    async with serving(echo, streams=streams_of(from_a_thread)) as served:
+        call = served.stream()
+        await call.done_writing()
+        received = [data async for data in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert received == [str(i).encode() for i in range(count)]
+
+
+@dataclass
+class Watched:
+    """A stream handler that reads one request and waits; records that it read it, and the stream's cancel."""
+
+    loop: asyncio.AbstractEventLoop
+    read: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def open(self, stream: DirectStream) -> None:
+        stream.serve(self, 64)
+        stream.on_cancel(lambda: self.loop.call_soon_threadsafe(self.cancelled.set))
+        stream.read()
+
+    def on_request(self, data: bytes | None) -> None:
+        self.loop.call_soon_threadsafe(self.read.set)
+
+    def on_room(self) -> None:
+        pass
+
+
+async def test_a_stream_the_client_cancels_calls_its_cancel_callback() -> None:
+    watched = Watched(asyncio.get_running_loop())
+    async with serving(echo, streams=streams_of(watched.open)) as served:
+        call = served.stream()
+        await call.write(b"first")
+        await asyncio.wait_for(watched.read.wait(), WAIT_S)
+        call.cancel()
+        await asyncio.wait_for(watched.cancelled.wait(), WAIT_S)
+
+
+class Flooding:
+    """Sends responses until its backlog reaches the window, and the rest as room comes; records whether the client
+    had started reading each time room came. A response is larger than what the client's transport takes in
+    unread (about 4 MB here), so none is written before the client reads."""
+
+    WINDOW = 2
+    COUNT = 5
+    SIZE = 16 << 20
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.full = asyncio.Event()
+        self.client_reads = threading.Event()
+        self.rooms: list[bool] = []
+        self.sent = 0
+        self.stream: DirectStream | None = None
+
+    def open(self, stream: DirectStream) -> None:
+        self.stream = stream
+        stream.serve(self, self.WINDOW)
+        self.send_until_full()
+
+    def send_until_full(self) -> None:
+        assert self.stream is not None
+        while self.sent < self.COUNT:
+            self.sent += 1
+            if self.stream.send(bytes([self.sent]) * self.SIZE) >= self.WINDOW:
+                self.loop.call_soon_threadsafe(self.full.set)
+                return
+        self.stream.finish()
+
+    def on_request(self, data: bytes | None) -> None:
+        pass
+
+    def on_room(self) -> None:
+        self.rooms.append(self.client_reads.is_set())
+        self.send_until_full()
+
+
+async def test_a_client_that_does_not_read_fills_the_backlog_and_room_comes_only_once_it_reads() -> None:
+    flooding = Flooding(asyncio.get_running_loop())
+    async with serving(echo, streams=streams_of(flooding.open)) as served:
+        call = served.stream()
+        await asyncio.wait_for(flooding.full.wait(), WAIT_S)
+        assert flooding.stream is not None and flooding.stream.backlog() == Flooding.WINDOW
+        flooding.client_reads.set()
+        received = [data async for data in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert [data[0] for data in received] == list(range(1, Flooding.COUNT + 1))
+    assert flooding.rooms and all(flooding.rooms)
