@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                             "interleaved rounds; a multiple of 3 rotates the order fairly")
     parser.add_argument("--full-seconds", type=float, default=10.0, help="full-load phase duration (default 10)")
     parser.add_argument("--full-concurrency", type=int, default=16, help="callers in total, split over both nodes")
-    parser.add_argument("--grpc-server", choices=("aio", "threaded"), default="aio",
-                        help="the nodes' gRPC server (default aio)")
+    parser.add_argument("--grpc-server", choices=("aio", "threaded"), default="threaded",
+                        help="the nodes' gRPC server (default threaded, the node's)")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(report.QUICK, full_seconds=2.0)

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="requests per path before measuring")
     parser.add_argument("--quick", action="store_true", help="tiny counts for a smoke test (noise)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--grpc-server", choices=("aio", "threaded"), default="aio",
-                        help="the nodes' gRPC server (default aio)")
+    parser.add_argument("--grpc-server", choices=("aio", "threaded"), default="threaded",
+                        help="the nodes' gRPC server (default threaded, the node's)")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(rounds=1, requests=3, warmup=1)

@@ -122,13 +122,14 @@ class NodeSettings(BaseSettings):
     # what the workers drain within a deadline, and caps what requests hold at 512 times their size (50 MB
     # for 100 kB tensors) however many clients send at once.
     max_inflight: int = Field(default=512, ge=1)
-    # The gRPC ports' server: grpc.aio's (every call a task on the event loop), or grpcio's threaded one, where a
-    # local hit runs start to end on a worker thread (cheaper per hit, dearer per forwarded request: see README).
-    grpc_server: Literal["aio", "threaded"] = "aio"
-    # Worker threads of the gRPC ports (grpcio's threaded server): each serves one call at a time, a local hit
-    # start to end, anything else (a forward to a peer, a load) while the event loop works on it; an open stream
-    # holds one for its life. Made only as calls need them; None: max_inflight plus GRPC_THREADS_BESIDE, so that
-    # --max-inflight, not a busy pool, bounds a node's requests (a forward to a dead peer holds one for seconds).
+    # The gRPC ports' server: grpcio's threaded one, whose polling threads take ModelInfer and ModelStreamInfer
+    # off gRPC's C core and answer a local hit or forward to a peer's copy themselves (cheaper than grpc.aio per
+    # hit and per forward: see README), or grpc.aio's (every call a task on the event loop).
+    grpc_server: Literal["aio", "threaded"] = "threaded"
+    # Threads of the threaded server's gRPC ports: its workers (every call but inference's, while the event loop
+    # works on it) and the most polling threads of its inference calls (one per local hit or forward in flight).
+    # Made only as calls need them; None: max_inflight plus GRPC_THREADS_BESIDE, so that --max-inflight, not a
+    # busy pool, bounds a node's requests (a forward to a dead peer holds one for seconds).
     grpc_threads: int | None = Field(default=None, ge=2)
     # A model marked by an alias with auto_delete is unregistered once no alias has pointed at it for
     # this long (requests already resolved to it finish; every node's watch sees the change first).

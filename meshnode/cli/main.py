@@ -54,11 +54,11 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     node.add_argument("--max-inflight", type=int,
                       help="inference requests in flight on this node before more get RESOURCE_EXHAUSTED (512)")
     node.add_argument("--grpc-server", choices=("aio", "threaded"),
-                      help="the gRPC ports' server: grpc.aio (default), or grpcio's threaded server, where local hits "
-                           "run on worker threads (cheaper per hit, dearer per forwarded request)")
+                      help="the gRPC ports' server: grpcio's threaded server (default), whose polling threads answer "
+                           "local hits and forward to peers themselves, or grpc.aio (every call on the event loop)")
     node.add_argument("--grpc-threads", type=int,
-                      help="with --grpc-server threaded: worker threads of the gRPC ports, made as calls need them; "
-                           "an open stream holds one (default: --max-inflight + 128)")
+                      help="with --grpc-server threaded: threads of the gRPC ports, made as calls need them; a local "
+                           "hit or a forward in flight holds one (default: --max-inflight + 128)")
     node.add_argument("--runtime", choices=sorted(RUNTIMES), help="what runs the models (default onnxruntime)")
     node.add_argument("--triton-url", help="Triton's gRPC HOST:PORT, for --runtime triton (explicit model control)")
     node.add_argument("--triton-model-repository",
