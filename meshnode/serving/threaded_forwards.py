@@ -7,7 +7,7 @@ choose_copy, over the same mesh view, outstanding counts and suspects), and send
 appended, over a blocking call (net.threaded_peers); the peer's bytes are the answer.
 
 Only the plain case is taken: a client's request (no hop, no sequence) for a model with no copy here, whose
-chosen copy is LOADED on a live peer. Anything else returns None and goes down the loop path (serving.dataplane,
+chosen copy is LOADED on a live peer. Anything else is Declined and goes down the loop path (serving.dataplane,
 router), which decides it as before: a load, a sequence, a copy here at its bound, a peer's request, a request
 out of time. So does a forward whose peer failed in a way another node may not (its copy moved, it is
 overloaded, it is gone): the loop's router tries the other copies, that peer counted as tried (TRIED_ALREADY).
