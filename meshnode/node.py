@@ -11,9 +11,7 @@ import dataclasses
 import functools
 import logging
 import os
-import signal
 import socket
-import sys
 import time
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -37,7 +35,7 @@ from meshnode.control.model_control import ModelControl
 from meshnode.control.repository_registration import RepositoryRegistration
 from meshnode.control.repository_sync import RepositorySync
 from meshnode.control.stale_copies import StaleCopies
-from meshnode.etcd.store import EtcdAccess, EtcdStore
+from meshnode.etcd.store import EtcdStore
 from meshnode.mesh.copy_manager import CopyManager
 from meshnode.mesh.drain import hand_off
 from meshnode.mesh.metadata import PeerMetadata
@@ -52,7 +50,6 @@ from meshnode.net.peers import GrpcPeers
 from meshnode.net.proof import MeshProof, read_secret
 from meshnode.net.threaded_peers import ThreadedPeers
 from meshnode.net.tls import ClientTls, ServerTls
-from meshnode.observability import logging as node_logging
 from meshnode.observability.endpoint import MetricsServer, serve_metrics
 from meshnode.observability.metrics import NodeMetrics, NodeState
 from meshnode.observability.rates import RequestRate, Smoothed
@@ -372,33 +369,3 @@ def with_storage(state: NodeState, stats: StorageStats | None) -> NodeState:
     return dataclasses.replace(state, storage_pulled_bytes=stats.bytes_pulled, storage_pull_seconds=stats.pull_seconds,
                                disk_cache_hits=stats.hits, disk_cache_misses=stats.misses,
                                disk_cache_bytes=stats.disk_bytes, disk_cache_models=stats.disk_models)
-
-
-def etcd_access(s: NodeSettings) -> EtcdAccess:
-    tls = ClientTls(s.etcd_ca, s.etcd_cert, s.etcd_key) if s.etcd_ca or s.etcd_cert else None
-    return EtcdAccess(tuple(s.etcd_endpoints()), tls, s.etcd_user, s.etcd_password_value())
-
-
-async def run_node(settings: NodeSettings) -> None:
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGUSR1, node_logging.more_verbose)
-    loop.add_signal_handler(signal.SIGUSR2, node_logging.less_verbose)
-    node = Node(settings, await EtcdStore.connect(etcd_access(settings), settings.etcd_prefix))
-    await node.start()
-    metrics = f" metrics={settings.host}:{node.metrics_port}" if node.metrics_port is not None else ""
-    peer = f" peer={settings.host}:{node.peer_port}" if node.peer_port is not None else ""
-    peer += f" http={settings.host}:{node.http_port}" if node.http_port is not None else ""
-    # Launchers (tests, `meshserve local`) read the bound ports from this line.
-    print(f"{READY_LINE} grpc={settings.host}:{node.port}{metrics} instance={node.instance_id}{peer}", flush=True)
-    await stopping.wait()
-    log.info("stopping")
-    await node.stop()
-
-
-def main_node(settings: NodeSettings) -> int:
-    node_logging.configure(settings.log_format, logging.INFO, sys.stderr)
-    asyncio.run(run_node(settings))
-    return 0

@@ -18,10 +18,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from meshnode.api.access import Access, from_member
-from meshnode.api.threaded import INFER, LoopContext, ending
+from meshnode.api.threaded import LoopContext, ending
 from meshnode.net import transport
 from meshnode.net.direct_calls import DirectCall
-from meshnode.serving.dataplane import TRIED_ALREADY
+from meshnode.serving.dataplane import INFER, TRIED_ALREADY
 from meshnode.serving.threaded_forwards import ThreadedForwards
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshpb import pb

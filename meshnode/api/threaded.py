@@ -20,11 +20,10 @@ import grpc
 from meshnode.api.access import Access, CallContext
 from meshnode.api.status import status_of, trailing_of
 from meshnode.net import transport
-from meshnode.serving.dataplane import STREAM_INFER
+from meshnode.serving.dataplane import INFER, STREAM_INFER
 from meshnode.serving.threaded_hits import ThreadedHits
 
 T = TypeVar("T")
-INFER = "ModelInfer"
 _NO_DEADLINE_S = 1e9  # 31 years: past any deadline a client sets
 
 

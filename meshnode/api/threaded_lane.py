@@ -18,11 +18,11 @@ import grpc
 from meshnode.api.access import Access
 from meshnode.api.direct import DirectInfer
 from meshnode.api.direct_stream import DirectStreamInfer
-from meshnode.api.threaded import INFER, ThreadedServices
+from meshnode.api.threaded import ThreadedServices
 from meshnode.net import transport
 from meshnode.net.direct_calls import DirectCalls
 from meshnode.net.threaded_peers import ThreadedPeers
-from meshnode.serving.dataplane import STREAM_INFER
+from meshnode.serving.dataplane import INFER, STREAM_INFER
 from meshnode.serving.threaded_forwards import ThreadedForwards
 from meshnode.serving.threaded_hits import ThreadedHits
 

@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValidationError as error:
             print(f"meshserve node: invalid settings:\n{error}", file=sys.stderr)
             return 2
-        from meshnode.node import main_node
+        from meshnode.cli.serve import main_node
 
         return main_node(settings)
     if args.command == "local":

@@ -49,6 +49,14 @@ def peer_error(peer: str, error: grpc.aio.AioRpcError | grpc.Call, *,
                      retry_elsewhere=code in RETRY_ELSEWHERE_CODES if retry_elsewhere is None else retry_elsewhere)
 
 
+def forward_failed(load: PeerLoad, peer: str, error: grpc.aio.AioRpcError | grpc.Call) -> PeerError | Overloaded:
+    """A forwarded request's failed call (from the loop or a polling thread): the peer is a suspect when it did not
+    answer (UNAVAILABLE, but for a node saying the copy is not there), and the error is as the router sees it."""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and not (error.details() or "").startswith(NOT_HERE_PREFIX):
+        load.suspect(peer)
+    return peer_error(peer, error)
+
+
 class PeerStream(transport.CallStream):
     """A stream to a peer: each request carries the hop it was routed with (in its parameters, as a unary
     forward's does); `ended` runs once, when the call is over."""
@@ -114,9 +122,7 @@ class GrpcPeers:
             raise PeerError(grpc.StatusCode.UNAVAILABLE, f"node {peer} left while serving the request",
                             retry_elsewhere=True) from None
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNAVAILABLE and not (error.details() or "").startswith(NOT_HERE_PREFIX):
-                self._load.suspect(peer)
-            raise peer_error(peer, error) from None
+            raise forward_failed(self._load, peer, error) from None
         finally:
             self._ended(peer)
 

@@ -19,12 +19,11 @@ import grpc
 
 from meshnode.net import transport
 from meshnode.net.peer_load import PeerLoad
-from meshnode.net.peers import peer_error
+from meshnode.net.peers import forward_failed
 from meshnode.net.proof import MeshProof
 from meshnode.net.tls import ClientTls
 from meshpb import INFERENCE_SERVICE
 from placement.types import NodeView
-from router.errors import NOT_HERE_PREFIX, Overloaded, PeerError
 
 METHOD = "ModelInfer"
 Entries = tuple[tuple[str, str], ...]
@@ -64,16 +63,11 @@ class ThreadedPeers:
             response: bytes = held.infer(data, timeout=budget_s, metadata=entries or None)
             return response
         except grpc.RpcError as error:
-            raise self._failed(peer, error) from None
+            assert isinstance(error, grpc.Call)  # what a failed blocking call raises is also its Call
+            raise forward_failed(self._load, peer, error) from None
         finally:
             self._load.ended(peer)
             self._let_go(held)
-
-    def _failed(self, peer: str, error: grpc.RpcError) -> PeerError | Overloaded:
-        assert isinstance(error, grpc.Call)  # what a failed blocking call raises is also its Call
-        if error.code() == grpc.StatusCode.UNAVAILABLE and not (error.details() or "").startswith(NOT_HERE_PREFIX):
-            self._load.suspect(peer)
-        return peer_error(peer, error)
 
     def _take(self, node: NodeView) -> _Channel:
         with self._lock:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
+import pytest
 
 from meshnode.control.model_control import ModelControl
 from meshnode.mesh.copy_manager import CopyManager
@@ -171,6 +172,13 @@ class FakeRuntime:
 
     async def close(self) -> None:
         pass
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    """The error an awaited gRPC call fails with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    return failed.value
 
 
 def source(name: str, version: str = "1") -> ModelSource:

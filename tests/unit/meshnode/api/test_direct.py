@@ -16,16 +16,15 @@ import pytest
 
 from meshnode.api.access import Access, Credentials, Role
 from meshnode.api.direct import DirectInfer, InferHandler
-from meshnode.api.threaded import INFER
 from meshnode.errors import InvalidInput
 from meshnode.net import transport
 from meshnode.runtimes.base import CallerMetadata
-from meshnode.serving.dataplane import TRIED_ALREADY
+from meshnode.serving.dataplane import INFER, TRIED_ALREADY
 from meshnode.serving.threaded_forwards import NOT_TAKEN, Declined, ThreadedForwards
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshpb import pb
 from router.errors import NODE_KEY
-from tests.unit.meshnode.fakes import WAIT_S
+from tests.unit.meshnode.fakes import WAIT_S, rpc_error
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -88,12 +87,6 @@ async def serving(handler: InferHandler, hits: Hits, access: Access | None = Non
         await channel.close()
         assert await asyncio.to_thread(server.stop(None).wait, WAIT_S)
         await asyncio.to_thread(direct.stop)
-
-
-async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await call
-    return failed.value
 
 
 async def test_a_hit_is_answered_on_the_poller_and_anything_else_on_the_loop_after_a_drain() -> None:

@@ -17,15 +17,15 @@ import pytest
 
 from meshnode.api.access import Access, Credentials, Role
 from meshnode.api.direct_stream import STREAM_WINDOW, DirectStreamInfer, StreamInferHandler
-from meshnode.api.threaded import INFER
 from meshnode.errors import ModelNotFound
 from meshnode.net import transport
 from meshnode.net.direct_calls import DirectCall
 from meshnode.net.direct_streams import DirectStream, StreamHandler
+from meshnode.serving.dataplane import INFER
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshpb import pb
 from router.errors import NODE_KEY
-from tests.unit.meshnode.fakes import WAIT_S, Log
+from tests.unit.meshnode.fakes import WAIT_S, Log, rpc_error
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -118,12 +118,6 @@ def response(id: str) -> pb.ModelStreamInferResponse:  # noqa: A002
 
 def requests_of(count: int) -> list[pb.ModelInferRequest]:
     return [pb.ModelInferRequest(model_name="m", id=str(i) * (i + 1)) for i in range(count)]
-
-
-async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await call
-    return failed.value
 
 
 async def test_responses_reach_the_client_in_order_many_per_request_after_the_hits_are_drained() -> None:

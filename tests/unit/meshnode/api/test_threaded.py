@@ -25,7 +25,7 @@ from meshnode.net import transport
 from meshnode.serving.threaded_hits import ThreadedHits
 from meshpb import pb
 from router.errors import NODE_KEY
-from tests.unit.meshnode.fakes import WAIT_S
+from tests.unit.meshnode.fakes import WAIT_S, rpc_error
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -49,12 +49,6 @@ async def serving(handlers: Mapping[str, Callable[..., Any]], access: Access | N
         # Its workers may wait for the loop: it must keep running while the server stops.
         stopped = server.stop(None)
         assert await asyncio.to_thread(stopped.wait, WAIT_S)
-
-
-async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await call
-    return failed.value
 
 
 # -- unary calls -----------------------------------------------------------------------------------

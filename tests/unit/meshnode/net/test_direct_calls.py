@@ -23,7 +23,7 @@ from meshnode.net import transport
 from meshnode.net.direct_calls import MIN_POLLERS, DirectCall, DirectCalls, StreamHandle
 from meshnode.net.direct_streams import DirectStream
 from meshpb import pb
-from tests.unit.meshnode.fakes import WAIT_S
+from tests.unit.meshnode.fakes import WAIT_S, rpc_error
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,12 +67,6 @@ async def serving(handle: Callable[[DirectCall], None], max_pollers: int = 8,
 def echo(call: DirectCall) -> None:
     request = pb.ModelInferRequest.FromString(call.request)
     call.reply(pb.ModelInferResponse(id=request.id, model_name=threading.current_thread().name).SerializeToString())
-
-
-async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await call
-    return failed.value
 
 
 async def test_a_call_is_answered_on_the_poller_that_took_it_and_other_methods_by_grpcio() -> None:
