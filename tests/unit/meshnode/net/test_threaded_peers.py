@@ -181,7 +181,8 @@ def test_the_budget_is_the_calls_deadline(peers: ThreadedPeers) -> None:
     with serving(peer) as endpoint:
         peers.infer(node(endpoint), DATA, (), 5.0)
     (received,) = peer.received
-    assert received.time_remaining is not None and 4.0 < received.time_remaining <= 5.0
+    # gRPC's core rounds the deadline it sends up to its timer's granularity: a little past the budget at once.
+    assert received.time_remaining is not None and 4.0 < received.time_remaining <= 5.1
 
 
 def test_a_call_past_its_budget_fails_deadline_exceeded_on_that_node(peers: ThreadedPeers, load: PeerLoad) -> None:
